@@ -1,0 +1,88 @@
+"""Decode speed: a 10 s 1080p30 H.264 clip decoded to 12 fps at 512 px width.
+
+Target (issue 4): >= 5x realtime. The clip is made from the real sample video (scaled to 1080p,
+looped to 10 s, encoded with x264 'medium' and B-frames like a camera file) and cached.
+
+    python -m benchmarks.decode_speed [--repeats 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from deployments.video import DecodeSettings, EncodeSettings, decode_all, decode_chunks, encode_mp4
+from serve.config import Settings
+from serve.samples import sample_video_path
+
+RESULTS = Path(__file__).parent / "results" / "decode_speed.json"
+
+
+def make_1080p_clip(cache_dir: Path, seconds: float = 10.0) -> Path:
+    target = cache_dir / "bench" / f"sports2d-1080p30-{seconds:g}s.mp4"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source = sample_video_path(cache_dir)
+    frames = decode_all(source, DecodeSettings(fps=30, width=1920, height=1080, fit="crop"))
+    needed = int(seconds * 30)
+    looped = np.concatenate([frames, frames[::-1]] * (needed // (2 * len(frames)) + 1))[:needed]
+    encode_mp4(iter(looped), target, EncodeSettings(fps=30, crf=20, preset="medium"))
+    return target
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(clip: Path, repeats: int) -> dict:
+    settings = DecodeSettings(fps=12, width=512)
+    walls, cpus, frames = [], [], 0
+    for _ in range(repeats):
+        wall0, cpu0 = time.perf_counter(), cpu_seconds()
+        frames = sum(len(chunk.frames) for chunk in decode_chunks(clip, settings))
+        walls.append(time.perf_counter() - wall0)
+        cpus.append(cpu_seconds() - cpu0)
+    best = min(walls)
+    return {
+        "clip": clip.name,
+        "output_frames": frames,
+        "wall_s_best": round(best, 3),
+        "wall_s_all": [round(w, 3) for w in walls],
+        "cpu_s_best": round(min(cpus), 3),
+        "realtime_factor": round(10.0 / best, 2),
+        "target_realtime_factor": 5.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="runs; the best is reported")
+    args = parser.parse_args()
+    clip = make_1080p_clip(Settings().cache_dir)
+    result = measure(clip, args.repeats)
+    result.update(
+        date=datetime.now(UTC).isoformat(timespec="seconds"),
+        machine=f"{platform.machine()} {os.cpu_count()} cores",
+        note="decode uses libavcodec frame threads on all cores of the machine",
+    )
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'clip':32} {'frames':>6} {'wall s':>7} {'cpu s':>6} {'x realtime':>10}")
+    print(
+        f"{result['clip']:32} {result['output_frames']:>6} {result['wall_s_best']:>7} "
+        f"{result['cpu_s_best']:>6} {result['realtime_factor']:>10} (target >= 5)"
+    )
+
+
+if __name__ == "__main__":
+    main()

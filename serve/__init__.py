@@ -1,0 +1,4 @@
+"""The motionserve Ray Serve application.
+
+Ray's own package is always imported as `from ray import serve`.
+"""
