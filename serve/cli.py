@@ -6,11 +6,14 @@ User errors (bad input, bad settings) print one line on stderr and exit 2; no tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from deployments.errors import InputError
+from deployments.errors import InputError, InvalidPoseDataError, InvalidSettingError
+from deployments.pose import PoseSequence
 from serve.config import Settings
 
 EXIT_USER_ERROR = 2
@@ -29,6 +32,111 @@ def _cmd_sample_video(args: argparse.Namespace) -> None:
     print(sample_video_path(Settings().cache_dir))
 
 
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _read_image(path: str):
+    import cv2
+
+    from deployments.errors import NotAVideoError
+
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise NotAVideoError(f"{path} is not an image we can read")
+    return image[:, :, ::-1]
+
+
+def _cmd_pose(args: argparse.Namespace) -> None:
+    from deployments.pose import PoseExtractor, PoseSettings
+    from deployments.video import DecodeSettings, decode_chunks
+
+    settings = PoseSettings(model_complexity=args.model_complexity)
+    images = [p for p in args.inputs if Path(p).suffix.lower() in _IMAGE_SUFFIXES]
+    extractor = PoseExtractor(
+        settings if not images else settings.model_copy(update={"tracking": False})
+    )
+    try:
+        if images:
+            if len(images) != len(args.inputs):
+                raise InvalidSettingError("give either one video or one or more images, not both")
+            sequences = extractor.extract_images([_read_image(p) for p in images])
+            doc = _images_document(images, sequences, args.fps)
+        else:
+            if len(args.inputs) != 1:
+                raise InvalidSettingError("give one video at a time")
+            decode = DecodeSettings(fps=args.fps, width=args.width)
+            chunks = decode_chunks(args.inputs[0], decode, Settings().input_limits())
+            parts = [extractor.extract(chunk.frames, args.fps) for chunk in chunks]
+            doc = PoseSequence.concatenate(parts).to_json_dict()
+    finally:
+        extractor.close()
+    _write_json(args.output, doc)
+
+
+def _images_document(paths: list[str], sequences: list, fps: float) -> dict:
+    """Same-size images form one sequence at `fps` (frames in the order given, so a photo
+    series can be edited as motion); images of different sizes give one document each."""
+    if len({(s.width, s.height) for s in sequences}) == 1:
+        series = PoseSequence.concatenate([dataclasses.replace(s, fps=fps) for s in sequences])
+        return series.to_json_dict()
+    return {
+        "format": "motionserve.pose-images/v1",
+        "images": [{"path": p, **s.to_json_dict()} for p, s in zip(paths, sequences, strict=True)],
+    }
+
+
+def _cmd_motion(args: argparse.Namespace) -> None:
+    from deployments.motion import MotionEditor, render_pose_maps
+    from deployments.video import EncodeSettings, encode_mp4
+
+    try:
+        doc = json.loads(Path(args.poses).read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidPoseDataError(
+            f"{args.poses} is not JSON ({exc.msg} at line {exc.lineno})"
+        ) from None
+    sequence = PoseSequence.from_json_dict(doc)
+    edited = MotionEditor(args.style or ["smooth"]).edit(sequence)
+    _write_json(args.output, edited.to_json_dict())
+    if args.render:
+        target = Path(args.render)
+        chunk = 16
+        maps = (
+            render_pose_maps(edited, edited.width, edited.height, frames=slice(i, i + chunk))
+            for i in range(0, len(edited), chunk)
+        )
+        if target.suffix.lower() == ".mp4":
+            fps = edited.fps if edited.fps > 0 else 12.0
+            encode_mp4(maps, target, EncodeSettings(fps=fps))
+        else:
+            _write_pngs(maps, target)
+
+
+def _write_pngs(chunks, directory: Path) -> None:
+    import cv2
+
+    directory.mkdir(parents=True, exist_ok=True)
+    index = 0
+    for chunk in chunks:
+        for frame in chunk:
+            cv2.imwrite(str(directory / f"pose_{index:05d}.png"), frame[:, :, ::-1])
+            index += 1
+
+
+def _write_json(path: str, doc: dict) -> None:
+    """Write atomically so an interrupted run never leaves a half-written file."""
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_text(json.dumps(doc, allow_nan=False) + "\n")
+    partial.replace(target)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from serve.demo import run_demo
+
+    run_demo(Path(args.output_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="motionserve", description="Edit the motion in videos at the lowest GPU cost."
@@ -43,6 +151,30 @@ def build_parser() -> argparse.ArgumentParser:
         "sample-video", help="fetch the real sample clip into the cache and print its path"
     )
     sample.set_defaults(handler=_cmd_sample_video)
+
+    pose = commands.add_parser("pose", help="extract the pose of a video or of images, as JSON")
+    pose.add_argument("inputs", nargs="+", help="one video, or one or more images")
+    pose.add_argument("-o", "--output", required=True, help="poses JSON to write")
+    pose.add_argument("--fps", type=float, default=12.0, help="video: frames per second to read")
+    pose.add_argument("--width", type=int, default=512, help="video: width to run pose at")
+    pose.add_argument("--model-complexity", type=int, default=1, choices=(0, 1, 2))
+    pose.set_defaults(handler=_cmd_pose)
+
+    motion = commands.add_parser("motion", help="smooth and restyle poses; render pose maps")
+    motion.add_argument("poses", help="poses JSON from `motionserve pose`")
+    motion.add_argument(
+        "--style",
+        action="append",
+        help="a motion style, repeatable, applied in order: smooth, exaggerate=1.3, mirror, "
+        "stabilize, retime=0.5 (default: smooth)",
+    )
+    motion.add_argument("-o", "--output", required=True, help="edited poses JSON to write")
+    motion.add_argument("--render", help="also render pose maps: a .mp4 file or a directory")
+    motion.set_defaults(handler=_cmd_motion)
+
+    demo = commands.add_parser("demo", help="edit the sample video end to end, print the cost")
+    demo.add_argument("--output-dir", default="out/demo", help="where results are written")
+    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 

@@ -64,6 +64,7 @@ def env_var_table() -> str:
     """Markdown table of every environment variable, generated from `Settings`."""
     rows = ["| variable | default | description |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = "" if field.default_factory else field.default
+        default = str(field.get_default(call_default_factory=True))
+        default = default.replace(str(Path.home()), "~")
         rows.append(f"| `MOTIONSERVE_{name.upper()}` | `{default}` | {field.description} |")
     return "\n".join(rows)

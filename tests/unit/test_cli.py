@@ -1,0 +1,116 @@
+"""The `motionserve` command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from deployments.video import DecodeSettings, decode_all
+
+
+def motionserve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serve.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, phrase: str) -> None:
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and phrase in error_lines[0], result.stderr
+
+
+def test_probe_prints_json(sample_video):
+    result = motionserve("probe", str(sample_video))
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert (info["codec"], info["width"], info["frame_count"]) == ("vp9", 1768, 230)
+
+
+@pytest.mark.parametrize(
+    "content,phrase",
+    [(b"", "empty"), (b"hello " * 100, "not a video"), (b"\x00\x00\x00\x18ftypmp42", "truncated")],
+)
+def test_probe_bad_input_is_one_line(tmp_path, content, phrase):
+    path = tmp_path / "bad.mp4"
+    path.write_bytes(content)
+    assert_user_error(motionserve("probe", str(path)), phrase)
+
+
+def test_pose_then_motion_with_render(sample_video, tmp_path):
+    poses = tmp_path / "poses.json"
+    result = motionserve(
+        "pose", str(sample_video), "-o", str(poses), "--fps", "6", "--width", "256"
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(poses.read_text())
+    assert doc["format"] == "motionserve.pose/v1" and doc["fps"] == 6
+    assert len(doc["frames"]) == 46  # 7.67 s at 6 fps
+    present = [f for f in doc["frames"] if f["present"]]
+    assert len(present) >= 0.6 * len(doc["frames"])  # two small people; tracking starts late
+    assert set(present[0]["keypoints"]) >= {"nose", "left_hip", "right_ankle"}
+    assert len(present[0]["landmarks"]) == 33
+
+    edited, maps = tmp_path / "edited.json", tmp_path / "maps.mp4"
+    result = motionserve(
+        "motion",
+        str(poses),
+        "--style",
+        "smooth",
+        "--style",
+        "exaggerate=1.3",
+        "-o",
+        str(edited),
+        "--render",
+        str(maps),
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(edited.read_text())["frames"]) == 46
+    rendered = decode_all(maps, DecodeSettings(fps=6, width=512))
+    assert rendered.shape == (46, 288, 512, 3)
+    assert rendered.max() > 200 and (rendered.mean(axis=(1, 2, 3)) < 40).all()  # colour on black
+
+
+def test_pose_on_images_and_render_to_directory(sample_video, tmp_path):
+    frames = decode_all(sample_video, DecodeSettings(fps=1, width=384, max_frames=2))
+    images = []
+    for i, frame in enumerate(frames):
+        images.append(tmp_path / f"img{i}.png")
+        cv2.imwrite(str(images[-1]), frame[:, :, ::-1])
+    poses = tmp_path / "poses.json"
+    result = motionserve("pose", *map(str, images), "-o", str(poses))
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(poses.read_text())["frames"]) == 2
+    out_dir = tmp_path / "maps"
+    result = motionserve(
+        "motion", str(poses), "-o", str(tmp_path / "e.json"), "--render", str(out_dir)
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == ["pose_00000.png", "pose_00001.png"]
+
+
+def test_motion_rejects_bad_style_and_bad_json(tmp_path):
+    poses = tmp_path / "p.json"
+    poses.write_text("{not json")
+    assert_user_error(motionserve("motion", str(poses), "-o", str(tmp_path / "o.json")), "not JSON")
+    poses.write_text(json.dumps({"format": "motionserve.pose/v1", "frames": "x"}))
+    result = motionserve("motion", str(poses), "-o", str(tmp_path / "o.json"))
+    assert_user_error(result, "")
+    assert not Path(tmp_path / "o.json").exists()
+
+
+def test_unknown_style_names_the_valid_ones(sample_video, tmp_path):
+    poses = tmp_path / "p.json"
+    motionserve("pose", str(sample_video), "-o", str(poses), "--fps", "2", "--width", "128")
+    result = motionserve("motion", str(poses), "--style", "wobble", "-o", str(tmp_path / "o.json"))
+    assert_user_error(result, "exaggerate")
+
+
+def test_missing_file(tmp_path):
+    assert_user_error(motionserve("probe", str(tmp_path / "nope.mp4")), "no such file")
