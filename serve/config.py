@@ -7,8 +7,9 @@ README so the documentation cannot drift from the code.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployments.video import InputLimits
@@ -68,3 +69,61 @@ def env_var_table() -> str:
         default = default.replace(str(Path.home()), "~")
         rows.append(f"| `MOTIONSERVE_{name.upper()}` | `{default}` | {field.description} |")
     return "\n".join(rows)
+
+
+class TenantKey(BaseModel):
+    """An API key, stored only as its sha256, and the tenant it belongs to."""
+
+    tenant: str = Field(description="Tenant name; jobs and results are isolated per tenant.")
+    key_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="sha256 hex digest of the API key (never the key)."
+    )
+
+
+class AppArgs(BaseModel):
+    """Arguments of `serve.app:build_app`: the `args` of the Serve application config.
+
+    Resource placement per deployment (CPUs, GPU fraction, autoscaling, batch size) lives in the
+    config's `deployments` section, per hardware tier; these are the application's own settings.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    tier: Literal["local", "dev", "mvp", "scale", "burst"] = Field(
+        default="local", description="Hardware tier; selects the price table row for reports."
+    )
+    storage_uri: str = Field(
+        default="",
+        description="Artifacts and job manifests: a directory or s3://bucket/prefix. Empty uses "
+        "MOTIONSERVE_STORAGE_URI, then <cache_dir>/store.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="Custom S3 endpoint (MinIO, moto); unset uses AWS."
+    )
+    base_model: str = Field(
+        default="tiny",
+        description="Stable Diffusion 1.5 weights: a diffusers directory, a single-file "
+        "checkpoint, an s3:// prefix, a hub id, or 'tiny' for the built-in random-weight models.",
+    )
+    controlnet_model: str = Field(
+        default="tiny", description="OpenPose ControlNet weights; same forms as base_model."
+    )
+    upscaler_model: str = Field(
+        default="realesr-animevideov3-x4",
+        description="Real-ESRGAN weights: a converted model name, a path or s3:// URI; 'lanczos' "
+        "uses no model.",
+    )
+    default_preset: Literal["draft", "standard", "high"] = Field(
+        default="standard", description="Preset used when a request names none."
+    )
+    limits: InputLimits = Field(default_factory=InputLimits, description="Input video limits.")
+    api_keys: list[TenantKey] = Field(
+        default_factory=list,
+        description="Accepted API keys (hashed) and their tenants. Empty disables auth (local).",
+    )
+    allowed_input_buckets: list[str] = Field(
+        default_factory=list, description="S3 buckets that s3:// job inputs may come from."
+    )
+    max_chunks_in_flight: int = Field(
+        default=4, ge=1, le=64, description="Chunks of one job running through the stages at once."
+    )
