@@ -533,7 +533,13 @@ def _add_video_stream(out, width: int, height: int, rate: Fraction, settings: En
     stream.width, stream.height = width + width % 2, height + height % 2
     stream.pix_fmt = "yuv420p"
     stream.time_base = 1 / rate
-    stream.options = {"crf": str(settings.crf), "preset": settings.preset}
+    # repeat-headers puts SPS/PPS in front of every keyframe, so segments encoded separately
+    # (chunk by chunk, on different replicas) can be joined by `concat_mp4` without re-encoding.
+    stream.options = {
+        "crf": str(settings.crf),
+        "preset": settings.preset,
+        "x264-params": "repeat-headers=1",
+    }
     return stream
 
 
@@ -616,3 +622,67 @@ class _AudioCarrier:
             frame.pts = None
             for packet in self._out_stream.encode(frame):
                 yield packet, time_s
+
+
+def concat_mp4(
+    segments: Iterable[str | os.PathLike],
+    path: str | os.PathLike,
+    fps: float,
+    audio_from: str | None = None,
+) -> int:
+    """Join H.264 MP4 segments made by `encode_mp4` at the same size and rate, without
+    re-encoding (stream copy), optionally adding the source's audio; atomic like `encode_mp4`.
+
+    Returns the number of video frames written. Timestamps are rewritten to one continuous
+    timeline at exactly `fps`, whatever each segment's own timing.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    rate = _exact_rate(fps)
+    try:
+        count = _concat(list(segments), partial, rate, audio_from)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return count
+
+
+def _concat(segments: list, partial: Path, rate: Fraction, audio_from: str | None) -> int:
+    if not segments:
+        raise InvalidSettingError("there are no segments to join")
+    count = 0
+    with av.open(str(partial), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
+        with _AudioCarrier(audio_from) as audio:
+            stream = None
+            for segment in segments:
+                with av.open(str(segment)) as source:
+                    video = source.streams.video[0]
+                    if stream is None:
+                        stream = out.add_stream_from_template(video)
+                        audio.add_stream(out)
+                        out.start_encoding()  # the muxer fixes the stream time base here
+                    count = _copy_segment(source, video, stream, out, count, rate)
+                audio.mux_until(out, count / float(rate))
+            audio.finish(out, count / float(rate))
+    return count
+
+
+def _copy_segment(source, video, stream, out, offset: int, rate: Fraction) -> int:
+    """Mux one segment's packets after `offset` frames; returns the new frame count."""
+    ticks_in = 1 / (rate * video.time_base)  # segment ticks per frame
+    ticks_out = 1 / (rate * stream.time_base)  # output ticks per frame
+    frames = 0
+    for packet in source.demux(video):
+        if packet.pts is None:
+            continue
+        # B-frames give dts < pts; both shift by the same whole number of frames.
+        pts_frames = round(packet.pts / ticks_in)
+        dts_frames = round(packet.dts / ticks_in) if packet.dts is not None else pts_frames
+        packet.pts = round((offset + pts_frames) * ticks_out)
+        packet.dts = round((offset + dts_frames) * ticks_out)
+        packet.duration = round(ticks_out)
+        packet.time_base = stream.time_base
+        packet.stream = stream
+        out.mux(packet)
+        frames += 1
+    return offset + frames

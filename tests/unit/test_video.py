@@ -15,6 +15,7 @@ from deployments.video import (
     DecodeSettings,
     EncodeSettings,
     InputLimits,
+    concat_mp4,
     decode_all,
     decode_chunks,
     encode_mp4,
@@ -309,3 +310,29 @@ def test_decoding_is_time_bounded(tmp_path):
         list(
             decode_chunks(clip, DecodeSettings(width=64), InputLimits(decode_timeout_s=1e-9), info)
         )
+
+
+@pytest.mark.parametrize("fps,rate", [(25, "25/1"), (29.97, "30000/1001")])
+def test_concat_joins_segments_without_reencoding(tmp_path, fps, rate):
+    source = make_clip(tmp_path / "src.mp4", frames=90, audio_codec="aac")
+    segments = []
+    for index, count in enumerate([16, 16, 7]):
+        start = 16 * index
+        segment = tmp_path / f"seg{index}.mp4"
+        frames = [barcode_frame(start + i, 320, 240) for i in range(count)]
+        encode_mp4(frames, segment, EncodeSettings(fps=fps))
+        segments.append(segment)
+    out = tmp_path / "joined.mp4"
+    assert concat_mp4(segments, out, fps, audio_from=str(source)) == 39
+    streams = {s["codec_type"]: s for s in ffprobe(out)["streams"]}
+    video = streams["video"]
+    assert video["r_frame_rate"] == rate and video["avg_frame_rate"] == rate
+    assert int(video["nb_read_frames"]) == 39
+    assert float(video["duration"]) == pytest.approx(39 / fps, abs=1e-3)
+    assert float(streams["audio"]["duration"]) == pytest.approx(39 / fps, abs=0.05)
+    check = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(out), "-f", "null", "-"], capture_output=True, text=True
+    )
+    assert check.returncode == 0 and check.stderr == "", "the joined file must decode cleanly"
+    decoded = decode_all(out, DecodeSettings(fps=fps, width=320, height=240))
+    assert [read_barcode(f) for f in decoded] == list(range(39))
