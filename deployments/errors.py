@@ -57,3 +57,15 @@ class InvalidSettingError(InputError):
 
     code = "invalid_setting"
     http_status = 422
+
+
+class InvalidWeightsError(InputError):
+    """A model weights file is missing, unreadable or of an unsupported architecture."""
+
+    code = "invalid_weights"
+    http_status = 422
+
+
+class NotAnImageError(InputError):
+    code = "not_an_image"
+    http_status = 415

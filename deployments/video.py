@@ -314,6 +314,17 @@ def _check_truncation(end_s: float, header_duration_s: float | None) -> None:
         )
 
 
+def check_limits(info: VideoInfo, limits: InputLimits) -> None:
+    """Enforce `limits` on what an earlier probe found (a cached probe of the same bytes)."""
+    if info.size_bytes > limits.max_bytes:
+        raise LimitExceededError(
+            f"the file is {info.size_bytes / 1e6:.1f} MB; "
+            f"the limit is {limits.max_bytes / 1e6:.1f} MB"
+        )
+    _check_dimensions(info.coded_width, info.coded_height, limits)
+    _check_limits(info, limits)
+
+
 def _check_limits(info: VideoInfo, limits: InputLimits) -> None:
     if info.duration_s > limits.max_duration_s:
         raise LimitExceededError(

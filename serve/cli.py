@@ -17,6 +17,7 @@ from deployments.pose import PoseSequence
 from serve.config import Settings
 
 EXIT_USER_ERROR = 2
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 
 
 def _cmd_probe(args: argparse.Namespace) -> None:
@@ -131,6 +132,97 @@ def _write_json(path: str, doc: dict) -> None:
     partial.replace(target)
 
 
+def _job_request(args: argparse.Namespace):
+    from serve.jobs import JobRequest, OutputSpec
+
+    return JobRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        styles=args.style or ["smooth"],
+        preset=args.preset,
+        seed=args.seed,
+        output=OutputSpec(fps=args.fps, width=args.width, height=args.height),
+    )
+
+
+def _app_args(config: str | None):
+    """AppArgs from a Serve config file (its first application's args), else defaults."""
+    import yaml
+
+    from serve.config import AppArgs
+
+    if not config:
+        return AppArgs()
+    document = yaml.safe_load(Path(config).read_text())
+    return AppArgs.model_validate(document["applications"][0].get("args", {}))
+
+
+def _cmd_edit(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from serve.demo import format_report
+    from serve.orchestrator import edit_video
+
+    def show(stage: str, done: int, total: int) -> None:
+        print(f"\r  {stage:8} {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    report = asyncio.run(
+        edit_video(
+            Path(args.video), Path(args.output), _job_request(args), _app_args(args.config), show
+        )
+    )
+    print(file=sys.stderr)
+    print(format_report(report))
+    if args.report:
+        _write_json(args.report, report)
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    import yaml
+
+    config = Path(args.config) if args.config else DEFAULT_CONFIG
+    document = yaml.safe_load(config.read_text())
+    http = document.get("http_options", {})
+    print(f"motionserve: http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/docs")
+    sys.stdout.flush()
+    # Ray's own `serve run` applies the config's deployment overrides and keeps running.
+    serve_bin = Path(sys.executable).with_name("serve")
+    os.execv(str(serve_bin), [str(serve_bin), "run", str(config)])
+
+
+def _cmd_submit(args: argparse.Namespace) -> None:
+    from serve.client import Client, progress_bars
+
+    client = Client(args.url, args.api_key)
+    accepted = client.submit(Path(args.video), _job_request(args))
+    print(accepted["job_id"])
+    if not args.wait:
+        return
+    status = client.wait(accepted["job_id"], show=progress_bars)
+    if status["state"] != "done":
+        error = status.get("error") or {}
+        raise InvalidSettingError(f"job {status['state']}: {error.get('message', '')}")
+    if args.output:
+        client.download(accepted["job_id"], Path(args.output))
+    from serve.demo import format_report
+
+    print(format_report(status["report"]))
+
+
+def _cmd_status(args: argparse.Namespace) -> None:
+    from serve.client import Client
+
+    print(json.dumps(Client(args.url, args.api_key).status(args.job), indent=2))
+
+
+def _cmd_make_tiny_models(args: argparse.Namespace) -> None:
+    from deployments.tiny_models import build_tiny_sd_controlnet
+
+    print(build_tiny_sd_controlnet(Path(args.directory), seed=args.seed))
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from serve.demo import run_demo
 
@@ -172,20 +264,74 @@ def build_parser() -> argparse.ArgumentParser:
     motion.add_argument("--render", help="also render pose maps: a .mp4 file or a directory")
     motion.set_defaults(handler=_cmd_motion)
 
+    def add_request_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--prompt", required=True, help="what the person should look like")
+        command.add_argument("--negative-prompt", default="", help="what to avoid")
+        command.add_argument("--style", action="append", help="motion style, repeatable")
+        command.add_argument("--preset", choices=("draft", "standard", "high"), default=None)
+        command.add_argument("--seed", type=int, default=None)
+        command.add_argument("--fps", type=float, default=None, help="output frame rate")
+        command.add_argument("--width", type=int, default=None, help="output width")
+        command.add_argument("--height", type=int, default=None, help="output height")
+
+    edit = commands.add_parser("edit", help="edit a video in this process (no server)")
+    edit.add_argument("video")
+    edit.add_argument("-o", "--output", required=True, help="MP4 to write")
+    edit.add_argument("--config", help="Serve config whose app args to use (default: local)")
+    edit.add_argument("--report", help="also write the cost report as JSON here")
+    add_request_options(edit)
+    edit.set_defaults(handler=_cmd_edit)
+
+    serve_cmd = commands.add_parser("serve", help="start a local Ray cluster and the app")
+    serve_cmd.add_argument("--config", help=f"Serve config (default: {DEFAULT_CONFIG.name})")
+    serve_cmd.set_defaults(handler=_cmd_serve)
+
+    submit = commands.add_parser("submit", help="submit a video to a running server")
+    submit.add_argument("video")
+    submit.add_argument("--url", default="http://127.0.0.1:8000")
+    submit.add_argument("--api-key", default=None)
+    submit.add_argument("--wait", action="store_true", help="wait, showing progress per stage")
+    submit.add_argument("-o", "--output", help="with --wait: where to download the MP4")
+    add_request_options(submit)
+    submit.set_defaults(handler=_cmd_submit)
+
+    status = commands.add_parser("status", help="show a job's status and cost report")
+    status.add_argument("job")
+    status.add_argument("--url", default="http://127.0.0.1:8000")
+    status.add_argument("--api-key", default=None)
+    status.set_defaults(handler=_cmd_status)
+
+    tiny = commands.add_parser("make-tiny-models", help="build the tiny random-weight models")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_cmd_make_tiny_models)
+
     demo = commands.add_parser("demo", help="edit the sample video end to end, print the cost")
     demo.add_argument("--output-dir", default="out/demo", help="where results are written")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
+def _client_errors() -> tuple[type[Exception], ...]:
+    import httpx
+
+    from serve.client import ClientError
+
+    return (ClientError, httpx.HTTPError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], None] = args.handler
+    ClientErrors = _client_errors() if args.command in ("submit", "status") else ()
     try:
         handler(args)
     except InputError as exc:
         print(f"motionserve {args.command}: error: {exc.message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ClientErrors as exc:
+        print(f"motionserve {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         print(f"motionserve {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)

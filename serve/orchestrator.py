@@ -1,207 +1,345 @@
-"""Runs a plan's stages with content-addressed caching.
+"""Runs a job's plan over stage calls, chunk by chunk, with checkpoints.
 
-`LocalRunner` calls the Ray-free stage classes in this process (the `motionserve edit`/`demo`
-path and the reference the Serve pipeline is measured against). Each stage's output is stored
-under a key chained from its inputs' keys, and the chain is walked from the end: a repeat of the
-same video and style finds the last artifact and never opens the video.
+The orchestrator only holds keys and small results. Frames flow from call to call as awaitable
+handles: on Ray Serve those are `DeploymentResponse`s passed straight into the next deployment's
+call (the frames stay in Ray's object store and never reach the ingress); in process they are
+asyncio tasks (`LocalStages`). Each chunk ends as an encoded segment under a content key and a
+checkpoint in the manifest, so a repeat or a resumed job skips finished chunks and a restart
+loses at most the chunks in flight.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import asyncio
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any, Protocol
 
-from deployments import motion, pose, video
-from serve.cache import ArtifactCache, content_key, hash_file
+from deployments import diffusion, interpolate, upscale
+from serve import stages
+from serve.cache import hash_file
+from serve.cost import build_report
+from serve.jobs import JobManifest
 from serve.pipeline import Plan
-
-POSE_MAP_VIDEO_VERSION = "posemap-video-1"
-
-
-@dataclass
-class StageRecord:
-    """What one stage cost in this run; a cache hit costs (almost) nothing."""
-
-    stage: str
-    key: str
-    cache_hit: bool
-    wall_s: float
-    cpu_s: float
-    frames: int = 0
+from serve.stages import Frames, JobKeys, StageContext, StageRecord
 
 
-@dataclass
-class RunReport:
-    output: str
-    stages: list[StageRecord] = field(default_factory=list)
+class StageCalls(Protocol):
+    """The stage calls a plan needs. Chunk calls return awaitables that later calls accept."""
 
-    @property
-    def cpu_s(self) -> float:
-        return sum(record.cpu_s for record in self.stages)
+    async def ready(self) -> bool: ...
+    async def upscaler_identity(self) -> dict[str, Any]: ...
+    async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> StageRecord: ...
+    async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord: ...
+    def render(self, keys, plan, chunk: int, span: tuple[int, int]) -> Awaitable[Frames]: ...
+    def generate(self, maps, request: dict[str, Any], key: str, plan) -> Awaitable: ...
+    def upscale(self, generated, next_generated, plan, chunk: int) -> Awaitable[Frames]: ...
+    def interpolate(self, upscaled, first, count, total, plan, chunk) -> Awaitable[Frames]: ...
+    def encode(self, frames, key: str, plan, chunk: int) -> Awaitable[tuple]: ...
+    async def join(self, segment_keys, plan, result_key, audio) -> StageRecord: ...
+    async def has_segment(self, key: str) -> bool: ...
+    async def has_generation(self, key: str) -> bool: ...
 
-    @property
-    def frames_decoded(self) -> int:
-        return sum(r.frames for r in self.stages if r.stage == "decode" and not r.cache_hit)
 
-    def to_dict(self) -> dict:
-        return {
-            "output": self.output,
-            "cpu_s": self.cpu_s,
-            "stages": [asdict(s) for s in self.stages],
+def chunk_spans(frames: int, chunk_frames: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_frames, frames)) for start in range(0, frames, chunk_frames)]
+
+
+class Orchestrator:
+    """Turns a manifest into a result MP4 and a cost report."""
+
+    def __init__(self, calls: StageCalls, result_key_for, *, max_chunks_in_flight: int = 4,
+                 tier: str = "local", gpu_fraction: float = 1.0):  # fmt: skip
+        self.calls = calls
+        self.result_key_for = result_key_for
+        self.max_chunks_in_flight = max_chunks_in_flight
+        self.tier = tier
+        self.gpu_fraction = gpu_fraction
+
+    async def ready(self) -> bool:
+        return await self.calls.ready()
+
+    async def run(self, manifest: JobManifest, events) -> tuple[str, dict[str, Any]]:
+        plan = Plan.model_validate(manifest.plan)
+        keys = stages.job_keys(manifest.input_sha256, plan)
+        events.check_cancelled()
+        events.record([await self.calls.pose(manifest.input_key, keys, plan)])
+        events.progress("pose", 1, 1)
+        events.check_cancelled()
+        motion_record = await self.calls.motion(keys, plan)
+        events.record([motion_record])
+        events.progress("motion", 1, 1)
+        spans = chunk_spans(motion_record.frames, plan.chunk_frames)
+        segment_keys = await self._run_chunks(manifest, plan, keys, spans, events)
+        result_key = self.result_key_for(manifest)
+        keeps = _keeps_timing(plan, manifest)
+        audio = (manifest.input_key, manifest.input_sha256) if keeps else None
+        events.check_cancelled()
+        events.record([await self.calls.join(segment_keys, plan, result_key, audio)])
+        events.progress("join", 1, 1)
+        # The ledger holds every attempt's records, so a resumed job's report counts all work.
+        ledger = [StageRecord.model_validate(r) for r in events.manifest.ledger]
+        report = build_report(
+            plan, ledger, frames=motion_record.frames, tier=self.tier, attempts=manifest.attempts
+        )
+        return result_key, {**report.model_dump(mode="json"), "plan_explained": plan.explain()}
+
+    async def _run_chunks(self, manifest, plan, keys, spans, events) -> list[str]:
+        """Run every chunk (records go to the job's ledger); returns the segment keys."""
+        request = {
+            "prompt": manifest.request.prompt,
+            "negative_prompt": manifest.request.negative_prompt,
+            "seed": manifest.request.seed if manifest.request.seed is not None else 0,
         }
+        gen_keys = [stages.generation_key(keys, plan, span, request) for span in spans]
+        identity = await self.calls.upscaler_identity()
+        seg_keys = [
+            stages.segment_key(plan, gen_keys[i], gen_keys[i + 1] if i + 1 < len(spans) else None,
+                               identity)
+            for i in range(len(spans))
+        ]  # fmt: skip
+        cached = await self._cached_generations(plan, gen_keys)
+        run = _ChunkRun(self.calls, manifest, plan, keys, spans, request, gen_keys, seg_keys)
+        run.cached_generations = cached
+        await run.all(events, self.max_chunks_in_flight)
+        return seg_keys
+
+    async def _cached_generations(self, plan: Plan, gen_keys: list[str]) -> set[int]:
+        """Chunks whose generated frames are cached: their pose maps need not be rendered."""
+        if not plan.cache:
+            return set()
+        found = await asyncio.gather(*(self.calls.has_generation(key) for key in gen_keys))
+        return {chunk for chunk, hit in enumerate(found) if hit}
 
 
-@dataclass(frozen=True)
-class StageKeys:
-    """The chain of content keys for one video and plan (computed before any work)."""
+class _ChunkRun:
+    """The chunk pipelines of one job: render -> diffusion -> upscale -> interpolate -> encode."""
 
-    source: str
-    decode: str
-    pose: str
-    motion: str
-    pose_map_video: str
+    def __init__(self, calls, manifest, plan, keys, spans, request, gen_keys, seg_keys):
+        self.calls, self.manifest, self.plan, self.keys = calls, manifest, plan, keys
+        self.spans, self.request, self.gen_keys, self.seg_keys = spans, request, gen_keys, seg_keys
+        self.generated: dict[int, Any] = {}
+        self.cached_generations: set[int] = set()
 
-    @classmethod
-    def for_plan(cls, video_path: Path, plan: Plan) -> StageKeys:
-        source = hash_file(video_path)
-        decode = content_key("decode", video.VIDEO_CODE_VERSION, plan.decode, [source])
-        poses = content_key("pose", pose.POSE_CODE_VERSION, plan.pose, [decode])
-        editor = motion.MotionEditor(motion.parse_styles(plan.styles))
-        edited = content_key("motion", motion.MOTION_CODE_VERSION, editor.settings_key(), [poses])
-        maps = content_key(
-            "pose_map_video", POSE_MAP_VIDEO_VERSION, plan.pose_map_encoding(), [edited]
-        )
-        return cls(source, decode, poses, edited, maps)
-
-
-class LocalRunner:
-    """Runs the CPU stages of a plan in this process, reusing cached artifacts."""
-
-    def __init__(self, cache: ArtifactCache, limits: video.InputLimits | None = None):
-        self.cache = cache
-        self.limits = limits or video.InputLimits()
-
-    def pose_map_video(self, video_path: Path, plan: Plan, output: Path) -> RunReport:
-        """Edit the motion of `video_path` and write its ControlNet pose maps as an MP4."""
-        keys = StageKeys.for_plan(Path(video_path), plan)
-        report = RunReport(output=str(output))
-        job = _Job(self, Path(video_path), plan, keys, report)
-        job.pose_map_video(Path(output))
-        return report
-
-
-class _Job:
-    """One run's state: the lazily computed stage outputs and the records of what they cost."""
-
-    def __init__(self, runner: LocalRunner, video_path: Path, plan: Plan, keys, report):
-        self.runner, self.video_path, self.plan, self.keys, self.report = (
-            runner,
-            video_path,
-            plan,
-            keys,
-            report,
-        )
-        self._decoded_frames = 0
-
-    def pose_map_video(self, output: Path) -> None:
-        def compute(path: Path) -> None:
-            edited = self.edited_poses()
-            width, height = edited.width, edited.height
-            chunk = self.plan.decode.chunk_frames
+    def _generation(self, chunk: int):
+        """One diffusion call per chunk, shared by this chunk and the previous one."""
+        if chunk not in self.generated:
+            cached = chunk in self.cached_generations
             maps = (
-                motion.render_pose_maps(edited, width, height, frames=slice(i, i + chunk))
-                for i in range(0, len(edited), chunk)
+                None
+                if cached
+                else self.calls.render(self.keys, self.plan, chunk, self.spans[chunk])
             )
-            video.encode_mp4(maps, path, self.plan.pose_map_encoding())
+            fields = {"job_id": self.manifest.job_id, "chunk_index": chunk, **self.request}
+            self.generated[chunk] = self.calls.generate(
+                maps, fields, self.gen_keys[chunk], self.plan
+            )
+        return self.generated[chunk]
 
-        self._stage(
-            "pose_map_video",
-            self.keys.pose_map_video,
-            lambda: self.runner.cache.get_or_compute_file(
-                self.keys.pose_map_video, compute, output, self._meta("pose_map_video")
-            )[1],
+    def _pipeline(self, chunk: int):
+        first, stop = self.spans[chunk]
+        has_next = chunk + 1 < len(self.spans)
+        upscaled = self.calls.upscale(
+            self._generation(chunk),
+            self._generation(chunk + 1) if has_next else None,
+            self.plan,
+            chunk,
+        )
+        total = self.spans[-1][1]
+        frames = self.calls.interpolate(upscaled, first, stop - first, total, self.plan, chunk)
+        self.generated.pop(chunk - 1, None)  # no later chunk needs it: free its object
+        return self.calls.encode(frames, self.seg_keys[chunk], self.plan, chunk)
+
+    async def all(self, events, window: int) -> None:
+        total = len(self.spans)
+        done = 0
+        pending: dict[asyncio.Future, int] = {}
+        for chunk in range(total):
+            events.check_cancelled()
+            if await self._finished_before(chunk, events):
+                done += 1
+                events.progress("chunks", done, total)
+                continue
+            while len(pending) >= window:
+                done += await self._collect(pending, events, total, done)
+            pending[asyncio.ensure_future(_awaited(self._pipeline(chunk)))] = chunk
+        while pending:
+            done += await self._collect(pending, events, total, done)
+
+    async def _finished_before(self, chunk: int, events) -> bool:
+        """True for a chunk checkpointed by an earlier attempt (its records are in the ledger
+        already) or whose segment is cached (recorded as a free hit)."""
+        key = self.seg_keys[chunk]
+        if self.manifest.checkpoints.get(str(chunk)) == key:
+            return True
+        if self.plan.cache and await self.calls.has_segment(key):
+            hit = StageRecord(stage="segment", chunk=chunk, cache_hit=True)
+            events.record([hit], chunk=chunk, key=key)
+            return True
+        return False
+
+    async def _collect(self, pending: dict, events, total: int, done: int) -> int:
+        finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for future in finished:
+            chunk = pending.pop(future)
+            try:
+                key, records = future.result()
+            except BaseException:
+                for other in pending:
+                    other.cancel()
+                raise
+            events.record(records, chunk=chunk, key=key)
+        events.progress("chunks", done + len(finished), total)
+        events.check_cancelled()
+        return len(finished)
+
+
+async def _awaited(handle):
+    return await handle
+
+
+def _keeps_timing(plan: Plan, manifest: JobManifest) -> bool:
+    """Audio only fits when the motion plays at its original speed."""
+    retimed = any(style.split("=")[0].split(":")[0] == "retime" for style in plan.styles)
+    return manifest.request.output.keep_audio and not retimed
+
+
+# ----------------------------------------------------------------------- in-process stages
+
+
+class LocalStages:
+    """`StageCalls` on core objects in this process (`motionserve edit`, the overhead
+    benchmark's reference). Calls run in worker threads; awaitable arguments are awaited first.
+    """
+
+    def __init__(self, ctx: StageContext, engine: diffusion.DiffusionEngine,
+                 upscaler: upscale.Upscaler, gpu_fraction: float = 1.0):  # fmt: skip
+        self.ctx, self.engine, self.upscaler = ctx, engine, upscaler
+        self.gpu_fraction = gpu_fraction
+
+    async def ready(self) -> bool:
+        return True
+
+    async def upscaler_identity(self) -> dict[str, Any]:
+        return await asyncio.to_thread(_identity, self.upscaler)
+
+    async def pose(self, input_ref, keys, plan) -> StageRecord:
+        return await asyncio.to_thread(stages.extract_pose, self.ctx, input_ref, keys, plan)
+
+    async def motion(self, keys, plan) -> StageRecord:
+        return await asyncio.to_thread(stages.edit_motion, self.ctx, keys, plan)
+
+    def render(self, keys, plan, chunk, span):
+        return _task(stages.render_maps, self.ctx, keys, plan, chunk, span)
+
+    def generate(self, maps, request, key, plan):
+        return _task(self._generate, maps, request, key, plan)
+
+    def _generate(self, maps: Frames | None, fields: dict, key: str, plan) -> Frames:
+        if plan.cache:
+            hit = stages.cached_generation(self.ctx, key, fields["chunk_index"])
+            if hit is not None:
+                return Frames(hit.frames, (maps.records if maps else []) + hit.records)
+        stages.require_maps(maps, key)
+        request = stages.chunk_request(fields, maps, plan)
+        (result,) = self.engine.generate([request])
+        if plan.cache:
+            stages.store_generation(self.ctx, key, result.frames)
+        record = stages.generation_record(result, self.gpu_fraction)
+        return Frames(result.frames, maps.records + [record])
+
+    def upscale(self, generated, next_generated, plan, chunk):
+        size = (plan.output_width, plan.output_height)
+        return _task(stages.upscale_chunk, self.upscaler, generated, next_generated, size, chunk)
+
+    def interpolate(self, upscaled, first, count, total, plan, chunk):
+        backend = interpolate.make_backend(plan.interpolation)
+        return _task(stages.interpolate_chunk, backend, upscaled, first, count, total, plan, chunk)
+
+    def encode(self, frames, key, plan, chunk):
+        return _task(stages.encode_segment, self.ctx, frames, key, plan, chunk, plan.cache)
+
+    async def join(self, segment_keys, plan, result_key, audio) -> StageRecord:
+        return await asyncio.to_thread(
+            stages.join_segments, self.ctx, segment_keys, plan, result_key, audio, plan.cache
         )
 
-    def edited_poses(self) -> pose.PoseSequence:
-        result: dict = {}
+    async def has_segment(self, key: str) -> bool:
+        return await asyncio.to_thread(self.ctx.cache.contains, key)
 
-        def compute() -> bytes:
-            editor = motion.MotionEditor(motion.parse_styles(self.plan.styles))
-            return editor.edit(self.poses()).to_bytes()
-
-        def run() -> bool:
-            data, hit = self.runner.cache.get_or_compute(
-                self.keys.motion, compute, self._meta("motion")
-            )
-            result["seq"] = pose.PoseSequence.from_bytes(data)
-            return hit
-
-        self._stage("motion", self.keys.motion, run)
-        return result["seq"]
-
-    def poses(self) -> pose.PoseSequence:
-        """Pose per generation frame; on a miss this decodes (the only stage reading frames)."""
-        result: dict = {}
-
-        def run() -> bool:
-            data, hit = self.runner.cache.get_or_compute(
-                self.keys.pose, lambda: self._decode_and_extract().to_bytes(), self._meta("pose")
-            )
-            result["seq"] = pose.PoseSequence.from_bytes(data)
-            return hit
-
-        self._stage("pose", self.keys.pose, run)
-        return result["seq"]
-
-    def _decode_and_extract(self) -> pose.PoseSequence:
-        info = video.probe(self.video_path, self.runner.limits)
-        extractor = pose.PoseExtractor(self.plan.pose)
-        parts, decode_wall, decode_cpu = [], 0.0, 0.0
-        try:
-            chunks = video.decode_chunks(
-                self.video_path, self.plan.decode, self.runner.limits, info
-            )
-            while True:
-                wall0, cpu0 = time.perf_counter(), time.process_time()
-                chunk = next(chunks, None)
-                decode_wall += time.perf_counter() - wall0
-                decode_cpu += time.process_time() - cpu0
-                if chunk is None:
-                    break
-                self._decoded_frames += len(chunk.frames)
-                parts.append(extractor.extract(chunk.frames, self.plan.decode.fps))
-        finally:
-            extractor.close()
-        self.report.stages.append(
-            StageRecord(
-                "decode", self.keys.decode, False, decode_wall, decode_cpu, self._decoded_frames
-            )
-        )
-        return pose.PoseSequence.concatenate(parts)
-
-    def _stage(self, name: str, key: str, run: Callable[[], bool]) -> None:
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        # Records of upstream stages run inside `run`; their time is subtracted from this one.
-        before = len(self.report.stages)
-        hit = run()
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        inner = self.report.stages[before:]
-        wall -= sum(r.wall_s for r in inner)
-        cpu -= sum(r.cpu_s for r in inner)
-        self.report.stages.append(StageRecord(name, key, hit, max(wall, 0.0), max(cpu, 0.0)))
-
-    def _meta(self, stage: str) -> dict:
-        return {"stage": stage, "plan": self.plan.model_dump(mode="json")}
+    async def has_generation(self, key: str) -> bool:
+        return await asyncio.to_thread(self.ctx.cache.contains, key)
 
 
-def copy_result(source: Path, dest: Path) -> Path:
-    """Copy an output atomically (temp file beside `dest`, then rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=".tmp-", delete=False) as tmp:
-        shutil.copyfileobj(source.open("rb"), tmp)
-    Path(tmp.name).replace(dest)
-    return dest
+def _identity(upscaler: upscale.Upscaler) -> dict[str, Any]:
+    upscaler.load()
+    return upscaler.cache_identity()
+
+
+def _task(function, *args) -> asyncio.Task:
+    async def run():
+        resolved = [await arg if isinstance(arg, Awaitable) else arg for arg in args]
+        return await asyncio.to_thread(function, *resolved)
+
+    return asyncio.ensure_future(run())
+
+
+# ------------------------------------------------------------------ in-process edit (CLI)
+
+
+class LocalEvents:
+    """Job events for an in-process run: progress to a callback, checkpoints in memory."""
+
+    def __init__(self, manifest: JobManifest, on_progress=None):
+        self.manifest = manifest
+        self.on_progress = on_progress
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if self.on_progress:
+            self.on_progress(stage, done, total)
+
+    def record(self, records: list, chunk: int | None = None, key: str | None = None) -> None:
+        update: dict[str, Any] = {
+            "ledger": self.manifest.ledger + [{**r.model_dump(), "attempt": 1} for r in records]
+        }
+        if chunk is not None:
+            update["checkpoints"] = {**self.manifest.checkpoints, str(chunk): key}
+        self.manifest = self.manifest.model_copy(update=update)
+
+    def check_cancelled(self) -> None:
+        return None
+
+
+async def edit_video(
+    video_path: Path, output: Path, request, args, on_progress=None
+) -> dict[str, Any]:
+    """The whole pipeline in this process (no Ray, no HTTP): `motionserve edit` and `demo`.
+
+    Same stages, keys, cache and cost report as the service; returns the report.
+    """
+    from serve.factory import make_engine, make_upscaler, stage_context
+    from serve.jobs import new_job_id
+    from serve.planning import plan_for
+
+    video_path = Path(video_path).resolve()
+    ctx = stage_context(args)
+    digest = await asyncio.to_thread(hash_file, video_path)
+    info = await asyncio.to_thread(stages.probe_input, ctx, video_path, digest)
+    manifest = JobManifest(
+        job_id=new_job_id(),
+        tenant="local",
+        request=request,
+        input_key=str(video_path),
+        input_sha256=digest,
+        plan=plan_for(args, request, info),
+        attempts=1,
+    )
+    calls = LocalStages(ctx, make_engine(args), make_upscaler(args))
+    orchestrator = Orchestrator(
+        calls, lambda m: f"local-results/{m.job_id}.mp4", tier=args.tier,
+        max_chunks_in_flight=args.max_chunks_in_flight,
+    )  # fmt: skip
+    result_key, report = await orchestrator.run(manifest, LocalEvents(manifest, on_progress))
+    ctx.store.get_file(result_key, output)
+    ctx.store.delete(result_key)
+    return report

@@ -1,21 +1,75 @@
-"""The plan: which stages run with which settings (pure; no Ray, no I/O).
+"""The plan: which stages run, where, with which settings (pure; no Ray, no I/O).
 
-Every stage setting that changes an output is in the plan, because the plan's parts are what the
-content keys hash. Issue 5 adds the diffusion fields and the presets (draft/standard/high/naive).
+Every setting that changes an output is in the plan, because the plan's parts are what the
+content keys hash. Presets are the cheap defaults; `naive` is the baseline every cost report
+compares against (generate every output frame at output size, 30 steps, fp32, ControlNet on every
+frame, batch 1, no cache, everything on the GPU).
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator
+from typing import Any, Literal
 
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from deployments.diffusion import GenerationSettings
+from deployments.errors import InvalidSettingError
+from deployments.interpolate import InterpolationSettings
 from deployments.motion import parse_styles
 from deployments.pose import PoseSettings
 from deployments.video import DecodeSettings, EncodeSettings
 
+PresetName = Literal["draft", "standard", "high", "naive"]
+Device = Literal["cpu", "gpu"]
+
+
+class Preset(BaseModel):
+    """The levers a preset sets; a request may override any of them."""
+
+    generation_long_side: int = Field(description="Long side of generated frames, pixels.")
+    generation_fps: float = Field(description="Frames the diffusion model generates per second.")
+    steps: int = Field(description="Denoising steps.")
+    scheduler: str = Field(default="dpmpp_2m", description="Diffusion scheduler.")
+    precision: Literal["fp16", "bf16", "fp32"] = Field(description="Model dtype on CUDA.")
+    controlnet_every: int = Field(description="ControlNet on every K-th frame.")
+    output_long_side: int = Field(description="Long side of the delivered video, pixels.")
+    output_fps: float = Field(default=25.0, description="Delivered frame rate.")
+    batching: bool = Field(default=True, description="Micro-batch chunks across jobs.")
+    cache: bool = Field(default=True, description="Reuse cached stage outputs.")
+
+
+PRESETS: dict[str, Preset] = {
+    "draft": Preset(
+        generation_long_side=512, generation_fps=12, steps=15, precision="fp16",
+        controlnet_every=4, output_long_side=1280,
+    ),
+    "standard": Preset(
+        generation_long_side=512, generation_fps=12, steps=20, precision="fp16",
+        controlnet_every=4, output_long_side=1920,
+    ),
+    "high": Preset(
+        generation_long_side=768, generation_fps=12, steps=20, precision="fp16",
+        controlnet_every=2, output_long_side=1920,
+    ),
+    # The baseline: what a straightforward implementation would run for the same output.
+    "naive": Preset(
+        generation_long_side=1920, generation_fps=25, steps=30, precision="fp32",
+        controlnet_every=1, output_long_side=1920, batching=False, cache=False,
+    ),
+}  # fmt: skip
+
+# Which device each stage runs on: the point of the product is that only diffusion needs a GPU.
+OPTIMIZED_PLACEMENT: dict[str, Device] = {
+    "pose": "cpu", "motion": "cpu", "diffusion": "gpu", "upscale": "cpu",
+    "interpolate": "cpu", "encode": "cpu",
+}  # fmt: skip
+NAIVE_PLACEMENT: dict[str, Device] = {stage: "gpu" for stage in OPTIMIZED_PLACEMENT}
+
 
 class Plan(BaseModel):
-    """Settings of the CPU stages: decode -> pose -> motion edit -> pose maps."""
+    """Everything that decides a job's output and cost."""
 
+    preset: PresetName = Field(default="standard", description="The preset it started from.")
     decode: DecodeSettings = Field(
         default_factory=DecodeSettings,
         description="Generation frame rate and size; pose runs on these frames.",
@@ -25,8 +79,27 @@ class Plan(BaseModel):
         default_factory=lambda: ["smooth"],
         description="Motion styles applied in order, e.g. ['smooth', 'exaggerate=1.3'].",
     )
+    generation: GenerationSettings = Field(
+        default_factory=lambda: GenerationSettings(model_id="tiny", width=512, height=288),
+        description="Diffusion settings (the micro-batching key).",
+    )
+    output_fps: float = Field(default=25.0, gt=0, le=60, description="Delivered frame rate.")
+    output_width: int = Field(default=1920, ge=16, le=7680, description="Delivered width.")
+    output_height: int = Field(default=1080, ge=16, le=4320, description="Delivered height.")
+    chunk_frames: int = Field(
+        default=16, ge=1, le=256, description="Generated frames per chunk (cache/retry unit)."
+    )
+    interpolation: InterpolationSettings = Field(
+        default_factory=InterpolationSettings, description="Frame interpolation."
+    )
+    batching: bool = Field(default=True, description="Micro-batch chunks across jobs.")
+    cache: bool = Field(default=True, description="Reuse cached stage outputs.")
+    placement: dict[str, Device] = Field(
+        default_factory=lambda: dict(OPTIMIZED_PLACEMENT), description="Device per stage."
+    )
+    output_crf: int = Field(default=18, ge=0, le=51, description="x264 quality of the result.")
     pose_map_crf: int = Field(
-        default=18, ge=0, le=51, description="x264 quality of the pose-map video."
+        default=18, ge=0, le=51, description="x264 quality of the pose-map video (demo, CLI)."
     )
 
     @field_validator("styles")
@@ -35,5 +108,148 @@ class Plan(BaseModel):
         parse_styles(styles)  # raises InvalidSettingError naming the valid styles
         return styles
 
+    @property
+    def interpolation_factor(self) -> float:
+        return self.output_fps / self.generation.fps
+
+    @property
+    def upscale_factor(self) -> float:
+        return max(self.output_width / self.generation.width, 1.0)
+
     def pose_map_encoding(self) -> EncodeSettings:
         return EncodeSettings(fps=self.decode.fps, crf=self.pose_map_crf)
+
+    def output_encoding(self) -> EncodeSettings:
+        return EncodeSettings(fps=self.output_fps, crf=self.output_crf)
+
+    def explain(self) -> list[str]:
+        """One line per lever, for the job report."""
+        g = self.generation
+        return [
+            f"preset {self.preset}",
+            f"generate {g.width}x{g.height} at {g.fps:g} fps, {g.steps} steps {g.scheduler}, "
+            f"{g.precision}, ControlNet on every {g.controlnet_every} frame(s)",
+            f"interpolate {g.fps:g} -> {self.output_fps:g} fps "
+            f"({self.interpolation.backend}, x{self.interpolation_factor:.2f})",
+            f"upscale {g.width}x{g.height} -> {self.output_width}x{self.output_height} "
+            f"(x{self.upscale_factor:.2f})",
+            f"micro-batching {'on' if self.batching else 'off'}, "
+            f"cache {'on' if self.cache else 'off'}",
+        ]
+
+
+def fit_size(width: int, height: int, long_side: int, multiple: int) -> tuple[int, int]:
+    """Scale (width, height) so its long side is `long_side`, rounding both to `multiple`."""
+    scale = long_side / max(width, height)
+    w = max(multiple, round(width * scale / multiple) * multiple)
+    h = max(multiple, round(height * scale / multiple) * multiple)
+    return w, h
+
+
+def make_plan(
+    preset_name: str,
+    source_width: int,
+    source_height: int,
+    *,
+    model_id: str,
+    styles: list[str] | None = None,
+    output_fps: float | None = None,
+    output_width: int | None = None,
+    output_height: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Plan:
+    """The plan for a source of this size under a preset, with the request's overrides."""
+    if preset_name not in PRESETS:
+        raise InvalidSettingError(f"unknown preset {preset_name!r}; use one of {list(PRESETS)}")
+    preset = PRESETS[preset_name].model_copy(update=_preset_overrides(overrides or {}))
+    gen_w, gen_h = fit_size(source_width, source_height, preset.generation_long_side, 8)
+    out_w, out_h = _output_size(source_width, source_height, preset, output_width, output_height)
+    generation = _generation(preset, model_id, gen_w, gen_h, overrides or {})
+    fields: dict[str, Any] = {
+        "preset": preset_name,
+        "decode": DecodeSettings(fps=preset.generation_fps, width=gen_w, height=gen_h, fit="crop"),
+        "generation": generation,
+        "output_fps": output_fps or preset.output_fps,
+        "output_width": out_w,
+        "output_height": out_h,
+        "batching": preset.batching,
+        "cache": preset.cache,
+        "placement": dict(NAIVE_PLACEMENT if preset_name == "naive" else OPTIMIZED_PLACEMENT),
+    }
+    if styles is not None:
+        fields["styles"] = styles
+    fields.update({k: v for k, v in (overrides or {}).items() if k in _PLAN_FIELDS})
+    try:
+        return Plan(**fields)
+    except ValidationError as exc:
+        raise InvalidSettingError(f"invalid plan: {exc.errors()[0]['msg']}") from None
+
+
+def naive_plan(plan: Plan) -> Plan:
+    """The baseline for the same input and output as `plan`."""
+    g = plan.generation
+    naive = PRESETS["naive"]
+    generation = g.model_copy(
+        update={
+            "width": plan.output_width - plan.output_width % 8,
+            "height": plan.output_height - plan.output_height % 8,
+            "fps": plan.output_fps,
+            "steps": naive.steps,
+            "precision": naive.precision,
+            "controlnet_every": naive.controlnet_every,
+        }
+    )
+    return plan.model_copy(
+        update={
+            "preset": "naive",
+            "generation": generation,
+            "decode": plan.decode.model_copy(
+                update={"fps": plan.output_fps, "width": generation.width, "height": None}
+            ),
+            "batching": False,
+            "cache": False,
+            "placement": dict(NAIVE_PLACEMENT),
+        }
+    )
+
+
+_PRESET_FIELDS = set(Preset.model_fields)
+_PLAN_FIELDS = {"chunk_frames"}
+_GENERATION_FIELDS = {"guidance_scale", "control_guidance_start", "control_guidance_end",
+                      "controlnet_conditioning_scale"}  # fmt: skip
+
+
+def _preset_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(overrides) - _PRESET_FIELDS - _GENERATION_FIELDS - _PLAN_FIELDS
+    if unknown:
+        allowed = sorted(_PRESET_FIELDS | _GENERATION_FIELDS | _PLAN_FIELDS)
+        raise InvalidSettingError(f"unknown override(s) {sorted(unknown)}; allowed: {allowed}")
+    return {k: v for k, v in overrides.items() if k in _PRESET_FIELDS}
+
+
+def _generation(preset: Preset, model_id: str, width: int, height: int, overrides: dict):
+    extra = {k: v for k, v in overrides.items() if k in _GENERATION_FIELDS}
+    try:
+        return GenerationSettings(
+            model_id=model_id,
+            width=width,
+            height=height,
+            steps=preset.steps,
+            scheduler=preset.scheduler,
+            precision=preset.precision,
+            fps=preset.generation_fps,
+            controlnet_every=preset.controlnet_every,
+            **extra,
+        )
+    except ValidationError as exc:
+        raise InvalidSettingError(f"invalid generation setting: {exc.errors()[0]['msg']}") from None
+
+
+def _output_size(source_w, source_h, preset: Preset, width, height) -> tuple[int, int]:
+    if width and height:
+        return width + width % 2, height + height % 2
+    if width:
+        return width + width % 2, max(2, round(width * source_h / source_w / 2) * 2)
+    if height:
+        return max(2, round(height * source_w / source_h / 2) * 2), height + height % 2
+    return fit_size(source_w, source_h, preset.output_long_side, 2)

@@ -77,3 +77,47 @@ def moto_s3() -> Iterator[MotoS3]:
             yield moto
         finally:
             server.stop()
+
+
+# --- Tiny random-weight SD 1.5 + ControlNet (diffusion tests) -------------------------------
+
+# No hub is reachable; diffusers/transformers must never try one (read at import time).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class TinySD:
+    """The tiny SD + ControlNet diffusers directory and how long building it took."""
+
+    path: Path
+    build_seconds: float
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> TinySD:
+    """Tiny SD 1.5 + ControlNet built once per test session (deployments.tiny_models)."""
+    import time
+
+    from deployments.tiny_models import build_tiny_sd_controlnet
+
+    started = time.perf_counter()
+    path = build_tiny_sd_controlnet(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
+    return TinySD(path=path, build_seconds=time.perf_counter() - started)
+
+
+# --- A short real clip for pipeline tests ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def short_clip(sample_video, tmp_path_factory) -> Path:
+    """2 s of the real sample (25 fps, 640x360, with its audio): fast to run end to end."""
+    from deployments.video import DecodeSettings, EncodeSettings, decode_all, encode_mp4
+
+    frames = decode_all(sample_video, DecodeSettings(fps=25, width=640, max_frames=50))
+    path = tmp_path_factory.mktemp("clips") / "short.mp4"
+    encode_mp4(frames, path, EncodeSettings(fps=25, audio_from=str(sample_video)))
+    return path
+
+
+# Generation at 128 px, output at 256 px, 4 steps: every lever of the pipeline runs, in seconds.
+FAST_OVERRIDES = {"generation_long_side": 128, "output_long_side": 256, "steps": 4}

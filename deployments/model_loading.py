@@ -1,0 +1,290 @@
+"""Where diffusion weights come from, and loading them into diffusers modules.
+
+A `ModelSource` names one of:
+- a diffusers-format directory (``model_index.json``/``config.json`` plus subfolders),
+- a single-file checkpoint (``.safetensors``/``.ckpt``/...), loaded with diffusers'
+  ``from_single_file``; offline it needs ``config``, a diffusers-format directory holding the
+  component configs,
+- an ``s3://bucket/prefix`` (a folder of either of the above, or one checkpoint object),
+  downloaded once into a local cache directory and then read like a local path,
+- a hub id such as ``org/name``, passed through to ``from_pretrained`` for users who have a hub.
+
+The base model (UNet, VAE, text encoder, tokenizer, scheduler config) and the ControlNet are
+separate sources: one base model serves with different ControlNets, and ControlNets mostly ship
+as single files. The tiny test models go through this same code (`tiny_sd_controlnet_sources`).
+
+This module is Ray-free and never imports `serve`; S3 access uses boto3 directly, with an
+injectable client (tests pass one for a moto server).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SourceKind = Literal["directory", "single_file", "s3", "hub"]
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_DOWNLOAD_MARKER = ".motionserve-download.json"
+
+
+class ModelSource(BaseModel):
+    """One set of weights: a local directory or file, an s3:// URI, or a hub id."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str = Field(
+        min_length=1,
+        description="A diffusers directory, a single-file checkpoint (.safetensors/.ckpt/.pt/"
+        ".pth/.bin), an s3://bucket/prefix of either, or a hub id such as 'org/name'.",
+    )
+    subfolder: str | None = Field(
+        default=None,
+        description="Subfolder inside the source holding this model, e.g. 'controlnet' when a "
+        "ControlNet is saved beside a base model.",
+    )
+    config: str | None = Field(
+        default=None,
+        description="For a single-file checkpoint: a diffusers-format directory (or hub id) "
+        "with the component configs. Without it diffusers guesses the configs from the hub.",
+    )
+
+    def kind(self) -> SourceKind:
+        """How the source is read; raises FileNotFoundError for a local path that is missing."""
+        return classify_uri(self.uri)
+
+
+def classify_uri(uri: str) -> SourceKind:
+    """'s3', 'directory', 'single_file' or 'hub' for a source URI."""
+    if uri.startswith("s3://"):
+        return "s3"
+    path = Path(uri).expanduser()
+    if path.is_dir():
+        return "directory"
+    if path.is_file():
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            return "single_file"
+        raise ValueError(
+            f"{uri} is a file but not a checkpoint: expected one of "
+            + ", ".join(SINGLE_FILE_SUFFIXES)
+        )
+    looks_local = uri.startswith(("/", "./", "../", "~")) or uri.count("/") > 1
+    if looks_local or not _HUB_ID.match(uri):
+        raise FileNotFoundError(f"model source {uri} does not exist")
+    return "hub"
+
+
+# --- S3 -----------------------------------------------------------------------------------------
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """('bucket', 'prefix') of an s3://bucket/prefix URI; the prefix may be empty."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri}")
+    return bucket, prefix
+
+
+def _s3_objects(client: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
+    """The objects that make up the source: the one object named `prefix`, or a folder."""
+    paginator = client.get_paginator("list_objects_v2")
+    objects = []
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        objects.extend(page.get("Contents", []))
+    exact = [item for item in objects if item["Key"] == prefix]
+    if exact and prefix.lower().endswith(SINGLE_FILE_SUFFIXES):
+        return exact
+    folder = prefix.rstrip("/") + "/" if prefix else ""
+    return [item for item in objects if item["Key"].startswith(folder) and item["Key"] != folder]
+
+
+def download_s3_source(
+    uri: str,
+    cache_dir: str | Path,
+    *,
+    client: Any = None,
+    endpoint_url: str | None = None,
+) -> Path:
+    """Download an s3:// model source once into `cache_dir`; return its local path.
+
+    The first call lists and downloads the objects into a temp folder and renames it into
+    place, with a marker listing what was fetched; later calls (any process) find the marker and
+    make no S3 request at all. Weights under a prefix are treated as immutable: publish new
+    weights under a new prefix, or delete the cached folder.
+    """
+    bucket, prefix = parse_s3_uri(uri)
+    digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "_", prefix.strip("/").rsplit("/", 1)[-1]) or "root"
+    target = Path(cache_dir) / "s3" / f"{tail}-{digest}"
+    marker = target / _DOWNLOAD_MARKER
+    if marker.is_file():
+        return target / json.loads(marker.read_text())["root"]
+    if client is None:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint_url)
+    objects = _s3_objects(client, bucket, prefix)
+    if not objects:
+        raise FileNotFoundError(f"no objects under {uri}")
+    single_file = len(objects) == 1 and objects[0]["Key"] == prefix
+    root = Path(prefix).name if single_file else "model"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        for item in objects:
+            relative = root if single_file else item["Key"][len(prefix.rstrip("/")) + 1 :]
+            destination = staging / (relative if single_file else f"model/{relative}")
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, item["Key"], str(destination))
+        listing = [{"key": o["Key"], "size": o["Size"], "etag": o.get("ETag")} for o in objects]
+        (staging / _DOWNLOAD_MARKER).write_text(
+            json.dumps({"uri": uri, "root": root, "objects": listing}, indent=2)
+        )
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not marker.is_file():  # not another process finishing first: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target / root
+
+
+def resolve_source(
+    source: ModelSource,
+    cache_dir: str | Path,
+    *,
+    s3_client: Any = None,
+    s3_endpoint_url: str | None = None,
+) -> tuple[SourceKind, str]:
+    """(kind, location) ready for diffusers: s3 sources become local paths first."""
+    kind = source.kind()
+    if kind != "s3":
+        location = str(Path(source.uri).expanduser()) if kind != "hub" else source.uri
+        return kind, location
+    local = download_s3_source(
+        source.uri, cache_dir, client=s3_client, endpoint_url=s3_endpoint_url
+    )
+    return classify_uri(str(local)), str(local)
+
+
+# --- Loading ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SDComponents:
+    """The modules the diffusion loop runs on, on CPU in the dtype they were loaded with."""
+
+    unet: Any
+    controlnet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    load_seconds: float
+    base_kind: SourceKind
+    controlnet_kind: SourceKind
+
+
+def _join(subfolder: str | None, name: str) -> str:
+    return f"{subfolder.strip('/')}/{name}" if subfolder else name
+
+
+def _load_base_from_pretrained(location: str, subfolder: str | None, dtype: Any) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    # Any scheduler class reads scheduler_config.json as a plain dict; the engine builds its own.
+    scheduler_config = DDIMScheduler.load_config(location, subfolder=_join(subfolder, "scheduler"))
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(
+            location, subfolder=_join(subfolder, "unet"), dtype=dtype
+        ),
+        "vae": AutoencoderKL.from_pretrained(
+            location, subfolder=_join(subfolder, "vae"), dtype=dtype
+        ),
+        "text_encoder": CLIPTextModel.from_pretrained(
+            location, subfolder=_join(subfolder, "text_encoder"), dtype=dtype
+        ),
+        "tokenizer": CLIPTokenizer.from_pretrained(
+            location, subfolder=_join(subfolder, "tokenizer")
+        ),
+        "scheduler_config": dict(scheduler_config),
+    }
+
+
+def _load_base_from_single_file(location: str, config: str | None, dtype: Any) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    options: dict[str, Any] = {"dtype": dtype, "load_safety_checker": False}
+    if config is not None:
+        options["config"] = config
+    pipeline = StableDiffusionPipeline.from_single_file(location, **options)
+    return {
+        "unet": pipeline.unet,
+        "vae": pipeline.vae,
+        "text_encoder": pipeline.text_encoder,
+        "tokenizer": pipeline.tokenizer,
+        "scheduler_config": dict(pipeline.scheduler.config),
+    }
+
+
+def _load_controlnet(kind: SourceKind, location: str, source: ModelSource, dtype: Any) -> Any:
+    from diffusers import ControlNetModel
+
+    if kind == "single_file":
+        options: dict[str, Any] = {"dtype": dtype}
+        if source.config is not None:
+            options["config"] = source.config
+            if source.subfolder:
+                options["subfolder"] = source.subfolder
+        return ControlNetModel.from_single_file(location, **options)
+    return ControlNetModel.from_pretrained(location, subfolder=source.subfolder, dtype=dtype)
+
+
+def load_sd_components(
+    base: ModelSource,
+    controlnet: ModelSource,
+    *,
+    dtype: Any,
+    cache_dir: str | Path,
+    s3_client: Any = None,
+    s3_endpoint_url: str | None = None,
+) -> SDComponents:
+    """Load an SD 1.x base model and a ControlNet from their sources, on CPU in `dtype`."""
+    started = time.perf_counter()
+    s3 = {"s3_client": s3_client, "s3_endpoint_url": s3_endpoint_url}
+    base_kind, base_location = resolve_source(base, cache_dir, **s3)
+    if base_kind == "single_file":
+        modules = _load_base_from_single_file(base_location, base.config, dtype)
+    else:
+        modules = _load_base_from_pretrained(base_location, base.subfolder, dtype)
+    control_kind, control_location = resolve_source(controlnet, cache_dir, **s3)
+    modules["controlnet"] = _load_controlnet(control_kind, control_location, controlnet, dtype)
+    for name in ("unet", "vae", "text_encoder", "controlnet"):
+        modules[name].eval().requires_grad_(False)
+    return SDComponents(
+        **modules,
+        load_seconds=time.perf_counter() - started,
+        base_kind=base_kind,
+        controlnet_kind=control_kind,
+    )
+
+
+def tiny_sd_controlnet_sources(directory: str | Path) -> tuple[ModelSource, ModelSource]:
+    """(base, controlnet) sources of a directory built by `build_tiny_sd_controlnet`."""
+    directory = str(directory)
+    return ModelSource(uri=directory), ModelSource(uri=directory, subfolder="controlnet")

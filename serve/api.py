@@ -1,0 +1,285 @@
+"""HTTP API (FastAPI): routes and request/response schemas only; the work is in `JobService`.
+
+Every error is JSON ``{"error": {"code", "message"}}``. Another tenant's job answers 404, the
+same as a job that does not exist, so ids reveal nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.errors import InputError
+from serve.auth import Authenticator
+from serve.jobs import (
+    JobManifest,
+    JobNotFound,
+    JobRequest,
+    JobState,
+    Overloaded,
+    StageProgress,
+)
+
+API_VERSION = "v1"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+class JobAccepted(BaseModel):
+    job_id: str = Field(description="Id to poll with GET /v1/jobs/{job_id}.")
+    state: JobState = Field(description="queued, or done when served entirely from cache.")
+    status_url: str = Field(description="Where to poll.")
+    result_url: str = Field(description="Where the MP4 will be.")
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    state: JobState
+    created_at: str
+    updated_at: str
+    progress: dict[str, StageProgress] = Field(description="Per stage: units done of total.")
+    attempts: int = Field(description="1, plus one per resume after a restart.")
+    error: dict[str, str] | None = Field(default=None, description="code and message if failed.")
+    report: dict[str, Any] | None = Field(default=None, description="Cost report when done.")
+    result_url: str | None = Field(default=None, description="The MP4, when done.")
+    checkpointed_chunks: list[int] = Field(
+        default_factory=list, description="Chunks finished and stored (a resume skips them)."
+    )
+    ledger: list[dict[str, Any]] = Field(
+        default_factory=list, description="Cost records of the work done so far, per stage call."
+    )
+
+
+class EstimateRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    duration_s: float = Field(gt=0, le=3600, description="Input video duration in seconds.")
+    width: int = Field(gt=0, le=16384, description="Input video width.")
+    height: int = Field(gt=0, le=16384, description="Input video height.")
+    request: JobRequest = Field(description="The edit request to estimate.")
+
+
+def _status(manifest: JobManifest) -> JobStatus:
+    done = manifest.state == JobState.DONE
+    return JobStatus(
+        job_id=manifest.job_id,
+        state=manifest.state,
+        created_at=manifest.created_at,
+        updated_at=manifest.updated_at,
+        progress=manifest.progress,
+        attempts=manifest.attempts,
+        error=manifest.error.model_dump() if manifest.error else None,
+        report=manifest.report,
+        result_url=f"/{API_VERSION}/jobs/{manifest.job_id}/result" if done else None,
+        checkpointed_chunks=sorted(int(chunk) for chunk in manifest.checkpoints),
+        ledger=manifest.ledger,
+    )
+
+
+def _error_response(status: int, code: str, message: str, headers: dict | None = None):
+    body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return _error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_: Request, exc: Overloaded):
+        message = f"too many jobs in flight; retry in {exc.retry_after_s} s"
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        return _error_response(503, "overloaded", message, headers)
+
+    @app.exception_handler(InputError)
+    async def _input_error(_: Request, exc: InputError):
+        return _error_response(exc.http_status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        return _error_response(422, "invalid_request", _describe(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_response(exc.status_code, code, str(exc.detail))
+
+
+def _describe(errors: list[dict]) -> str:
+    parts = []
+    for error in errors[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+    return "; ".join(parts)
+
+
+def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
+    """The FastAPI app over a `JobService` (see serve/jobs.py).
+
+    `on_request`, if given, runs before every request (the ingress resumes unfinished jobs on
+    its first one).
+    """
+    app = FastAPI(
+        title="motionserve",
+        version=API_VERSION,
+        description="Edit the motion of a person in a video at the lowest GPU cost.",
+    )
+    _install_error_handlers(app)
+
+    if on_request is not None:
+
+        @app.middleware("http")
+        async def _before(request: Request, call_next):
+            on_request()
+            return await call_next(request)
+
+    def tenant_of(request: Request) -> str:
+        presented = request.headers.get("x-api-key")
+        bearer = request.headers.get("authorization", "")
+        if not presented and bearer.lower().startswith("bearer "):
+            presented = bearer[7:].strip()
+        tenant = auth.tenant_for(presented)
+        if tenant is None:
+            code = "missing_api_key" if not presented else "invalid_api_key"
+            raise ApiError(401, code, "send a valid API key in the X-API-Key header")
+        return tenant
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> Response:
+        ready, detail = await service.readiness()
+        body = {"status": "ready" if ready else "not_ready", **detail}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.post(f"/{API_VERSION}/jobs", status_code=202, response_model=JobAccepted, tags=["jobs"])
+    async def submit_job(request: Request) -> JobAccepted:
+        """Multipart (`video` file + `request` JSON field) or JSON with an `input` s3:// URI."""
+        tenant = tenant_of(request)
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            manifest = await _submit_upload(request, tenant)
+        elif content_type.startswith("application/json"):
+            manifest = await _submit_s3(request, tenant)
+        else:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "send multipart/form-data with a 'video' file, or JSON with an s3:// 'input'",
+            )
+        return JobAccepted(
+            job_id=manifest.job_id,
+            state=manifest.state,
+            status_url=f"/{API_VERSION}/jobs/{manifest.job_id}",
+            result_url=f"/{API_VERSION}/jobs/{manifest.job_id}/result",
+        )
+
+    async def _submit_upload(request: Request, tenant: str) -> JobManifest:
+        limit = service.limits.max_bytes
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > limit + 1024 * 1024:  # multipart overhead on top of the file
+            raise ApiError(413, "limit_exceeded", f"uploads are limited to {limit / 1e6:.0f} MB")
+        service.check_capacity()  # refuse before reading a large body we cannot take
+        form = await request.form(max_files=1, max_fields=4)
+        try:
+            video, spec = form.get("video"), form.get("request")
+            if not isinstance(video, UploadFile):
+                raise ApiError(422, "missing_video", "the multipart field 'video' is missing")
+            job_request = _parse_request(spec if isinstance(spec, str) else "{}")
+            with tempfile.TemporaryDirectory(prefix="motionserve-upload-") as scratch:
+                local = Path(scratch) / "input"
+                size = await _save_upload(video, local, limit)
+                if size == 0:
+                    raise ApiError(400, "empty_input", "the uploaded video is empty")
+                return await service.submit_file(tenant, job_request, local)
+        finally:
+            await form.close()
+
+    async def _submit_s3(request: Request, tenant: str) -> JobManifest:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("input"), str):
+            raise ApiError(422, "missing_input", "JSON requests need an 'input' s3:// URI")
+        uri = body.pop("input")
+        job_request = _parse_request(json.dumps(body))
+        return await service.submit_s3(tenant, job_request, uri)
+
+    @app.get(f"/{API_VERSION}/jobs/{{job_id}}", response_model=JobStatus, tags=["jobs"])
+    async def get_job(job_id: str, request: Request) -> JobStatus:
+        return _status(await _find(request, job_id))
+
+    @app.get(f"/{API_VERSION}/jobs/{{job_id}}/result", tags=["jobs"])
+    async def get_result(job_id: str, request: Request) -> Response:
+        manifest = await _find(request, job_id)
+        if manifest.state != JobState.DONE or not manifest.result_key:
+            raise ApiError(409, "not_ready", f"the job is {manifest.state}, not done")
+        stream = await service.open_result(manifest)
+        return StreamingResponse(
+            iter(lambda: stream.read(1 << 20), b""),
+            media_type="video/mp4",
+            headers={"Content-Disposition": f'attachment; filename="{job_id}.mp4"'},
+            background=_closer(stream),
+        )
+
+    @app.delete(f"/{API_VERSION}/jobs/{{job_id}}", response_model=JobStatus, tags=["jobs"])
+    async def cancel_job(job_id: str, request: Request) -> JobStatus:
+        manifest = await _find(request, job_id)
+        return _status(await service.cancel(manifest))
+
+    @app.post(f"/{API_VERSION}/estimate", tags=["jobs"])
+    async def estimate(body: EstimateRequest, request: Request) -> dict:
+        tenant_of(request)
+        return service.estimate(body.request, body.duration_s, body.width, body.height)
+
+    async def _find(request: Request, job_id: str) -> JobManifest:
+        tenant = tenant_of(request)
+        try:
+            return await service.get(tenant, job_id)
+        except JobNotFound:
+            raise ApiError(404, "job_not_found", f"no job {job_id}") from None
+
+    return app
+
+
+def _parse_request(text: str) -> JobRequest:
+    try:
+        return JobRequest.model_validate_json(text)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", _describe(exc.errors())) from None
+
+
+async def _save_upload(upload: UploadFile, dest: Path, limit: int) -> int:
+    size = 0
+    with dest.open("wb") as out:
+        while chunk := await upload.read(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(
+                    413, "limit_exceeded", f"uploads are limited to {limit / 1e6:.0f} MB"
+                )
+            out.write(chunk)
+    return size
+
+
+def _closer(stream):
+    from starlette.background import BackgroundTask
+
+    return BackgroundTask(stream.close)

@@ -1,0 +1,324 @@
+"""The Ray Serve application: `build_app(args)` wraps the Ray-free stages into deployments.
+
+One deployment per stage; placement (CPUs, GPU fraction, autoscaling, batch size) comes from the
+Serve config's `deployments` section per tier (serve/configs), on top of the defaults here. The
+ingress composes the stages through handles, passing `DeploymentResponse`s from one call into the
+next, so frames move replica to replica through Ray's object store and never through the ingress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments import diffusion, interpolate
+from serve import stages
+from serve.api import create_api
+from serve.auth import Authenticator
+from serve.config import AppArgs, Settings
+from serve.factory import engine_config, make_upscaler, stage_context
+from serve.jobs import JobService, JobStore
+from serve.orchestrator import Orchestrator
+from serve.pipeline import Plan
+from serve.planning import estimate, plan_for
+from serve.stages import Frames, StageContext, StageRecord
+
+logger = logging.getLogger("ray.serve")
+
+
+def assigned_gpu_fraction() -> float:
+    """The share of a GPU this replica was given (scales its GPU seconds in the ledger)."""
+    try:
+        return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)) or 1.0
+    except Exception:  # outside a Ray worker (tests calling the class directly)
+        return 1.0
+
+
+# ------------------------------------------------------------------------------- CPU stages
+
+
+class PoseServer:
+    """Decode + pose per job (frames never leave this replica: only poses are stored)."""
+
+    def __init__(self, args: AppArgs):
+        self.ctx = stage_context(args)
+
+    def extract(self, input_ref: str, keys, plan: Plan) -> StageRecord:
+        return stages.extract_pose(self.ctx, input_ref, keys, plan)
+
+
+class MotionServer:
+    """Motion editing per job and pose-map rendering per chunk."""
+
+    def __init__(self, args: AppArgs):
+        self.ctx = stage_context(args)
+
+    def edit(self, keys, plan: Plan) -> StageRecord:
+        return stages.edit_motion(self.ctx, keys, plan)
+
+    def render(self, keys, plan: Plan, chunk: int, span: tuple[int, int]) -> Frames:
+        return stages.render_maps(self.ctx, keys, plan, chunk, span)
+
+
+class UpscaleServer:
+    def __init__(self, args: AppArgs):
+        self.upscaler = make_upscaler(args)
+
+    def identity(self) -> dict[str, Any]:
+        self.upscaler.load()
+        return self.upscaler.cache_identity()
+
+    def run(self, generated: Frames, next_generated: Frames | None, plan: Plan, chunk: int):
+        size = (plan.output_width, plan.output_height)
+        return stages.upscale_chunk(self.upscaler, generated, next_generated, size, chunk)
+
+
+class InterpolateServer:
+    def run(self, upscaled: Frames, first: int, count: int, total: int, plan: Plan, chunk: int):
+        backend = interpolate.make_backend(plan.interpolation)
+        return stages.interpolate_chunk(backend, upscaled, first, count, total, plan, chunk)
+
+
+class VideoServer:
+    """Encodes chunk segments and joins them into the result (stream copy + audio)."""
+
+    def __init__(self, args: AppArgs):
+        self.ctx = stage_context(args)
+
+    def encode(self, frames: Frames, key: str, plan: Plan, chunk: int):
+        return stages.encode_segment(self.ctx, frames, key, plan, chunk, plan.cache)
+
+    def join(self, segment_keys, plan: Plan, result_key: str, audio: tuple[str, str] | None):
+        return stages.join_segments(self.ctx, segment_keys, plan, result_key, audio, plan.cache)
+
+
+# ------------------------------------------------------------------------------- diffusion
+
+
+class DiffusionServer:
+    """The GPU stage: keyed micro-batches, one engine per weights, unloaded when idle.
+
+    Callers send the batch key as the multiplexed model id; Ray Serve (>= 2.60) splits every
+    `@serve.batch` batch by that id, so a batch holds one key, and routes a key to replicas that
+    already serve it. Engines are cached by weights, not by key, so a new size or step count on
+    the same weights loads nothing.
+    """
+
+    def __init__(self, args: AppArgs):
+        self.args = args
+        self.ctx = stage_context(args)
+        self.engines: dict[str, diffusion.DiffusionEngine] = {}
+        self.idle_unload_s = 600.0
+        self.last_used = time.monotonic()
+        self.batches: list[dict[str, Any]] = []  # recent batches, for tests and metrics
+        self._reaper: asyncio.Task | None = None
+        self.gpu_fraction = assigned_gpu_fraction()
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Batch size, wait timeout and idle unload change at runtime (user_config)."""
+        self._batched.set_max_batch_size(int(config.get("max_batch_size", 4)))
+        self._batched.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.05)))
+        self.idle_unload_s = float(config.get("idle_unload_s", 600))
+
+    @serve.multiplexed(max_num_models_per_replica=32)
+    async def _key(self, batch_key: str) -> str:
+        # Registering the key gives the router its replica affinity; nothing heavy loads here.
+        return batch_key
+
+    async def generate(self, maps: Frames | None, fields: dict, key: str, plan: Plan) -> Frames:
+        """One chunk: from the cache when its frames exist, else through a keyed micro-batch.
+
+        `maps` is None when the orchestrator found the frames cached (no pose maps rendered).
+        """
+        self._start_reaper()
+        await self._key(serve.get_multiplexed_model_id())
+        upstream = maps.records if maps else []
+        if plan.cache:
+            chunk = fields["chunk_index"]
+            hit = await asyncio.to_thread(stages.cached_generation, self.ctx, key, chunk)
+            if hit is not None:
+                return Frames(hit.frames, upstream + hit.records)
+        stages.require_maps(maps, key)
+        request = stages.chunk_request(fields, maps, plan)
+        result = await self._batched(request)
+        if plan.cache:
+            await asyncio.to_thread(stages.store_generation, self.ctx, key, result.frames)
+        record = stages.generation_record(result, self.gpu_fraction)
+        return Frames(result.frames, upstream + [record])
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def _batched(self, requests: list[diffusion.ChunkRequest]) -> list:
+        keys = {r.settings.batch_key() for r in requests}
+        self.batches.append({"size": len(requests), "keys": sorted(keys), "at": time.time()})
+        del self.batches[:-256]
+        engine = self._engine(requests[0].settings.model_id)
+        self.last_used = time.monotonic()
+        try:
+            return await asyncio.to_thread(engine.generate, requests)
+        finally:
+            self.last_used = time.monotonic()
+
+    def _engine(self, model_id: str) -> diffusion.DiffusionEngine:
+        if model_id not in self.engines:
+            self.engines[model_id] = diffusion.DiffusionEngine(engine_config(self.args, model_id))
+        return self.engines[model_id]
+
+    def recent_batches(self) -> list[dict[str, Any]]:
+        return list(self.batches)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "loaded": {k: e.is_loaded for k, e in self.engines.items()},
+            "idle_s": time.monotonic() - self.last_used,
+            "idle_unload_s": self.idle_unload_s,
+            "gpu_fraction": self.gpu_fraction,
+        }
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._unload_when_idle())
+
+    async def _unload_when_idle(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.1, min(self.idle_unload_s / 4, 30.0)))
+            idle = time.monotonic() - self.last_used
+            if idle >= self.idle_unload_s and any(e.is_loaded for e in self.engines.values()):
+                for engine in self.engines.values():
+                    engine.unload()
+                gc.collect()
+                logger.info("diffusion: unloaded weights after %.0f s idle", idle)
+
+
+# ---------------------------------------------------------------------------------- ingress
+
+
+class ServeStages:
+    """`StageCalls` over deployment handles (see serve/orchestrator.py)."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle], ctx: StageContext):
+        self.h = handles
+        self.ctx = ctx
+
+    async def ready(self) -> bool:
+        return True
+
+    async def upscaler_identity(self) -> dict[str, Any]:
+        return await self.h["upscale"].identity.remote()
+
+    async def pose(self, input_ref, keys, plan) -> StageRecord:
+        return await self.h["pose"].extract.remote(input_ref, keys, plan)
+
+    async def motion(self, keys, plan) -> StageRecord:
+        return await self.h["motion"].edit.remote(keys, plan)
+
+    def render(self, keys, plan, chunk, span):
+        return self.h["motion"].render.remote(keys, plan, chunk, span)
+
+    def generate(self, maps, fields, key, plan):
+        handle = self.h["diffusion"].options(multiplexed_model_id=plan.generation.batch_key())
+        return handle.generate.remote(maps, fields, key, plan)
+
+    def upscale(self, generated, next_generated, plan, chunk):
+        return self.h["upscale"].run.remote(generated, next_generated, plan, chunk)
+
+    def interpolate(self, upscaled, first, count, total, plan, chunk):
+        return self.h["interpolate"].run.remote(upscaled, first, count, total, plan, chunk)
+
+    def encode(self, frames, key, plan, chunk):
+        return self.h["video"].encode.remote(frames, key, plan, chunk)
+
+    async def join(self, segment_keys, plan, result_key, audio) -> StageRecord:
+        return await self.h["video"].join.remote(segment_keys, plan, result_key, audio)
+
+    async def has_segment(self, key: str) -> bool:
+        return await asyncio.to_thread(self.ctx.cache.contains, key)
+
+    async def has_generation(self, key: str) -> bool:
+        return await asyncio.to_thread(self.ctx.cache.contains, key)
+
+
+class IngressServer:
+    """The HTTP API; runs jobs as asyncio tasks over the stage handles."""
+
+    def __init__(self, args: AppArgs, **handles: DeploymentHandle):
+        self.args = args
+        ctx = stage_context(args)
+        jobs = JobStore(ctx.store)
+        self.orchestrator = Orchestrator(
+            ServeStages(handles, ctx),
+            lambda m: jobs.result_key(m.tenant, m.job_id),
+            max_chunks_in_flight=args.max_chunks_in_flight,
+            tier=args.tier,
+        )
+        self.service = JobService(
+            jobs,
+            self.orchestrator,
+            limits=args.limits,
+            allowed_input_buckets=args.allowed_input_buckets,
+            max_active_jobs=args.max_active_jobs,
+            probe=lambda path, digest: stages.probe_input(ctx, path, digest),
+            plan_for=lambda request, info: plan_for(args, request, info),
+            estimate=lambda request, duration, w, h: estimate(args, request, duration, w, h),
+            fetch_s3=lambda uri, dest: ctx.fetch_input(uri, dest),
+        )
+        self.auth = Authenticator(args.api_keys + Settings().api_keys)
+        self._resumed = False
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.service, self.auth, on_request=self._resume_once)
+
+    async def check_health(self) -> None:
+        # Runs on the replica's event loop soon after start: resume jobs a previous app left.
+        self._resume_once()
+
+    def _resume_once(self) -> None:
+        if not self._resumed:
+            self._resumed = True
+            resumed = self.service.resume_unfinished()
+            if resumed:
+                logger.info("resuming %d unfinished job(s): %s", len(resumed), resumed)
+
+
+# ------------------------------------------------------------------------------------ build
+
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Pose": {"ray_actor_options": {"num_cpus": 1}},
+    "Motion": {"ray_actor_options": {"num_cpus": 0.5}},
+    "Upscale": {"ray_actor_options": {"num_cpus": 1}},
+    "Interpolate": {"ray_actor_options": {"num_cpus": 1}},
+    "Video": {"ray_actor_options": {"num_cpus": 1}},
+    "Diffusion": {
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": 1},
+        "max_ongoing_requests": 16,
+        "autoscaling_config": {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1},
+        "user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05, "idle_unload_s": 600},
+    },
+    "Ingress": {"ray_actor_options": {"num_cpus": 0.25}, "max_queued_requests": 64},
+}
+
+
+def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
+    """The application for `serve run` / `serve deploy` (import path `serve.app:build_app`)."""
+    args = AppArgs.model_validate(args)
+
+    def deployment(cls, name: str):
+        return serve.deployment(cls, name=name, **STAGE_DEFAULTS[name])
+
+    ingress = serve.deployment(serve.ingress()(IngressServer), name="Ingress",
+                               **STAGE_DEFAULTS["Ingress"])  # fmt: skip
+    return ingress.bind(
+        args,
+        pose=deployment(PoseServer, "Pose").bind(args),
+        motion=deployment(MotionServer, "Motion").bind(args),
+        diffusion=deployment(DiffusionServer, "Diffusion").bind(args),
+        upscale=deployment(UpscaleServer, "Upscale").bind(args),
+        interpolate=deployment(InterpolateServer, "Interpolate").bind(),
+        video=deployment(VideoServer, "Video").bind(args),
+    )

@@ -1,0 +1,93 @@
+"""HTTP client for a running motionserve (`motionserve submit`, `motionserve status`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from serve.jobs import JobRequest
+
+TERMINAL = {"done", "failed", "cancelled"}
+
+
+class ClientError(Exception):
+    """The server refused a request; `message` is its error message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class Client:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 120.0):
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+
+    def submit(self, video: Path, request: JobRequest) -> dict[str, Any]:
+        with video.open("rb") as handle:
+            files = {"video": (video.name, handle, "video/mp4")}
+            data = {"request": request.model_dump_json(exclude_none=True)}
+            return self._json(self.http.post("/v1/jobs", files=files, data=data))
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/jobs/{job_id}"))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._json(self.http.delete(f"/v1/jobs/{job_id}"))
+
+    def download(self, job_id: str, dest: Path) -> Path:
+        partial = dest.with_name(f".{dest.name}.partial")
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
+            if response.status_code != 200:
+                response.read()
+                self._json(response)
+            with partial.open("wb") as out:
+                for block in response.iter_bytes(1 << 20):
+                    out.write(block)
+        partial.replace(dest)
+        return dest
+
+    def wait(self, job_id: str, poll_s: float = 1.0, timeout_s: float = 3600, show=None) -> dict:
+        """Poll until the job ends; `show(status)` is called on every poll (progress bars)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status(job_id)
+            if show:
+                show(status)
+            if status["state"] in TERMINAL:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {status['state']} after {timeout_s} s")
+            time.sleep(poll_s)  # polling an HTTP API: there is no condition to wait on here
+
+    @staticmethod
+    def _json(response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except json.JSONDecodeError:
+            body = {}
+        if response.status_code >= 400:
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            raise ClientError(
+                response.status_code,
+                error.get("code", "http_error"),
+                error.get("message", response.text[:200]),
+            )
+        return body
+
+
+def progress_bars(status: dict[str, Any], stream=sys.stderr) -> None:
+    """One line per stage: a bar of done/total."""
+    parts = []
+    for stage, progress in status.get("progress", {}).items():
+        total, done = progress["total"] or 1, progress["done"]
+        filled = int(10 * done / total)
+        parts.append(f"{stage} [{'#' * filled}{'.' * (10 - filled)}] {done}/{progress['total']}")
+    print(f"\r{status['state']:9} " + "  ".join(parts), end="", file=stream, flush=True)
+    if status["state"] in TERMINAL:
+        print(file=stream)

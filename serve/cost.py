@@ -1,0 +1,496 @@
+"""Cost: work units, measured seconds per stage and device, prices, and plan-vs-naive reports.
+
+Work units come from the formula beside the diffusion loop (`deployments.diffusion`,
+pure Python: importing this module loads no torch). A job's report holds, for the plan that ran
+and for the naive plan on the same input (design section 3: every output frame generated at
+output size, 30 steps, fp32, ControlNet on every frame, batch 1, no cache, everything on the
+GPU): work units, seconds per stage and device, and dollars at spot and on-demand prices.
+
+The naive plan is never run. Its seconds are estimated from its predicted work units at the
+seconds-per-unit this job measured for diffusion (or a tier's reference rate when nothing was
+measured), and its other stages from this job's measured seconds scaled by frame count. That
+ignores the naive plan's fp32 and batch-1 slowdowns and the work this job's cache skipped, so
+naive figures are lower bounds and the reported savings are conservative.
+
+Prices are configuration (`PriceTable`, loadable from JSON/YAML); the defaults below note the
+source and date of each number and say which are estimates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from deployments.diffusion import (
+    SD15_MODEL_WEIGHTS,
+    GenerationSettings,
+    ModelWeights,
+    WorkUnits,
+    latent_area_weight,
+    predict_chunk_units,
+)
+
+SECONDS_PER_HOUR = 3600.0
+# Stages the naive plan does not have: it generates every output frame at output size.
+NAIVE_SKIPS = frozenset({"upscale", "interpolate"})
+
+DeviceKind = Literal["gpu", "cpu"]
+
+
+# --- Prices ---------------------------------------------------------------------------------------
+
+
+class HardwarePrice(BaseModel):
+    """Price of one GPU of a kind, per GPU-hour, with where the number comes from."""
+
+    gpu: str = Field(description="GPU model, e.g. 'NVIDIA L4'.")
+    vram_gb: int = Field(gt=0, description="GPU memory in GB.")
+    on_demand_gpu_hour: float = Field(gt=0, description="On-demand USD per GPU-hour.")
+    spot_gpu_hour: float = Field(gt=0, description="Spot/interruptible USD per GPU-hour.")
+    seconds_per_work_unit: float = Field(
+        gt=0,
+        description="Reference seconds per work unit (one SD 1.5 UNet evaluation at 512x512, "
+        "fp16), used only when a job measured no diffusion seconds (estimates, /v1/estimate).",
+    )
+    source: str = Field(description="Where the prices come from, and as of when.")
+    estimate: bool = Field(description="True when a price is an estimate, not a list price.")
+
+    @model_validator(mode="after")
+    def _spot_is_cheaper(self) -> HardwarePrice:
+        if self.spot_gpu_hour > self.on_demand_gpu_hour:
+            raise ValueError(f"{self.gpu}: spot price above on-demand price")
+        return self
+
+
+class PriceTable(BaseModel):
+    """GPU prices per hardware kind, vCPU prices, and which hardware each tier runs on."""
+
+    hardware: dict[str, HardwarePrice] = Field(description="Hardware kind -> GPU price.")
+    vcpu_on_demand_hour: float = Field(gt=0, description="On-demand USD per vCPU-hour.")
+    vcpu_spot_hour: float = Field(gt=0, description="Spot USD per vCPU-hour.")
+    vcpu_source: str = Field(description="Where the vCPU prices come from, and as of when.")
+    tiers: dict[str, str] = Field(description="Tier name -> hardware kind it runs on.")
+
+    @model_validator(mode="after")
+    def _tiers_known(self) -> PriceTable:
+        unknown = {t: h for t, h in self.tiers.items() if h not in self.hardware}
+        if unknown:
+            raise ValueError(f"tiers name unknown hardware: {unknown}")
+        if self.vcpu_spot_hour > self.vcpu_on_demand_hour:
+            raise ValueError("vCPU spot price above on-demand price")
+        return self
+
+    def for_tier(self, tier: str) -> tuple[str, HardwarePrice]:
+        """(hardware kind, price) of a tier; a hardware kind is accepted as a tier too."""
+        kind = self.tiers.get(tier, tier)
+        if kind not in self.hardware:
+            raise ValueError(f"unknown tier {tier!r}; known: {sorted(self.tiers)}")
+        return kind, self.hardware[kind]
+
+
+# GPU-hour prices are for the smallest single-GPU cloud instance of each GPU, which includes its
+# host vCPUs and memory. Spot prices float with demand; the values are typical, hence estimates.
+# seconds_per_work_unit: rough public SD 1.5 fp16 512x512 throughputs (it/s with CFG = 2 UNet
+# evaluations), all estimates; they only matter when a job measured nothing itself.
+DEFAULT_PRICES = PriceTable(
+    hardware={
+        "rtx3060": HardwarePrice(
+            gpu="NVIDIA GeForce RTX 3060 12GB",
+            vram_gb=12,
+            on_demand_gpu_hour=0.10,
+            spot_gpu_hour=0.06,
+            seconds_per_work_unit=0.065,
+            source="estimate, as of mid 2024: typical community-cloud listings (vast.ai, "
+            "RunPod community cloud); interruptible ~60% of on-demand",
+            estimate=True,
+        ),
+        "rtx3090": HardwarePrice(
+            gpu="NVIDIA GeForce RTX 3090 24GB",
+            vram_gb=24,
+            on_demand_gpu_hour=0.22,
+            spot_gpu_hour=0.12,
+            seconds_per_work_unit=0.03,
+            source="estimate, as of mid 2024: RunPod community cloud list price ~$0.22/h; "
+            "interruptible/vast.ai typical ~$0.12/h",
+            estimate=True,
+        ),
+        "t4": HardwarePrice(
+            gpu="NVIDIA T4 16GB",
+            vram_gb=16,
+            on_demand_gpu_hour=0.526,
+            spot_gpu_hour=0.21,
+            seconds_per_work_unit=0.11,
+            source="on-demand: AWS EC2 g4dn.xlarge us-east-1 list price, as of June 2024; "
+            "spot: estimate (typical us-east-1 spot, ~40% of on-demand)",
+            estimate=True,
+        ),
+        "a10g": HardwarePrice(
+            gpu="NVIDIA A10G 24GB",
+            vram_gb=24,
+            on_demand_gpu_hour=1.006,
+            spot_gpu_hour=0.40,
+            seconds_per_work_unit=0.045,
+            source="on-demand: AWS EC2 g5.xlarge us-east-1 list price, as of June 2024; "
+            "spot: estimate (typical us-east-1 spot, ~40% of on-demand)",
+            estimate=True,
+        ),
+        "l4": HardwarePrice(
+            gpu="NVIDIA L4 24GB",
+            vram_gb=24,
+            on_demand_gpu_hour=0.8048,
+            spot_gpu_hour=0.32,
+            seconds_per_work_unit=0.05,
+            source="on-demand: AWS EC2 g6.xlarge us-east-1 list price, as of June 2024; "
+            "spot: estimate (typical us-east-1 spot, ~40% of on-demand)",
+            estimate=True,
+        ),
+        "a100": HardwarePrice(
+            gpu="NVIDIA A100 40GB",
+            vram_gb=40,
+            on_demand_gpu_hour=3.673,
+            spot_gpu_hour=1.10,
+            seconds_per_work_unit=0.017,
+            source="on-demand: GCP a2-highgpu-1g us-central1 list price, as of June 2024; "
+            "spot: estimate (~30% of on-demand, typical GCP spot)",
+            estimate=True,
+        ),
+    },
+    vcpu_on_demand_hour=0.0425,
+    vcpu_spot_hour=0.016,
+    vcpu_source="on-demand: AWS EC2 c6i.large us-east-1 ($0.085/h for 2 vCPUs), as of June "
+    "2024; spot: estimate (~38% of on-demand)",
+    # Design section 6: dev RTX 3060, MVP 3090, scale A10/L4, burst spot. 'local' is priced
+    # as the dev card so local runs report comparable numbers.
+    tiers={"local": "rtx3060", "dev": "rtx3060", "mvp": "rtx3090", "scale": "l4", "burst": "a10g"},
+)
+
+
+class Dollars(BaseModel):
+    """An amount at spot and at on-demand prices."""
+
+    spot: float = Field(default=0.0, description="USD at spot/interruptible prices.")
+    on_demand: float = Field(default=0.0, description="USD at on-demand prices.")
+
+    def __add__(self, other: Dollars) -> Dollars:
+        return Dollars(spot=self.spot + other.spot, on_demand=self.on_demand + other.on_demand)
+
+
+def gpu_dollars(gpu_seconds: float, price: HardwarePrice, gpu_fraction: float = 1.0) -> Dollars:
+    """Dollars for `gpu_seconds` on a replica holding `gpu_fraction` of one GPU."""
+    if not 0.0 < gpu_fraction <= 1.0:
+        raise ValueError(f"gpu_fraction must be in (0, 1], got {gpu_fraction}")
+    hours = gpu_seconds * gpu_fraction / SECONDS_PER_HOUR
+    return Dollars(spot=hours * price.spot_gpu_hour, on_demand=hours * price.on_demand_gpu_hour)
+
+
+def cpu_dollars(cpu_seconds: float, table: PriceTable = DEFAULT_PRICES) -> Dollars:
+    """Dollars for `cpu_seconds` of CPU time (vCPU-seconds)."""
+    hours = cpu_seconds / SECONDS_PER_HOUR
+    return Dollars(spot=hours * table.vcpu_spot_hour, on_demand=hours * table.vcpu_on_demand_hour)
+
+
+# --- Work-unit predictions ------------------------------------------------------------------------
+
+
+def predict_generation_units(
+    settings: GenerationSettings,
+    frames: int,
+    chunk_frames: int,
+    weights: ModelWeights = SD15_MODEL_WEIGHTS,
+) -> WorkUnits:
+    """Work units of generating `frames` frames in chunks of `chunk_frames` (keyframes are per
+    chunk: each chunk's last frame is one)."""
+    total = WorkUnits()
+    for start in range(0, frames, chunk_frames):
+        total = total + predict_chunk_units(settings, min(chunk_frames, frames - start), weights)
+    return total
+
+
+def naive_frame_count(frames: int, generation_fps: float, output_fps: float) -> int:
+    """Frames the naive plan generates: every output frame."""
+    return math.ceil(frames * output_fps / generation_fps - 1e-9)
+
+
+def naive_settings(settings: GenerationSettings, output_width: int, output_height: int,
+                   output_fps: float) -> GenerationSettings:  # fmt: skip
+    """The naive plan's generation settings for the same input and output."""
+    return settings.model_copy(
+        update={
+            "width": max(64, output_width - output_width % 8),
+            "height": max(64, output_height - output_height % 8),
+            "fps": output_fps,
+            "steps": 30,
+            "precision": "fp32",
+            "controlnet_every": 1,
+        }
+    )
+
+
+def weights_from_units(units: WorkUnits, width: int, height: int) -> ModelWeights | None:
+    """The model weights that produced measured units (None when they hold no evaluations)."""
+    area = latent_area_weight(width, height)
+    if units.controlnet_evals == 0 or units.vae_decodes == 0:
+        return None
+    return ModelWeights(
+        controlnet_weight=units.controlnet_units / (units.controlnet_evals * area),
+        vae_weight=units.vae_units / (units.vae_decodes * area),
+    )
+
+
+# --- Reports --------------------------------------------------------------------------------------
+
+
+class StageCost(BaseModel):
+    """Seconds and dollars of one stage (summed over its calls) on one device kind."""
+
+    stage: str = Field(description="Stage name.")
+    device: DeviceKind = Field(description="gpu or cpu: which price applies.")
+    calls: int = Field(default=0, description="Calls summed here.")
+    cache_hits: int = Field(default=0, description="Calls served from the cache.")
+    seconds: float = Field(
+        default=0.0,
+        description="Billed seconds: GPU seconds x the replica's GPU fraction, or CPU seconds.",
+    )
+    wall_seconds: float = Field(default=0.0, description="Wall-clock seconds of the calls.")
+    load_seconds: float = Field(default=0.0, description="Model load seconds (cold starts).")
+    dollars: Dollars = Field(default_factory=Dollars, description="Cost of `seconds`.")
+
+
+class CostSide(BaseModel):
+    """One side of the comparison: the plan that ran, or the naive baseline."""
+
+    generated_frames: int = Field(description="Frames the diffusion model generates.")
+    work_units: WorkUnits = Field(description="Diffusion work units (counted for the plan).")
+    predicted_work_units: WorkUnits = Field(
+        description="Work units the formula predicts for the whole job, cache ignored."
+    )
+    stages: list[StageCost] = Field(description="Seconds and dollars per stage and device.")
+    gpu_seconds: float = Field(description="Billed GPU seconds (fraction-scaled).")
+    cpu_seconds: float = Field(description="Billed CPU seconds.")
+    dollars: Dollars = Field(description="Total cost.")
+    estimated: bool = Field(description="True when seconds are estimated, not measured.")
+
+
+class CostReport(BaseModel):
+    """A job's cost: the plan that ran against the naive plan for the same input."""
+
+    tier: str = Field(description="Tier whose prices apply.")
+    hardware: str = Field(description="Hardware kind of the tier (price table key).")
+    price_source: str = Field(description="Source of the GPU price used.")
+    attempts: int = Field(default=1, description="Attempts the job took (retries, resumes).")
+    plan: CostSide = Field(description="What ran.")
+    naive: CostSide = Field(description="The naive baseline (estimated, never run).")
+    ratios: dict[str, float] = Field(
+        description="naive / plan for work units, billed seconds and dollars (higher = saved)."
+    )
+    notes: list[str] = Field(default_factory=list, description="Assumptions behind the numbers.")
+
+
+def _record_device(record: Any) -> DeviceKind:
+    return "gpu" if str(getattr(record, "device", "cpu")).startswith("cuda") else "cpu"
+
+
+def _record_seconds(record: Any) -> float:
+    return record.gpu_s if _record_device(record) == "gpu" else record.cpu_s
+
+
+def _stage_costs(
+    records: Iterable[Any], price: HardwarePrice, table: PriceTable
+) -> list[StageCost]:
+    """Sum records by (stage, device) and price them; gpu_s in records is fraction-scaled."""
+    by_key: dict[tuple[str, DeviceKind], StageCost] = {}
+    for record in records:
+        device = _record_device(record)
+        cost = by_key.setdefault(
+            (record.stage, device), StageCost(stage=record.stage, device=device)
+        )
+        cost.calls += 1
+        cost.cache_hits += int(bool(getattr(record, "cache_hit", False)))
+        cost.seconds += _record_seconds(record)
+        cost.wall_seconds += record.wall_s
+        cost.load_seconds += getattr(record, "load_s", 0.0)
+    for cost in by_key.values():
+        cost.dollars = (
+            gpu_dollars(cost.seconds, price)
+            if cost.device == "gpu"
+            else cpu_dollars(cost.seconds, table)
+        )
+    return list(by_key.values())
+
+
+def _side(frames: int, units: WorkUnits, predicted: WorkUnits, stages: list[StageCost],
+          estimated: bool) -> CostSide:  # fmt: skip
+    return CostSide(
+        generated_frames=frames,
+        work_units=units,
+        predicted_work_units=predicted,
+        stages=stages,
+        gpu_seconds=sum(s.seconds for s in stages if s.device == "gpu"),
+        cpu_seconds=sum(s.seconds for s in stages if s.device == "cpu"),
+        dollars=sum((s.dollars for s in stages), Dollars()),
+        estimated=estimated,
+    )
+
+
+def _measured_units(records: Sequence[Any]) -> WorkUnits:
+    total = WorkUnits()
+    for record in records:
+        if record.stage == "diffusion" and getattr(record, "work_units", None):
+            total = total + WorkUnits.model_validate(record.work_units)
+    return total
+
+
+def _ratio(naive: float, plan: float) -> float:
+    return naive / plan if plan > 0 else math.inf if naive > 0 else 1.0
+
+
+def build_report(
+    plan: Any,
+    records: Sequence[Any],
+    *,
+    frames: int,
+    tier: str = "local",
+    attempts: int = 1,
+    prices: PriceTable = DEFAULT_PRICES,
+    weights: ModelWeights | None = None,
+) -> CostReport:
+    """The cost report of a finished job.
+
+    `plan` is a `serve.pipeline.Plan` (its `generation`, `chunk_frames`, `output_*`), `records`
+    the job's stage records (`serve.stages.StageRecord`: stage, device, gpu_s, cpu_s, wall_s,
+    load_s, cache_hit, work_units) and `frames` the number of generated frames.
+    """
+    hardware, price = prices.for_tier(tier)
+    settings: GenerationSettings = plan.generation
+    measured = _measured_units(records)
+    weights = weights or weights_from_units(measured, settings.width, settings.height)
+    weights = weights or SD15_MODEL_WEIGHTS
+    plan_stages = _stage_costs(records, price, prices)
+    predicted = predict_generation_units(settings, frames, plan.chunk_frames, weights)
+    plan_side = _side(frames, measured, predicted, plan_stages, estimated=False)
+
+    naive_gen = naive_settings(settings, plan.output_width, plan.output_height, plan.output_fps)
+    naive_frames = naive_frame_count(frames, settings.fps, plan.output_fps)
+    naive_units = predict_generation_units(naive_gen, naive_frames, naive_frames, weights)
+    naive_stages = _naive_stages(
+        plan_stages, measured, naive_units, frames, naive_frames, price, prices
+    )
+    naive_side = _side(naive_frames, naive_units, naive_units, naive_stages, estimated=True)
+    return CostReport(
+        tier=tier,
+        hardware=hardware,
+        price_source=price.source,
+        attempts=attempts,
+        plan=plan_side,
+        naive=naive_side,
+        ratios={
+            "work_units": _ratio(naive_units.total, predicted.total),
+            "billed_seconds": _ratio(
+                naive_side.gpu_seconds + naive_side.cpu_seconds,
+                plan_side.gpu_seconds + plan_side.cpu_seconds,
+            ),
+            "dollars_spot": _ratio(naive_side.dollars.spot, plan_side.dollars.spot),
+            "dollars_on_demand": _ratio(naive_side.dollars.on_demand, plan_side.dollars.on_demand),
+        },
+        notes=[
+            "naive = every output frame generated at output size, 30 steps, fp32, ControlNet "
+            "on every frame, batch 1, no cache, every stage on the job's accelerator",
+            "naive seconds are lower bounds: measured seconds per work unit (fp32 and batch-1 "
+            "slowdowns and cache savings not added)",
+            f"GPU price: {price.source}",
+            f"vCPU price: {prices.vcpu_source}",
+        ],
+    )
+
+
+def _naive_stages(
+    plan_stages: list[StageCost],
+    measured: WorkUnits,
+    naive_units: WorkUnits,
+    frames: int,
+    naive_frames: int,
+    price: HardwarePrice,
+    table: PriceTable,
+) -> list[StageCost]:
+    """The naive plan's stages, estimated from this job's measurements.
+
+    Diffusion: naive units x this job's measured seconds per unit (the tier's reference rate
+    when all of diffusion came from the cache). Other stages: this job's seconds x frame ratio,
+    except upscale and interpolation, which the naive plan does not need. All on the device that
+    ran this job's diffusion (a GPU, or the CPU in local runs).
+    """
+    diffusion = [s for s in plan_stages if s.stage == "diffusion"]
+    device: DeviceKind = "gpu" if any(s.device == "gpu" for s in diffusion) else "cpu"
+    measured_seconds = sum(s.seconds for s in diffusion)
+    if measured.total > 0 and measured_seconds > 0:
+        per_unit = measured_seconds / measured.total
+    else:
+        device, per_unit = "gpu", price.seconds_per_work_unit
+    scale = naive_frames / frames if frames else 1.0
+    seconds = {"diffusion": naive_units.total * per_unit}
+    for stage in plan_stages:
+        if stage.stage not in NAIVE_SKIPS and stage.stage != "diffusion":
+            seconds[stage.stage] = seconds.get(stage.stage, 0.0) + stage.seconds * scale
+    stages = []
+    for name, value in seconds.items():
+        dollars = gpu_dollars(value, price) if device == "gpu" else cpu_dollars(value, table)
+        stages.append(StageCost(stage=name, device=device, calls=0, seconds=value, dollars=dollars))
+    return stages
+
+
+class EstimateSide(BaseModel):
+    """Predicted diffusion cost of one side of an estimate."""
+
+    generated_frames: int = Field(description="Frames the diffusion model generates.")
+    work_units: float = Field(description="Predicted diffusion work units.")
+    gpu_seconds: float = Field(description="Work units x the tier's reference seconds per unit.")
+    dollars: Dollars = Field(description="Cost of those GPU seconds.")
+
+
+class CostEstimate(BaseModel):
+    """A plan's diffusion cost before it runs, against its naive baseline (/v1/estimate)."""
+
+    tier: str = Field(description="Tier whose prices and reference speed apply.")
+    plan: EstimateSide = Field(description="The plan.")
+    naive: EstimateSide = Field(description="The naive baseline for the same input.")
+    ratio: float = Field(description="naive / plan work units.")
+    notes: list[str] = Field(default_factory=list, description="Assumptions.")
+
+
+def estimate_plan(
+    plan: Any,
+    frames: int,
+    *,
+    tier: str = "local",
+    prices: PriceTable = DEFAULT_PRICES,
+    weights: ModelWeights = SD15_MODEL_WEIGHTS,
+    gpu_fraction: float = 1.0,
+) -> CostEstimate:
+    """Predicted diffusion units, GPU seconds and dollars of a plan before it runs, and of its
+    naive baseline, at the tier's reference seconds per work unit."""
+    _, price = prices.for_tier(tier)
+    settings = plan.generation
+    units = predict_generation_units(settings, frames, plan.chunk_frames, weights)
+    naive_gen = naive_settings(settings, plan.output_width, plan.output_height, plan.output_fps)
+    naive_frames = naive_frame_count(frames, settings.fps, plan.output_fps)
+    naive_units = predict_generation_units(naive_gen, naive_frames, naive_frames, weights)
+
+    def side(count: int, work: WorkUnits, fraction: float) -> EstimateSide:
+        seconds = work.total * price.seconds_per_work_unit
+        return EstimateSide(
+            generated_frames=count,
+            work_units=work.total,
+            gpu_seconds=seconds,
+            dollars=gpu_dollars(seconds, price, fraction),
+        )
+
+    return CostEstimate(
+        tier=tier,
+        plan=side(frames, units, gpu_fraction),
+        naive=side(naive_frames, naive_units, 1.0),
+        ratio=_ratio(naive_units.total, units.total),
+        notes=[f"reference speed and GPU price: {price.source} (estimates)"],
+    )

@@ -1,0 +1,89 @@
+"""Builds the stage objects an app needs from its `AppArgs` (Ray-free).
+
+Shared by the Serve deployments (serve/app.py) and the in-process path (`motionserve edit`), so
+both load the same models from the same places.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+from pathlib import Path
+
+from deployments import diffusion, model_loading, tiny_models, upscale
+from serve.cache import ArtifactCache
+from serve.config import AppArgs, Settings
+from serve.stages import StageContext
+from serve.storage import open_store, parse_s3_uri
+
+
+def stage_context(args: AppArgs) -> StageContext:
+    settings = Settings()
+    uri = args.storage_uri or settings.resolved_storage_uri()
+    endpoint = args.s3_endpoint_url or settings.s3_endpoint_url
+    store = open_store(uri, s3_endpoint_url=endpoint, region=settings.s3_region)
+    return StageContext(ArtifactCache(store), args.limits, s3_endpoint_url=endpoint)
+
+
+def ensure_tiny_models(cache_dir: Path) -> Path:
+    """Build the tiny random-weight SD + ControlNet once per machine (replicas share it)."""
+    target = cache_dir / "tiny-models" / "sd15-controlnet"
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one replica builds, the others wait and reuse it
+        if not (target / "model_index.json").exists():
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            tiny_models.build_tiny_sd_controlnet(partial)
+            partial.rename(target)
+    return target
+
+
+def engine_config(args: AppArgs, model_id: str) -> diffusion.EngineConfig:
+    settings = Settings()
+    if args.base_model == "tiny":
+        base, control = model_loading.tiny_sd_controlnet_sources(
+            ensure_tiny_models(settings.cache_dir)
+        )
+    else:
+        base = model_loading.ModelSource(uri=args.base_model)
+        control = model_loading.ModelSource(uri=args.controlnet_model)
+    return diffusion.EngineConfig(
+        model_id=model_id,
+        base=base,
+        controlnet=control,
+        cache_dir=settings.cache_dir / "models",
+        s3_endpoint_url=args.s3_endpoint_url or settings.s3_endpoint_url,
+    )
+
+
+def upscale_settings(args: AppArgs) -> upscale.UpscaleSettings:
+    from serve.weights import resolve_upscaler_model
+
+    if args.upscaler_model == "lanczos":
+        return upscale.UpscaleSettings(weights=None)
+    if args.upscaler_model.startswith("s3://"):
+        return upscale.UpscaleSettings(weights=args.upscaler_model)
+    path = resolve_upscaler_model(args.upscaler_model, Settings().cache_dir)
+    return upscale.UpscaleSettings(weights=str(path))
+
+
+def s3_fetch(args: AppArgs):
+    """A weights fetcher for s3:// URIs (the upscaler's `fetch`)."""
+    endpoint = args.s3_endpoint_url or Settings().s3_endpoint_url
+
+    def fetch(uri: str, dest: Path) -> None:
+        bucket, key = parse_s3_uri(uri)
+        open_store(f"s3://{bucket}", s3_endpoint_url=endpoint).get_file(key, dest)
+
+    return fetch
+
+
+def make_upscaler(args: AppArgs) -> upscale.Upscaler:
+    return upscale.Upscaler(upscale_settings(args), fetch=s3_fetch(args))
+
+
+def make_engine(args: AppArgs) -> diffusion.DiffusionEngine:
+    return diffusion.DiffusionEngine(engine_config(args, args.base_model))

@@ -1,0 +1,385 @@
+"""What each stage does for one call, with content-addressed caching and cost records.
+
+These functions are Ray-free: the Serve deployments (serve/app.py) call them on their replicas
+and the in-process runner calls them directly, so both paths compute the same keys and report the
+same costs. Every result carries the `StageRecord`s of the work behind it, so a chunk's records
+travel with its frames from stage to stage and reach the job's ledger without extra calls.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from deployments import diffusion, interpolate, motion, pose, upscale, video
+from serve.cache import ArtifactCache, content_key
+from serve.storage import ObjectStore, open_store, parse_s3_uri
+
+SEGMENT_CODE_VERSION = "segment-1"
+RENDER_CODE_VERSION = "render-1"
+
+
+class StageRecord(BaseModel):
+    """What one stage call cost. A cache hit costs (almost) nothing and says so."""
+
+    stage: str = Field(description="pose, motion, render, diffusion, upscale, interpolate, ...")
+    chunk: int | None = Field(default=None, description="Chunk index; None for whole-job stages.")
+    cache_hit: bool = Field(default=False, description="Served from the artifact cache.")
+    wall_s: float = Field(default=0.0, description="Wall-clock seconds of the call.")
+    cpu_s: float = Field(default=0.0, description="CPU seconds of the replica process.")
+    device: str = Field(default="cpu", description="Where the work ran: cpu or cuda:N.")
+    gpu_s: float = Field(default=0.0, description="Accelerator compute seconds (0 on CPU).")
+    load_s: float = Field(default=0.0, description="Model load seconds paid by this call.")
+    frames: int = Field(default=0, description="Frames produced.")
+    work_units: dict[str, float] | None = Field(
+        default=None, description="Diffusion work units (diffusion only)."
+    )
+    notes: list[str] = Field(default_factory=list, description="E.g. precision overrides.")
+    attempt: int = Field(default=0, description="Job attempt that did the work (0: not set).")
+
+
+@dataclass
+class Frames:
+    """Frames on their way through a chunk's stages, with the records of the work behind them."""
+
+    frames: np.ndarray
+    records: list[StageRecord] = field(default_factory=list)
+    guides: np.ndarray | None = None  # the same frames at generation size (interpolation)
+
+
+@contextmanager
+def measured(record: StageRecord) -> Iterator[StageRecord]:
+    """Fill `record.wall_s` and `record.cpu_s` with what the block took."""
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    try:
+        yield record
+    finally:
+        record.wall_s += time.perf_counter() - wall0
+        record.cpu_s += time.process_time() - cpu0
+
+
+@dataclass
+class StageContext:
+    """What stages share on a replica: the artifact cache, the store and input limits."""
+
+    cache: ArtifactCache
+    limits: video.InputLimits
+    s3_endpoint_url: str | None = None
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.cache.store
+
+    def fetch_input(self, ref: str, dest: Path) -> Path:
+        """A local file holding a job's input: a store key or an s3:// URI (already checked
+        against the allowed buckets) is copied to `dest`; an absolute local path, which only
+        the in-process CLI passes (store keys never start with '/'), is used as it is."""
+        if Path(ref).is_absolute():
+            return Path(ref)
+        if ref.startswith("s3://"):
+            bucket, key = parse_s3_uri(ref)
+            open_store(f"s3://{bucket}", s3_endpoint_url=self.s3_endpoint_url).get_file(key, dest)
+        else:
+            self.store.get_file(ref, dest)
+        return dest
+
+
+# ------------------------------------------------------------------------------- keys
+
+
+class JobKeys(BaseModel):
+    """The content keys of a job's whole-video stages, computed before any work."""
+
+    source: str = Field(description="sha256 of the input bytes.")
+    decode: str
+    pose: str
+    motion: str
+
+
+def job_keys(source_sha256: str, plan) -> JobKeys:
+    decode = content_key("decode", video.VIDEO_CODE_VERSION, plan.decode, [source_sha256])
+    poses = content_key("pose", pose.POSE_CODE_VERSION, plan.pose, [decode])
+    editor = motion.MotionEditor(plan.styles)
+    edited = content_key("motion", motion.MOTION_CODE_VERSION, editor.settings_key(), [poses])
+    return JobKeys(source=source_sha256, decode=decode, pose=poses, motion=edited)
+
+
+def generation_key(keys: JobKeys, plan, span: tuple[int, int], request: dict) -> str:
+    """Key of one chunk's generated frames: its poses, the diffusion settings and the prompt."""
+    settings = {"generation": plan.generation, "request": request, "frames": list(span)}
+    return content_key("diffusion", diffusion.DIFFUSION_CODE_VERSION, settings, [keys.motion])
+
+
+def segment_key(plan, generated: str, next_generated: str | None, upscaler_identity: dict) -> str:
+    """Key of one chunk's finished segment (it also depends on the next chunk's first frame)."""
+    settings = {
+        "interpolation": plan.interpolation,
+        "upscaler": upscaler_identity,
+        "output": [plan.output_width, plan.output_height, plan.output_fps, plan.output_crf],
+        "generation_fps": plan.generation.fps,
+    }
+    inputs = [generated] + ([next_generated] if next_generated else [])
+    return content_key("segment", SEGMENT_CODE_VERSION, settings, inputs)
+
+
+# ------------------------------------------------------------------------- whole-video stages
+
+
+def probe_input(ctx: StageContext, path: Path, source_sha256: str) -> video.VideoInfo:
+    """Probe an input once per content: a repeat of the same bytes reads no frame at all
+    (the limits are still enforced on the remembered facts)."""
+    key = content_key("probe", video.VIDEO_CODE_VERSION, None, [source_sha256])
+    data = ctx.cache.get(key)
+    if data is not None:
+        info = video.VideoInfo.model_validate_json(data)
+        video.check_limits(info, ctx.limits)
+        return info
+    info = video.probe(path, ctx.limits)
+    ctx.cache.put(key, info.model_dump_json().encode(), {"stage": "probe"})
+    return info
+
+
+def extract_pose(ctx: StageContext, input_ref: str, keys: JobKeys, plan) -> StageRecord:
+    """Decode at the generation rate and size and extract the pose (cached under keys.pose)."""
+    record = StageRecord(stage="pose")
+    with measured(record):
+        meta = ctx.cache.get_meta(keys.pose) if plan.cache else None
+        if meta is not None:
+            record.cache_hit, record.frames = True, int(meta.get("frames", 0))
+            return record
+        with tempfile.TemporaryDirectory(prefix="motionserve-pose-") as scratch:
+            local = ctx.fetch_input(input_ref, Path(scratch) / "input")
+            sequence = _decode_and_extract(local, ctx.limits, plan)
+        record.frames = len(sequence)
+        ctx.cache.put(keys.pose, sequence.to_bytes(), {"stage": "pose", "frames": len(sequence)})
+    return record
+
+
+def _decode_and_extract(path: Path, limits: video.InputLimits, plan) -> pose.PoseSequence:
+    info = video.probe(path, limits)
+    parts = []
+    with pose.PoseExtractor(plan.pose) as extractor:
+        for chunk in video.decode_chunks(path, plan.decode, limits, info):
+            parts.append(extractor.extract(chunk.frames, plan.decode.fps))
+    return pose.PoseSequence.concatenate(parts)
+
+
+def edit_motion(ctx: StageContext, keys: JobKeys, plan) -> StageRecord:
+    """Apply the motion styles to the cached poses (cached under keys.motion)."""
+    record = StageRecord(stage="motion")
+    with measured(record):
+        meta = ctx.cache.get_meta(keys.motion) if plan.cache else None
+        if meta is not None:
+            record.cache_hit, record.frames = True, int(meta.get("frames", 0))
+            return record
+        sequence = pose.PoseSequence.from_bytes(_require(ctx.cache, keys.pose))
+        edited = motion.MotionEditor(plan.styles).edit(sequence)
+        record.frames = len(edited)
+        ctx.cache.put(keys.motion, edited.to_bytes(), {"stage": "motion", "frames": len(edited)})
+    return record
+
+
+def load_edited_poses(ctx: StageContext, keys: JobKeys) -> pose.PoseSequence:
+    return pose.PoseSequence.from_bytes(_require(ctx.cache, keys.motion))
+
+
+def _require(cache: ArtifactCache, key: str) -> bytes:
+    data = cache.get(key)
+    if data is None:
+        raise RuntimeError(f"artifact {key} is missing from the cache (was it evicted?)")
+    return data
+
+
+# ------------------------------------------------------------------------------ chunk stages
+
+
+def render_maps(ctx: StageContext, keys: JobKeys, plan, chunk: int, span: tuple[int, int]):
+    """The chunk's pose maps at generation size, for ControlNet."""
+    record = StageRecord(stage="render", chunk=chunk)
+    with measured(record):
+        edited = load_edited_poses(ctx, keys)
+        g = plan.generation
+        maps = motion.render_pose_maps(edited, g.width, g.height, frames=slice(*span))
+        record.frames = len(maps)
+    return Frames(maps, [record])
+
+
+def cached_generation(ctx: StageContext, key: str, chunk: int) -> Frames | None:
+    data = ctx.cache.get(key)
+    if data is None:
+        return None
+    frames = np.load(io.BytesIO(data))["frames"]
+    return Frames(frames, [StageRecord(stage="diffusion", chunk=chunk, cache_hit=True)])
+
+
+def store_generation(ctx: StageContext, key: str, frames: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, frames=frames)  # PNG-level compression gains little on noisy frames
+    ctx.cache.put(key, buffer.getvalue(), {"stage": "diffusion", "frames": len(frames)})
+
+
+def require_maps(maps: Frames | None, key: str) -> None:
+    """Pose maps are skipped only for chunks found in the cache; if the artifact vanished
+    in between (evicted), the chunk must be run again by the orchestrator."""
+    if maps is None:
+        raise RuntimeError(f"generated frames {key} left the cache before they were read")
+
+
+def chunk_request(fields: dict, maps: Frames, plan) -> diffusion.ChunkRequest:
+    """The diffusion request for a chunk, once its pose maps exist (where the call runs)."""
+    return diffusion.ChunkRequest(**fields, control_images=maps.frames, settings=plan.generation)
+
+
+def generation_record(result: diffusion.ChunkResult, gpu_fraction: float) -> StageRecord:
+    """A diffusion result as a cost record; GPU seconds are scaled by the replica's share."""
+    on_gpu = result.device.startswith("cuda")
+    return StageRecord(
+        stage="diffusion",
+        chunk=result.chunk_index,
+        wall_s=result.wall_seconds,
+        cpu_s=0.0 if on_gpu else result.device_seconds,
+        device=result.device,
+        gpu_s=result.device_seconds * gpu_fraction if on_gpu else 0.0,
+        load_s=result.load_seconds,
+        frames=len(result.frames),
+        work_units={**result.work_units.model_dump(), "total": result.work_units.total},
+        notes=result.notes + [f"batch of {result.batch_requests} chunk(s)"],
+    )
+
+
+def upscale_chunk(
+    upscaler: upscale.Upscaler,
+    generated: Frames,
+    next_generated: Frames | None,
+    out_size: tuple[int, int],
+    chunk: int,
+) -> Frames:
+    """Upscale the chunk's frames plus the next chunk's first (interpolation needs it)."""
+    record = StageRecord(stage="upscale", chunk=chunk)
+    small = generated.frames
+    if next_generated is not None:
+        small = np.concatenate([small, next_generated.frames[:1]])
+    with measured(record):
+        large = upscaler.upscale(small, out_size)
+        record.frames = len(large)
+        record.device = upscaler.describe().get("device", "cpu")
+    return Frames(large, generated.records + [record], guides=small)
+
+
+def interpolation_positions(
+    first: int, count: int, total: int, in_fps: float, out_fps: float, pad_tail: bool
+) -> list[tuple[int, float]]:
+    """(source index, t) of the output frames that fall in source frames [first, first+count)."""
+    positions = interpolate.output_positions(total, in_fps, out_fps, pad_tail)
+    return [(i, float(t)) for i, t in positions if first <= i < first + count]
+
+
+def interpolate_chunk(
+    backend: interpolate.InterpolationBackend,
+    upscaled: Frames,
+    first: int,
+    count: int,
+    total: int,
+    plan,
+    chunk: int,
+) -> Frames:
+    """Output-rate frames for the chunk's time span; motion measured at generation size."""
+    record = StageRecord(stage="interpolate", chunk=chunk)
+    with measured(record):
+        frames = list(_interpolate_span(backend, upscaled, first, count, total, plan))
+        record.frames = len(frames)
+    return Frames(np.stack(frames), upscaled.records + [record])
+
+
+def _interpolate_span(backend, upscaled: Frames, first, count, total, plan):
+    positions = interpolation_positions(
+        first, count, total, plan.generation.fps, plan.output_fps, plan.interpolation.pad_tail
+    )
+    large, small = upscaled.frames, upscaled.guides
+    run: list[float] = []  # times between the same pair, interpolated together (one flow)
+    run_pair = -1
+    for index, t in positions + [(-1, 0.0)]:  # the sentinel flushes the last run
+        local = index - first
+        if run and (t == 0 or local != run_pair):
+            yield from backend.interpolate_with_flow_from(
+                small[run_pair], small[run_pair + 1], large[run_pair], large[run_pair + 1], run
+            )
+            run = []
+        if index < 0:
+            break
+        if t == 0:
+            yield large[local]  # on a generated frame (or holding the last): bit-exact
+        else:
+            run.append(t)
+            run_pair = local
+
+
+def encode_segment(
+    ctx: StageContext, frames: Frames, key: str, plan, chunk: int, store: bool
+) -> tuple[str, list[StageRecord]]:
+    """Encode the chunk's output frames as an H.264 segment under its content key."""
+    record = StageRecord(stage="encode", chunk=chunk)
+    with measured(record), tempfile.TemporaryDirectory(prefix="motionserve-seg-") as scratch:
+        path = Path(scratch) / "segment.mp4"
+        record.frames = video.encode_mp4(frames.frames, path, plan.output_encoding())
+        meta = {"stage": "segment", "frames": record.frames, "chunk": chunk}
+        if store:
+            ctx.cache.put_file(key, path, meta)
+        else:  # the naive path keeps nothing reusable, but the job still needs its segment
+            ctx.store.put_file(f"scratch/{key}/segment.mp4", path)
+    return key, frames.records + [record]
+
+
+def segment_path(ctx: StageContext, key: str, dest: Path, cached: bool) -> Path:
+    if cached:
+        found = ctx.cache.get_file(key, dest)
+        if found is None:
+            raise RuntimeError(f"segment {key} is missing from the cache")
+        return found
+    return ctx.store.get_file(f"scratch/{key}/segment.mp4", dest)
+
+
+def result_content_key(segment_keys: list[str], audio_sha256: str | None, plan) -> str:
+    """Key of a joined result: its segments in order and the audio source, if any."""
+    inputs = list(segment_keys) + ([audio_sha256] if audio_sha256 else [])
+    return content_key("result", SEGMENT_CODE_VERSION, {"fps": plan.output_fps}, inputs)
+
+
+def join_segments(
+    ctx: StageContext,
+    segment_keys: list[str],
+    plan,
+    result_key: str,
+    audio: tuple[str, str] | None,
+    cached: bool,
+) -> StageRecord:
+    """Stream-copy the segments into the result MP4 in the store, with the audio of
+    `audio` = (input ref, its sha256); a repeat copies the cached result instead."""
+    record = StageRecord(stage="join")
+    ckey = result_content_key(segment_keys, audio[1] if audio else None, plan)
+    with measured(record), tempfile.TemporaryDirectory(prefix="motionserve-join-") as scratch:
+        folder = Path(scratch)
+        out = folder / "result.mp4"
+        if cached and ctx.cache.get_file(ckey, out) is not None:
+            record.cache_hit = True
+        else:
+            paths = [
+                segment_path(ctx, key, folder / f"{i:05d}.mp4", cached)
+                for i, key in enumerate(segment_keys)
+            ]
+            source = ctx.fetch_input(audio[0], folder / "audio-source") if audio else None
+            record.frames = video.concat_mp4(
+                paths, out, plan.output_fps, str(source) if source else None
+            )
+            if cached:
+                ctx.cache.put_file(ckey, out, {"stage": "result", "frames": record.frames})
+        ctx.store.put_file(result_key, out, content_type="video/mp4")
+    return record

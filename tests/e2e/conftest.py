@@ -1,0 +1,102 @@
+"""A real `motionserve serve` (local Ray cluster, Serve app, HTTP on loopback) for e2e tests.
+
+The server keeps its artifacts and job manifests in S3, served by the moto server of
+tests/conftest.py, so these tests also exercise the S3 backend through the whole app.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from serve.auth import hash_api_key
+
+REPO = Path(__file__).parents[2]
+KEYS = {"acme": "acme-secret-key", "globex": "globex-secret-key"}
+START_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """One `motionserve serve` process; `restart` kills it (and its Ray) and starts it again."""
+
+    config: Path
+    url: str
+    log: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serve.cli", "serve", "--config", str(self.config)],
+            cwd=REPO,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited ({self.process.returncode}); see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)  # waiting for a process to come up: poll its readiness endpoint
+        raise TimeoutError(f"server not ready after {START_TIMEOUT_S} s; see {self.log}")
+
+    def kill(self) -> None:
+        """Kill the app abruptly (as a lost node would), then clear its local Ray."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        ray = Path(sys.executable).with_name("ray")
+        subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+
+    def client(self, tenant: str = "acme", **kwargs) -> httpx.Client:
+        headers = {"X-API-Key": KEYS[tenant]} if tenant else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def server(moto_s3, tmp_path_factory) -> Server:
+    folder = tmp_path_factory.mktemp("server")
+    config = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args.update(
+        storage_uri=f"s3://{moto_s3.bucket}/e2e-{uuid.uuid4().hex[:8]}",
+        s3_endpoint_url=moto_s3.endpoint_url,
+        api_keys=[{"tenant": t, "key_sha256": hash_api_key(k)} for t, k in KEYS.items()],
+        allowed_input_buckets=[moto_s3.bucket],
+        max_active_jobs=3,
+    )
+    path = folder / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    instance = Server(path, f"http://127.0.0.1:{port}", folder / "server.log")
+    instance.start()
+    yield instance
+    instance.kill()

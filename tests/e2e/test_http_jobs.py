@@ -1,0 +1,195 @@
+"""HTTP against a real `motionserve serve`: jobs, cache, tenants, bad input, S3, restarts."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import FAST_OVERRIDES
+
+TERMINAL = {"done", "failed", "cancelled"}
+
+
+def job_request(seed: int = 5, **overrides) -> str:
+    return json.dumps(
+        {
+            "prompt": "a robot dancing",
+            "styles": ["smooth", "exaggerate=1.2"],
+            "preset": "draft",
+            "seed": seed,
+            "overrides": {**FAST_OVERRIDES, **overrides},
+        }
+    )
+
+
+def submit(client: httpx.Client, video, seed: int = 5, **overrides) -> httpx.Response:
+    with open(video, "rb") as handle:
+        return client.post(
+            "/v1/jobs",
+            files={"video": ("clip.mp4", handle, "video/mp4")},
+            data={"request": job_request(seed, **overrides)},
+        )
+
+
+def wait(client: httpx.Client, job_id: str, until=lambda s: s["state"] in TERMINAL, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(f"/v1/jobs/{job_id}").json()
+        if until(status):
+            return status
+        time.sleep(0.25)  # polling the HTTP API is how a client waits; no event to block on
+    raise TimeoutError(f"job {job_id}: {status}")
+
+
+def ffprobe(path) -> dict:
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-show_format",
+         "-of", "json", str(path)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def test_edit_over_http_then_repeat_from_cache(server, short_clip, tmp_path):
+    with server.client() as client:
+        accepted = submit(client, short_clip)
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["job_id"]
+        status = wait(client, job_id)
+        assert status["state"] == "done", status
+        result = client.get(f"/v1/jobs/{job_id}/result")
+        assert result.status_code == 200 and result.headers["content-type"] == "video/mp4"
+        out = tmp_path / "result.mp4"
+        out.write_bytes(result.content)
+
+        info = ffprobe(out)
+        video = next(s for s in info["streams"] if s["codec_type"] == "video")
+        assert (video["width"], video["height"], video["r_frame_rate"]) == (256, 144, "25/1")
+        assert int(video["nb_read_frames"]) == 50
+        assert float(info["format"]["duration"]) == pytest.approx(2.0, abs=0.05)
+        report = status["report"]
+        assert report["plan"]["work_units"]["unet_evals"] == 24 * 4 * 2
+        assert {r["stage"] for r in status["ledger"]} >= {"pose", "diffusion", "encode", "join"}
+
+        again = wait(client, submit(client, short_clip).json()["job_id"])
+        assert again["state"] == "done"
+        plan = again["report"]["plan"]
+        assert plan["gpu_seconds"] == 0 and plan["work_units"]["unet_evals"] == 0
+        assert plan["work_units"]["controlnet_evals"] == 0
+        assert not any(r["stage"] == "diffusion" for r in again["ledger"])
+        repeat = client.get(f"/v1/jobs/{again['job_id']}/result").content
+        assert repeat == out.read_bytes()
+
+
+def test_tenants_are_isolated(server, short_clip):
+    with server.client("acme") as acme, server.client("globex") as globex:
+        job_id = submit(acme, short_clip).json()["job_id"]
+        for method, path in [
+            ("GET", f"/v1/jobs/{job_id}"),
+            ("GET", f"/v1/jobs/{job_id}/result"),
+            ("DELETE", f"/v1/jobs/{job_id}"),
+        ]:
+            response = globex.request(method, path)
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json()["error"]["code"] == "job_not_found"
+        assert wait(acme, job_id)["state"] == "done"
+    with server.client(tenant=None) as anonymous:
+        assert anonymous.get(f"/v1/jobs/{job_id}").status_code == 401
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": "guess"}) as wrong:
+        response = wrong.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize(
+    "content,status,code",
+    [
+        (b"", 400, "empty_input"),
+        (b"definitely not a video " * 200, 415, "not_a_video"),
+        (b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 4000, 422, "corrupt_video"),
+    ],
+)
+def test_bad_upload_is_refused_and_the_server_keeps_serving(
+    server, short_clip, tmp_path, content, status, code
+):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(content)
+    with server.client() as client:
+        response = submit(client, bad)
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["code"] == code
+        good = submit(client, short_clip, seed=11)
+        assert good.status_code == 202
+        assert wait(client, good.json()["job_id"])["state"] == "done"
+
+
+def test_invalid_requests_get_clear_errors(server, short_clip):
+    with server.client() as client, open(short_clip, "rb") as handle:
+        response = client.post(
+            "/v1/jobs",
+            files={"video": ("c.mp4", handle, "video/mp4")},
+            data={"request": json.dumps({"prompt": "x", "styles": ["moonwalk"]})},
+        )
+        assert response.status_code == 422 and "exaggerate" in response.json()["error"]["message"]
+        response = client.post("/v1/jobs", content=b"raw", headers={"content-type": "video/mp4"})
+        assert response.status_code == 415
+        assert client.get("/v1/jobs/" + "0" * 32).status_code == 404
+
+
+def test_s3_input_from_an_allowed_bucket_only(server, short_clip, moto_s3):
+    moto_s3.client().upload_file(str(short_clip), moto_s3.bucket, "inputs/short.mp4")
+    body = json.loads(job_request(seed=21))
+    with server.client() as client:
+        response = client.post(
+            "/v1/jobs", json={**body, "input": f"s3://{moto_s3.bucket}/inputs/short.mp4"}
+        )
+        assert response.status_code == 202, response.text
+        assert wait(client, response.json()["job_id"])["state"] == "done"
+        response = client.post("/v1/jobs", json={**body, "input": "s3://someone-else/v.mp4"})
+        assert response.status_code == 403
+        response = client.post("/v1/jobs", json={**body, "input": "https://example.com/v.mp4"})
+        assert response.status_code == 403
+
+
+def test_burst_beyond_the_limit_gets_503_and_loses_nothing(server, short_clip):
+    def post(seed: int) -> httpx.Response:
+        with server.client() as client:
+            return submit(client, short_clip, seed=100 + seed)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(post, range(8)))
+    accepted = [r for r in responses if r.status_code == 202]
+    refused = [r for r in responses if r.status_code == 503]
+    assert len(accepted) + len(refused) == 8, [r.text for r in responses]
+    assert refused, "8 jobs at once on a limit of 3 must be refused in part"
+    assert all(int(r.headers["retry-after"]) > 0 for r in refused)
+    with server.client() as client:
+        for response in accepted:
+            assert wait(client, response.json()["job_id"])["state"] == "done"
+
+
+def test_restart_mid_job_resumes_without_recomputing(server, short_clip):
+    with server.client() as client:
+        # Many small chunks and more steps: long enough to be caught mid-way.
+        job_id = submit(client, short_clip, seed=77, chunk_frames=2, steps=12).json()["job_id"]
+        before = wait(client, job_id, until=lambda s: len(s["checkpointed_chunks"]) >= 2
+                      or s["state"] in TERMINAL)  # fmt: skip
+    assert before["state"] == "running", "the job finished before it could be interrupted"
+    server.kill()
+    server.start()
+    with server.client() as client:
+        status = wait(client, job_id)
+    assert status["state"] == "done" and status["attempts"] == 2
+    checkpointed = set(before["checkpointed_chunks"])
+    redone = {
+        r["chunk"] for r in status["ledger"]
+        if r["attempt"] == 2 and r["chunk"] in checkpointed and not r["cache_hit"]
+    }  # fmt: skip
+    assert not redone, f"checkpointed chunks {sorted(redone)} were computed again"
+    first = {r["chunk"] for r in status["ledger"] if r["attempt"] == 1 and r["chunk"] is not None}
+    assert checkpointed <= first  # their cost is still in the ledger and the report
+    assert status["report"]["attempts"] == 2

@@ -1,0 +1,657 @@
+"""Diffusion stage: tiny models, loader, the denoising loop, keyframe ControlNet, work units.
+
+All on CPU fp32 with the tiny random-weight SD 1.5 + ControlNet (`tiny_sd` fixture), 64x64
+frames and a few steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deployments import diffusion as d
+from deployments.errors import InvalidSettingError
+from deployments.model_loading import (
+    ModelSource,
+    classify_uri,
+    download_s3_source,
+    load_sd_components,
+    tiny_sd_controlnet_sources,
+)
+from deployments.tiny_models import build_tiny_sd_controlnet
+
+SIDE = 64
+# With controlnet_every=1 the loop computes what diffusers' pipeline computes, in the same
+# order: on CPU fp32 we observe bit-identical images. The tolerance only allows for BLAS
+# builds that round differently: max abs difference in [0, 1] image space.
+PIPELINE_TOLERANCE = 1e-5
+# Batched vs alone, or in smaller forwards: the same maths on other tensor batch sizes, where CPU
+# kernels may round differently and random weights amplify it over the steps (we see up to
+# ~2e-4). 1e-3 is a quarter of one 8-bit level.
+BATCH_TOLERANCE = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # The tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's
+    # spinning threads can slow a forward down 50x.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_sd, tmp_path_factory) -> d.DiffusionEngine:
+    base, controlnet = tiny_sd_controlnet_sources(tiny_sd.path)
+    config = d.EngineConfig(
+        model_id="tiny",
+        base=base,
+        controlnet=controlnet,
+        device="cpu",
+        cache_dir=tmp_path_factory.mktemp("model-cache"),
+    )
+    engine = d.DiffusionEngine(config)
+    engine.load()
+    return engine
+
+
+def settings(**overrides) -> d.GenerationSettings:
+    fields = dict(
+        model_id="tiny",
+        width=SIDE,
+        height=SIDE,
+        steps=4,
+        scheduler="dpmpp_2m",
+        precision="fp32",
+        guidance_scale=5.0,
+        controlnet_every=1,
+    )
+    return d.GenerationSettings(**{**fields, **overrides})
+
+
+def pose_maps(frames: int, seed: int = 0, side: int = SIDE, speed: float = 2.0) -> np.ndarray:
+    """Blobs moving `speed` pixels a frame, so neighbouring frames' control images differ."""
+    yy, xx = np.mgrid[0:side, 0:side]
+    rng = np.random.default_rng(seed)
+    colors = rng.integers(64, 256, size=(3, 3))
+    images = np.zeros((frames, side, side, 3), dtype=np.uint8)
+    for frame in range(frames):
+        for blob, color in enumerate(colors):
+            cx = (side * (0.25 + 0.25 * blob) + speed * frame) % side
+            cy = side * 0.5 + 4.0 * np.sin(frame / 2 + blob)
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 < (side / 8) ** 2
+            images[frame][mask] = color
+    return images
+
+
+def request(frames: int = 5, **overrides) -> d.ChunkRequest:
+    fields = dict(
+        job_id="job",
+        chunk_index=0,
+        prompt="a person dancing",
+        negative_prompt="blurry",
+        seed=7,
+        control_images=pose_maps(frames),
+        settings=settings(),
+    )
+    return d.ChunkRequest(**{**fields, **overrides})
+
+
+class ForwardCounter:
+    """Counts the samples (rows) that really go through a module's forward."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.rows = 0
+        self.calls = 0
+        self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.rows += sample.shape[0]
+        self.calls += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# --- tiny models ------------------------------------------------------------------------------
+
+
+def test_tiny_models_are_small_fast_and_deterministic(tiny_sd, tmp_path):
+    size = sum(p.stat().st_size for p in tiny_sd.path.rglob("*") if p.is_file())
+    print(f"tiny SD + ControlNet: {size / 1e6:.1f} MB, built in {tiny_sd.build_seconds:.1f} s")
+    assert size < 20e6
+    assert tiny_sd.build_seconds < 30
+    for name in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (tiny_sd.path / name).exists(), name
+    for name in ("vocab.json", "merges.txt"):
+        assert (tiny_sd.path / "tokenizer" / name).is_file()
+    again = build_tiny_sd_controlnet(tmp_path / "again", seed=0)
+    assert _tree_digest(again) == _tree_digest(tiny_sd.path)
+
+
+def test_tiny_models_load_in_diffusers_pipeline_with_sd_shapes(tiny_sd):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_sd.path)
+    assert isinstance(pipe.controlnet, ControlNetModel)
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 4
+    assert pipe.vae_scale_factor == 8
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.tokenizer.model_max_length == 77
+    ids = pipe.tokenizer("the dancing").input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id
+    assert len(ids) < 2 + len("the dancing")  # byte-level BPE merged some bytes
+    controlnet_out = [
+        p.abs().sum().item() for p in pipe.controlnet.controlnet_mid_block.parameters()
+    ]
+    assert sum(controlnet_out) > 0  # not the zero-initialised (vacuous) ControlNet
+
+
+# --- loader -----------------------------------------------------------------------------------
+
+
+def test_classify_uri(tiny_sd, tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    assert classify_uri(str(tiny_sd.path)) == "directory"
+    assert classify_uri(str(checkpoint)) == "single_file"
+    assert classify_uri("s3://bucket/models/sd15") == "s3"
+    assert classify_uri("runwayml/stable-diffusion-v1-5") == "hub"
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        classify_uri(str(tmp_path / "notes.txt"))
+    with pytest.raises(FileNotFoundError):
+        classify_uri(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError):
+        classify_uri("./models/sd15")
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    left, right = _state(a), _state(b)
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_loader_reads_tiny_models_like_diffusers(tiny_sd, tmp_path):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    base, controlnet = tiny_sd_controlnet_sources(tiny_sd.path)
+    loaded = load_sd_components(base, controlnet, dtype=torch.float32, cache_dir=tmp_path)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_sd.path)
+    assert (loaded.base_kind, loaded.controlnet_kind) == ("directory", "directory")
+    for name in ("unet", "vae", "text_encoder", "controlnet"):
+        assert _same_weights(getattr(loaded, name), getattr(pipe, name)), name
+    assert loaded.scheduler_config["beta_schedule"] == "scaled_linear"
+
+
+def test_single_file_controlnet_loads_the_same_weights(tiny_sd, tmp_path):
+    from safetensors.torch import save_file
+
+    base, directory_source = tiny_sd_controlnet_sources(tiny_sd.path)
+    reference = load_sd_components(base, directory_source, dtype=torch.float32, cache_dir=tmp_path)
+    checkpoint = tmp_path / "control_openpose.safetensors"
+    save_file(_state(reference.controlnet), str(checkpoint))
+    single = ModelSource(uri=str(checkpoint), config=str(tiny_sd.path), subfolder="controlnet")
+    loaded = load_sd_components(base, single, dtype=torch.float32, cache_dir=tmp_path)
+    assert loaded.controlnet_kind == "single_file"
+    assert _same_weights(loaded.controlnet, reference.controlnet)
+
+
+def test_single_file_base_model_goes_through_from_single_file(tiny_sd, tmp_path, monkeypatch):
+    import diffusers
+
+    reference = diffusers.StableDiffusionControlNetPipeline.from_pretrained(tiny_sd.path)
+    calls = []
+
+    def fake_from_single_file(path, **options):
+        calls.append((path, options))
+        return reference
+
+    monkeypatch.setattr(
+        diffusers.StableDiffusionPipeline, "from_single_file", staticmethod(fake_from_single_file)
+    )
+    checkpoint = tmp_path / "sd15.ckpt"
+    checkpoint.write_bytes(b"not read by the fake")
+    base = ModelSource(uri=str(checkpoint), config=str(tiny_sd.path))
+    _, controlnet = tiny_sd_controlnet_sources(tiny_sd.path)
+    loaded = load_sd_components(base, controlnet, dtype=torch.float32, cache_dir=tmp_path)
+    assert loaded.base_kind == "single_file"
+    assert calls == [
+        (
+            str(checkpoint),
+            {"dtype": torch.float32, "load_safety_checker": False, "config": str(tiny_sd.path)},
+        )
+    ]
+    assert loaded.unet is reference.unet
+
+
+def _upload_tree(client, bucket: str, root: Path, prefix: str) -> None:
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")
+
+
+def test_s3_source_is_downloaded_once(tiny_sd, moto_s3, tmp_path):
+    client = moto_s3.client()
+    prefix = f"models/{os.urandom(4).hex()}/tiny-sd"
+    _upload_tree(client, moto_s3.bucket, tiny_sd.path, prefix)
+    requests: list[str] = []
+    client.meta.events.register("before-call.s3.*", lambda model, **_: requests.append(model.name))
+    uri = f"s3://{moto_s3.bucket}/{prefix}"
+    cache = tmp_path / "cache"
+
+    first = download_s3_source(uri, cache, client=client)
+    downloads = requests.count("GetObject")
+    assert downloads >= 10 and "ListObjectsV2" in requests
+    assert _tree_digest(first) == _tree_digest(tiny_sd.path)
+    mtimes = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
+
+    requests.clear()
+    base = ModelSource(uri=uri)
+    controlnet = ModelSource(uri=uri, subfolder="controlnet")
+    loaded = load_sd_components(
+        base, controlnet, dtype=torch.float32, cache_dir=cache, s3_client=client
+    )
+    assert requests == []  # the second load makes no S3 request at all
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == mtimes
+    assert (loaded.base_kind, loaded.controlnet_kind) == ("directory", "directory")
+
+    with pytest.raises(FileNotFoundError, match="no objects"):
+        download_s3_source(f"s3://{moto_s3.bucket}/models/absent", cache, client=client)
+
+
+def test_s3_single_checkpoint_object(tiny_sd, moto_s3, tmp_path):
+    client = moto_s3.client()
+    key = f"models/{os.urandom(4).hex()}/control.safetensors"
+    weights = tiny_sd.path / "controlnet" / "diffusion_pytorch_model.safetensors"
+    client.upload_file(str(weights), moto_s3.bucket, key)
+    local = download_s3_source(f"s3://{moto_s3.bucket}/{key}", tmp_path, client=client)
+    assert local.name == "control.safetensors"
+    assert local.read_bytes() == weights.read_bytes()
+    assert classify_uri(str(local)) == "single_file"
+
+
+# --- equivalence with diffusers' pipeline ------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "unipc", "euler_a", "lcm"])
+def test_every_frame_controlnet_matches_diffusers_pipeline(engine, tiny_sd, scheduler):
+    from diffusers import StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    chunk = request(
+        frames=3,
+        noise_sharing=0.6,
+        settings=settings(scheduler=scheduler, control_guidance_end=0.75),
+    )
+    ours = engine.generate([chunk], frames_dtype="float32")[0]
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_sd.path)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = d.build_scheduler(scheduler, pipe.scheduler.config)
+    theirs = pipe(
+        [chunk.prompt] * chunk.frames,
+        image=[Image.fromarray(image) for image in chunk.control_images],
+        negative_prompt=[chunk.negative_prompt] * chunk.frames,
+        num_inference_steps=chunk.settings.steps,
+        guidance_scale=chunk.settings.guidance_scale,
+        control_guidance_end=0.75,
+        height=SIDE,
+        width=SIDE,
+        latents=d.initial_latents(chunk),
+        generator=d.step_generators(chunk),
+        output_type="np",
+    ).images
+    difference = float(np.abs(theirs - ours.frames).max())
+    print(f"{scheduler}: max abs difference to diffusers' pipeline {difference:.2e}")
+    assert theirs.shape == ours.frames.shape == (3, SIDE, SIDE, 3)
+    assert difference <= PIPELINE_TOLERANCE
+    assert ours.frames.std() > 0.01  # a real image, not a constant
+
+
+# --- keyframe ControlNet ---------------------------------------------------------------------
+
+
+def test_keyframe_indices_and_blend():
+    assert d.keyframe_indices(10, 4) == [0, 4, 8, 9]
+    assert d.keyframe_indices(9, 4) == [0, 4, 8]
+    assert d.keyframe_indices(1, 4) == [0]
+    assert d.keyframe_indices(5, 1) == [0, 1, 2, 3, 4]
+    blend = d.keyframe_blend(6, 4)  # keyframes 0, 4, 5
+    assert blend[0] == (0, 0, 0.0) and blend[4] == (1, 1, 0.0) and blend[5] == (2, 2, 0.0)
+    assert blend[1] == (0, 1, 0.25) and blend[3] == (0, 1, 0.75)
+
+
+def test_keyframe_controlnet_counts_and_stays_close(engine):
+    frames, steps = 10, 4
+    moving = pose_maps(frames, speed=7.0)  # fast motion: interpolation visibly approximates
+    every_frame = engine.generate(
+        [request(frames, control_images=moving, settings=settings(steps=steps))]
+    )[0]
+    control_counter = ForwardCounter(engine._modules.controlnet)
+    unet_counter = ForwardCounter(engine._modules.unet)
+    try:
+        chunk = request(
+            frames, control_images=moving, settings=settings(steps=steps, controlnet_every=4)
+        )
+        keyed = engine.generate([chunk])[0]
+    finally:
+        control_counter.remove()
+        unet_counter.remove()
+    keyframes = len(d.keyframe_indices(frames, 4))  # 0, 4, 8 and the last frame, 9
+    assert keyframes == 4
+    assert control_counter.rows == keyframes * steps * 2 == keyed.work_units.controlnet_evals
+    assert unet_counter.rows == frames * steps * 2 == keyed.work_units.unet_evals
+    assert keyed.work_units == d.predict_chunk_units(chunk.settings, frames, engine.model_weights)
+    assert every_frame.work_units.controlnet_evals == frames * steps * 2
+    difference = np.abs(keyed.frames.astype(int) - every_frame.frames.astype(int))
+    print(f"every=4 vs every=1: mean abs diff {difference.mean():.2f}/255, max {difference.max()}")
+    assert difference.mean() > 0.1  # interpolated residuals do change in-between frames
+    assert difference.mean() < 4  # ... but only a little (sanity)
+
+
+def test_residuals_at_keyframes_equal_direct_evaluation(engine):
+    chunk = request(5, settings=settings(steps=1, controlnet_every=4))  # keyframes 0 and 4
+    seen = {}
+
+    def capture_controlnet(module, args, kwargs, output):
+        seen["control_input"] = args[0].clone()
+        seen["control_text"] = kwargs["encoder_hidden_states"].clone()
+        seen["control_image"] = kwargs["controlnet_cond"].clone()
+        seen["control_out"] = [t.clone() for t in [*output[0], output[1]]]
+
+    def capture_unet(module, args, kwargs):
+        down = kwargs["down_block_additional_residuals"]
+        seen["unet_residuals"] = [
+            t.clone() for t in [*down, kwargs["mid_block_additional_residual"]]
+        ]
+
+    hooks = [
+        engine._modules.controlnet.register_forward_hook(capture_controlnet, with_kwargs=True),
+        engine._modules.unet.register_forward_pre_hook(capture_unet, with_kwargs=True),
+    ]
+    try:
+        engine.generate([chunk])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # ControlNet ran on [uncond key0, uncond key4, cond key0, cond key4]; the UNet got
+    # [uncond frames 0..4, cond frames 0..4].
+    control, unet = seen["control_out"], seen["unet_residuals"]
+    with torch.inference_mode():
+        direct = engine._modules.controlnet(
+            seen["control_input"][[1]],
+            engine_timestep(engine, chunk),
+            encoder_hidden_states=seen["control_text"][[1]],
+            controlnet_cond=seen["control_image"][[1]],
+            return_dict=False,
+        )
+    direct = [*direct[0], direct[1]]
+    for level, (keyed, passed) in enumerate(zip(control, unet, strict=True)):
+        assert torch.equal(passed[0], keyed[0]), level  # uncond frame 0 = keyframe 0
+        assert torch.equal(passed[4], keyed[1]), level  # uncond frame 4 = keyframe 4
+        assert torch.equal(passed[9], keyed[3]), level  # cond frame 4 = keyframe 4
+        assert torch.allclose(keyed[1], direct[level][0], atol=1e-6), level  # = alone
+        middle = 0.5 * keyed[2] + 0.5 * keyed[3]  # cond frame 2, halfway between keyframes
+        assert torch.allclose(passed[7], middle, atol=1e-6), level
+
+
+def engine_timestep(engine: d.DiffusionEngine, chunk: d.ChunkRequest) -> torch.Tensor:
+    scheduler = d.build_scheduler(chunk.settings.scheduler, engine._modules.scheduler_config)
+    scheduler.set_timesteps(chunk.settings.steps)
+    return scheduler.timesteps[0]
+
+
+def test_control_window_skips_controlnet_outside_it(engine):
+    chunk = request(
+        3, settings=settings(steps=8, control_guidance_start=0.25, control_guidance_end=0.75)
+    )
+    counter = ForwardCounter(engine._modules.controlnet)
+    try:
+        result = engine.generate([chunk])[0]
+    finally:
+        counter.remove()
+    active = sum(d.controlnet_active_steps(8, 0.25, 0.75))
+    assert active == 4
+    assert counter.rows == 3 * active * 2 == result.work_units.controlnet_evals
+
+
+# --- CFG, schedulers, batching -----------------------------------------------------------------
+
+
+def test_guidance_off_halves_unet_work(engine):
+    counts = {}
+    for guidance in (5.0, 1.0):
+        counter = ForwardCounter(engine._modules.unet)
+        try:
+            result = engine.generate([request(4, settings=settings(guidance_scale=guidance))])[0]
+        finally:
+            counter.remove()
+        counts[guidance] = (counter.rows, result.work_units.unet_evals)
+        assert counter.rows == result.work_units.unet_evals
+    assert counts[5.0][0] == 2 * counts[1.0][0] == 2 * 4 * 4
+
+
+def test_batched_requests_equal_each_alone_and_keep_order(engine):
+    key = settings(scheduler="euler_a", controlnet_every=2)
+    first = request(
+        3, job_id="a", chunk_index=2, prompt="a dancer", seed=11, noise_sharing=0.7, settings=key
+    )
+    second = request(
+        4,
+        job_id="b",
+        chunk_index=0,
+        prompt="a robot",
+        negative_prompt="",
+        seed=12,
+        control_images=pose_maps(4, seed=3),
+        settings=key,
+    )
+    alone = [engine.generate([r], frames_dtype="float32")[0] for r in (first, second)]
+    together = engine.generate([first, second], frames_dtype="float32")
+    assert [(r.job_id, r.chunk_index) for r in together] == [("a", 2), ("b", 0)]
+    for single, batched in zip(alone, together, strict=True):
+        assert batched.frames.shape == single.frames.shape
+        assert float(np.abs(batched.frames - single.frames).max()) <= BATCH_TOLERANCE
+        assert batched.work_units == single.work_units
+        assert batched.batch_requests == 2 and batched.batch_frames == 7
+    assert float(np.abs(together[0].frames[0] - together[1].frames[0]).max()) > 0.01
+
+
+def test_sub_batches_bound_forward_size_without_changing_results(engine, tiny_sd, tmp_path):
+    base, controlnet = tiny_sd_controlnet_sources(tiny_sd.path)
+    small = d.DiffusionEngine(
+        d.EngineConfig(
+            model_id="tiny",
+            base=base,
+            controlnet=controlnet,
+            device="cpu",
+            max_frames_per_forward=2,
+            cache_dir=tmp_path,
+        )
+    )
+    chunk = request(5, settings=settings(controlnet_every=2))
+    reference = engine.generate([chunk], frames_dtype="float32")[0]
+    small.load()
+    counter = ForwardCounter(small._modules.unet)
+    try:
+        result = small.generate([chunk], frames_dtype="float32")[0]
+    finally:
+        counter.remove()
+    assert counter.calls == 3 * chunk.settings.steps  # 5 frames in forwards of 2, 2, 1
+    assert float(np.abs(result.frames - reference.frames).max()) <= BATCH_TOLERANCE
+    assert result.work_units == reference.work_units
+
+
+def test_results_are_uint8_frames_with_costs(engine):
+    result = engine.generate([request(2, settings=settings(precision="fp16"))])[0]
+    assert result.frames.dtype == np.uint8 and result.frames.shape == (2, SIDE, SIDE, 3)
+    assert result.device == "cpu" and result.precision == "fp32"
+    assert any("CPU runs fp32" in note for note in result.notes)
+    assert result.wall_seconds >= result.device_seconds > 0
+    assert result.load_seconds == 0.0  # already loaded
+
+
+def test_shared_noise_and_per_frame_noise():
+    shared = d.initial_latents(request(4, noise_sharing=1.0))
+    assert all(torch.equal(shared[0], frame) for frame in shared)
+    mixed = d.initial_latents(request(4, noise_sharing=0.5))
+    assert not torch.equal(mixed[0], mixed[1])
+    correlation = torch.corrcoef(torch.stack([mixed[0].flatten(), mixed[1].flatten()]))[0, 1]
+    assert 0.3 < correlation < 0.7  # half the variance is shared
+    other_chunk = d.initial_latents(request(4, noise_sharing=0.5, chunk_index=1))
+    assert not torch.equal(mixed, other_chunk)
+    assert torch.equal(mixed, d.initial_latents(request(4, noise_sharing=0.5)))
+
+
+def test_unload_then_generate_reloads(tiny_sd, tmp_path):
+    base, controlnet = tiny_sd_controlnet_sources(tiny_sd.path)
+    engine = d.DiffusionEngine(
+        d.EngineConfig(model_id="tiny", base=base, controlnet=controlnet, cache_dir=tmp_path)
+    )
+    assert not engine.is_loaded
+    first = engine.generate([request(1, settings=settings(steps=1))])[0]
+    assert engine.is_loaded and first.load_seconds > 0
+    engine.unload()
+    assert not engine.is_loaded
+    again = engine.generate([request(1, settings=settings(steps=1))])[0]
+    assert again.load_seconds > 0
+    assert np.array_equal(first.frames, again.frames)
+
+
+# --- work units -------------------------------------------------------------------------------
+
+
+def test_predict_work_units_by_hand():
+    units = d.predict_work_units(16, 20, 7.5, 4, 0.0, 1.0, 512, 512, 0.5, 3.0)
+    assert (units.unet_evals, units.controlnet_evals, units.vae_decodes) == (640, 200, 16)
+    assert units.total == pytest.approx(640 + 200 * 0.5 + 16 * 3.0)
+    half = d.predict_work_units(16, 20, 1.0, 4, 0.0, 1.0, 512, 256, 0.5, 3.0)
+    assert half.unet_evals == 320 and half.unet_units == pytest.approx(160)
+
+
+@pytest.mark.parametrize(
+    "frames, overrides",
+    [
+        (1, {}),
+        (6, {"controlnet_every": 3, "steps": 3}),
+        (7, {"controlnet_every": 4, "guidance_scale": 1.0, "scheduler": "unipc"}),
+        (
+            4,
+            {
+                "controlnet_every": 2,
+                "control_guidance_start": 0.2,
+                "control_guidance_end": 0.7,
+                "steps": 5,
+            },
+        ),
+        (3, {"width": 96, "height": 64, "scheduler": "lcm", "steps": 2}),
+    ],
+)
+def test_counted_units_equal_prediction(engine, frames, overrides):
+    key = settings(**overrides)
+    maps = np.zeros((frames, key.height, key.width, 3), np.uint8)
+    maps[:, :, : SIDE // 2] = pose_maps(frames)[:, : key.height, : SIDE // 2]
+    chunk = request(frames, settings=key, control_images=maps)
+    result = engine.generate([chunk])[0]
+    assert result.work_units == d.predict_chunk_units(chunk.settings, frames, engine.model_weights)
+
+
+def test_sd15_weights_match_the_architecture():
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+        )
+    measured = d.measure_model_weights(unet, controlnet, vae)
+    assert measured.unet_parameters == d.SD15_MODEL_WEIGHTS.unet_parameters
+    assert measured.controlnet_parameters == d.SD15_MODEL_WEIGHTS.controlnet_parameters
+    assert measured.controlnet_weight == pytest.approx(d.SD15_MODEL_WEIGHTS.controlnet_weight)
+    assert measured.vae_weight == pytest.approx(d.SD15_MODEL_WEIGHTS.vae_weight, rel=1e-3)
+
+
+# --- settings and input checks ----------------------------------------------------------------
+
+
+def test_batch_key_is_stable_readable_and_complete():
+    key = settings().batch_key()
+    assert key == settings().batch_key()
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", key) and key.startswith("tiny-64x64-4-dpmpp_2m-fp32")
+    for change in (
+        {"guidance_scale": 1.0},
+        {"controlnet_every": 2},
+        {"fps": 24.0},
+        {"control_guidance_end": 0.5},
+        {"model_id": "other/model"},
+    ):
+        assert settings(**change).batch_key() != key, change
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", settings(model_id="org/sd 1.5").batch_key())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"width": 100}, "width must be a multiple of 8"),
+        ({"height": 32}, "height must be a multiple of 8 between 64"),
+        ({"steps": 0}, "steps must be between 1 and 150"),
+        ({"steps": 151}, "steps must be between 1 and 150"),
+        ({"scheduler": "lcm", "steps": 60}, "lcm scheduler supports at most 50"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"controlnet_every": 0}, "controlnet_every must be 1 or more"),
+        ({"control_guidance_start": 0.5, "control_guidance_end": 0.5}, "0 <= start < end"),
+        ({"controlnet_conditioning_scale": 9.0}, "controlnet_conditioning_scale"),
+    ],
+)
+def test_invalid_settings_raise_clear_errors(overrides, message):
+    with pytest.raises(InvalidSettingError, match=message):
+        settings(**overrides)
+
+
+def test_invalid_requests_raise_clear_errors(engine):
+    cases = [
+        (request(2, control_images=pose_maps(2, side=72)), "are 72x72 but the settings ask"),
+        (request(2, control_images=pose_maps(2).astype(np.float32)), "must be a uint8 array"),
+        (request(2, control_images=pose_maps(2)[..., :2]), "must be RGB"),
+        (request(2, control_images=pose_maps(2)[0]), "must be a uint8 array"),
+        (request(2, settings=settings(model_id="other")), "model 'other' is not served here"),
+        (
+            request(
+                2,
+                settings=settings(width=2048, height=2048),
+                control_images=np.zeros((2, 2048, 2048, 3), np.uint8),
+            ),
+            "exceed",
+        ),
+        (request(65), "1 to 64 frames"),
+    ]
+    for chunk, message in cases:
+        with pytest.raises(InvalidSettingError, match=message):
+            engine.generate([chunk])
+    with pytest.raises(ValueError, match="share one batch key"):
+        engine.generate([request(2), request(2, settings=settings(steps=5))])
+    with pytest.raises(ValueError, match="at least one request"):
+        engine.generate([])

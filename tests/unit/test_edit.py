@@ -1,0 +1,77 @@
+"""The whole pipeline in process (`motionserve edit`): real video in, valid MP4 out, costs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+import pytest
+
+from serve.config import AppArgs
+from serve.jobs import JobRequest
+from serve.orchestrator import edit_video
+from tests.conftest import FAST_OVERRIDES
+
+
+def ffprobe_streams(path) -> dict:
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-of", "json", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return {s["codec_type"]: s for s in json.loads(out.stdout)["streams"]}
+
+
+@pytest.fixture
+def app_args(tmp_path) -> AppArgs:
+    return AppArgs(storage_uri=str(tmp_path / "store"), upscaler_model="lanczos")
+
+
+def request(**overrides) -> JobRequest:
+    return JobRequest(
+        prompt="a robot dancing", styles=["smooth", "exaggerate=1.2"], preset="draft", seed=3,
+        overrides={**FAST_OVERRIDES, **overrides},
+    )  # fmt: skip
+
+
+def test_edit_writes_a_valid_mp4_and_a_truthful_report(short_clip, app_args, tmp_path):
+    out = tmp_path / "edited.mp4"
+    report = asyncio.run(edit_video(short_clip, out, request(), app_args))
+    streams = ffprobe_streams(out)
+    video = streams["video"]
+    assert (video["width"], video["height"], video["r_frame_rate"]) == (256, 144, "25/1")
+    assert int(video["nb_read_frames"]) == 50  # 2 s at 25 fps: 24 generated + interpolated
+    assert float(streams["audio"]["duration"]) == pytest.approx(2.0, abs=0.05)
+
+    plan, naive = report["plan"], report["naive"]
+    assert plan["generated_frames"] == 24 and naive["generated_frames"] == 50
+    units = plan["work_units"]
+    assert units["unet_evals"] == 24 * 4 * 2  # frames x steps x CFG
+    assert 0 < units["controlnet_evals"] < units["unet_evals"]  # keyframes only
+    assert plan["work_units"] == plan["predicted_work_units"]
+    stages = {s["stage"] for s in plan["stages"]}
+    assert {"pose", "motion", "render", "diffusion", "upscale", "interpolate", "encode"} <= stages
+    assert plan["gpu_seconds"] == 0 and plan["cpu_seconds"] > 0  # CPU-only run, honestly
+    assert report["ratios"]["work_units"] > 5 and report["ratios"]["dollars_spot"] > 1
+
+
+def test_repeat_costs_no_diffusion(short_clip, app_args, tmp_path):
+    asyncio.run(edit_video(short_clip, tmp_path / "a.mp4", request(), app_args))
+    report = asyncio.run(edit_video(short_clip, tmp_path / "b.mp4", request(), app_args))
+    plan = report["plan"]
+    assert plan["work_units"]["unet_evals"] == 0 and plan["gpu_seconds"] == 0
+    assert not any(s["stage"] == "diffusion" for s in plan["stages"])
+    segments = [s for s in plan["stages"] if s["stage"] == "segment"]
+    assert segments and segments[0]["cache_hits"] == segments[0]["calls"] == 2
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
+def test_new_prompt_reuses_pose_and_motion(short_clip, app_args, tmp_path):
+    asyncio.run(edit_video(short_clip, tmp_path / "a.mp4", request(), app_args))
+    other = request().model_copy(update={"prompt": "an astronaut dancing"})
+    report = asyncio.run(edit_video(short_clip, tmp_path / "b.mp4", other, app_args))
+    hits = {s["stage"]: s["cache_hits"] for s in report["plan"]["stages"]}
+    assert hits["pose"] == 1 and hits["motion"] == 1 and hits["diffusion"] == 0
+    assert report["plan"]["work_units"]["unet_evals"] > 0
