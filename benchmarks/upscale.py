@@ -4,8 +4,8 @@ Cases: Lanczos (+ unsharp mask); realesr-animevideov3 (SRVGGNetCompact) in PyTor
 tile sizes, in NCHW layout (the stage uses channels-last) and in the ncnn runtime (in a process
 of its own); realesrgan-x4plus (RRDB) on a 128x72 input (about 20x slower per pixel on CPU),
 scaled to a 512x288 frame by pixel count. The machine may be shared with other jobs, so every
-case runs `--repeats` times after two warm-up runs and the best is reported (all runs are in the
-JSON); CPU seconds count every thread.
+case runs `--repeats` times after two warm-up runs, round-robin over the cases, and the best is
+reported (all runs are in the JSON); CPU seconds count every thread.
 
     python -m benchmarks.upscale [--repeats 3] [--threads 2] [--skip-rrdb] [--skip-ncnn]
 """
@@ -40,18 +40,27 @@ def real_frame(cache_dir: Path, size: tuple[int, int]) -> np.ndarray:
     return decode_all(sample_video_path(cache_dir), settings)[0]
 
 
-def timed(run: Callable[[], object], repeats: int) -> dict:
-    walls, cpus = [], []
+def timed_round_robin(runs: list[Callable[[], object]], repeats: int) -> list[dict]:
+    """Time every run `repeats` times, one round over all runs at a time, so a burst of load
+    from other jobs on the shared machine hits every case alike instead of one of them."""
+    for run in runs:
+        run(), run()  # warm-up: the first runs pay page faults and kernel setup
+    walls: list[list[float]] = [[] for _ in runs]
+    cpus: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        run()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return {
-        "wall_s_best": round(min(walls), 3),
-        "cpu_s_best": round(min(cpus), 3),
-        "wall_s_all": [round(w, 3) for w in walls],
-    }
+        for index, run in enumerate(runs):
+            wall, cpu = time.perf_counter(), time.process_time()
+            run()
+            walls[index].append(time.perf_counter() - wall)
+            cpus[index].append(time.process_time() - cpu)
+    return [
+        {
+            "wall_s_best": round(min(w), 3),
+            "cpu_s_best": round(min(c), 3),
+            "wall_s_all": [round(x, 3) for x in w],
+        }
+        for w, c in zip(walls, cpus, strict=True)
+    ]
 
 
 def ncnn_runner(folder: Path, name: str, rgb: np.ndarray, threads: int) -> Callable[[], object]:
@@ -87,13 +96,14 @@ def cases(args, folder: Path, frame: np.ndarray, small: np.ndarray) -> list[dict
     for tile in (512, 256, 128):
         plan.append(("compact", "torch", tile, frame, x4, UpscaleSettings(weights=compact)))
     nchw = UpscaleSettings(weights=compact, channels_last=False)
-    plan.append(("compact", "torch-nchw", 512, frame, x4, nchw))
-    plan.append(("compact", "torch", 512, frame, full_hd, UpscaleSettings(weights=compact)))
+    # None: the stage's default tile size for the device.
+    plan.append(("compact", "torch-nchw", None, frame, x4, nchw))
+    plan.append(("compact", "torch", None, frame, full_hd, UpscaleSettings(weights=compact)))
     if not args.skip_rrdb:
         rrdb = str(folder / "realesrgan-x4plus.safetensors")
         small_x4 = (RRDB_INPUT[0] * 4, RRDB_INPUT[1] * 4)
-        plan.append(("rrdb-x4plus", "torch", 512, small, small_x4, UpscaleSettings(weights=rrdb)))
-    rows = []
+        plan.append(("rrdb-x4plus", "torch", None, small, small_x4, UpscaleSettings(weights=rrdb)))
+    rows, runs = [], []
     for model, runtime, tile, source, out_size, settings in plan:
         settings = settings.model_copy(update={"tile_size": tile, "device": args.device})
         upscaler = Upscaler(settings)
@@ -101,9 +111,7 @@ def cases(args, folder: Path, frame: np.ndarray, small: np.ndarray) -> list[dict
         upscaler.load()
         load_s = time.perf_counter() - started
         batch = source[None]
-        for _ in range(2):  # warm-up: the first runs pay page faults and oneDNN kernel setup
-            upscaler.upscale(batch, out_size)
-        row = timed(lambda u=upscaler, b=batch, o=out_size: u.upscale(b, o), args.repeats)
+        runs.append(lambda u=upscaler, b=batch, o=out_size: u.upscale(b, o))
         info = upscaler.describe()
         rows.append(
             {
@@ -112,14 +120,15 @@ def cases(args, folder: Path, frame: np.ndarray, small: np.ndarray) -> list[dict
                 "threads": torch.get_num_threads(),
                 "device": info["device"],
                 "dtype": info["dtype"],
-                "tile": tile,
+                "tile": info["tile_size"],
                 "overlap": info["tile_overlap"],
                 "input": f"{source.shape[1]}x{source.shape[0]}",
                 "output": f"{out_size[0]}x{out_size[1]}",
                 "load_s": round(load_s, 3),
             }
-            | row
         )
+    for row, timing in zip(rows, timed_round_robin(runs, args.repeats), strict=True):
+        row.update(timing)
     if not args.skip_ncnn:
         rows += ncnn_rows_isolated(args, folder, frame, small)
     return rows
@@ -143,10 +152,9 @@ def ncnn_rows(args, folder: Path, frame: np.ndarray, small: np.ndarray) -> list[
     plan = [("compact", "realesr-animevideov3-x4", frame)]
     if not args.skip_rrdb:
         plan.append(("rrdb-x4plus", "realesrgan-x4plus", small))
-    rows = []
+    rows, runs = [], []
     for model, name, source in plan:
-        run = ncnn_runner(folder, name, source, args.threads)
-        run(), run()  # warm-up, as for torch
+        runs.append(ncnn_runner(folder, name, source, args.threads))
         height, width = source.shape[:2]
         rows.append(
             {
@@ -161,8 +169,9 @@ def ncnn_rows(args, folder: Path, frame: np.ndarray, small: np.ndarray) -> list[
                 "output": f"{width * 4}x{height * 4}",
                 "load_s": None,
             }
-            | timed(run, args.repeats)
         )
+    for row, timing in zip(rows, timed_round_robin(runs, args.repeats), strict=True):
+        row.update(timing)
     return rows
 
 
@@ -180,6 +189,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--skip-rrdb", action="store_true", help="leave out the slow RRDB rows")
     parser.add_argument("--skip-ncnn", action="store_true", help="leave out the ncnn rows")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache_dir = Settings().cache_dir
@@ -199,8 +209,8 @@ def main() -> None:
         "s_per_512x288_frame scales them by pixel count",
         "rows": rows,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     header = (
         f"{'model':16} {'runtime':10} {'dev':4} {'tile':>4} {'ovl':>3} {'input':>8} "
         f"{'output':>9} {'wall s':>7} {'cpu s':>6} {'s/512x288':>9}"
@@ -212,7 +222,7 @@ def main() -> None:
             f"{row['overlap']:>3} {row['input']:>8} {row['output']:>9} {row['wall_s_best']:>7} "
             f"{row['cpu_s_best']:>6} {row['s_per_512x288_frame']:>9}"
         )
-    print(f"best of {args.repeats} runs on a shared machine; written to {RESULTS}")
+    print(f"best of {args.repeats} runs on a shared machine; written to {args.out}")
 
 
 if __name__ == "__main__":

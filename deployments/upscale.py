@@ -11,13 +11,14 @@ replica holding a fraction of a GPU never needs the whole frame's activations at
 
 Why PyTorch (spandrel) on CPU too, not the ncnn runtime: measured on the 2-core dev machine
 (shared with other jobs: best of 3-5 runs, each runtime in its own process), one 512x288 frame
--> x4 with realesr-animevideov3 on one thread cost 1.15-1.25 CPU-s in PyTorch with channels-last
-layout, 1.31-1.37 in ncnn and 1.74-1.94 in PyTorch's default NCHW layout; RRDB x4plus on a
-128x72 input cost 1.85, 2.18 and 2.23 CPU-s. ncnn's 2x lead on a 146x97 input (weights.md) is
-per-call overhead that vanishes at generation size. So PyTorch, channels-last, serves CPU and
-GPU, user-brought `.pth` files and converted ones alike, with one code path to test. A second
-runtime would also bring a hazard measured here: ncnn's OpenMP workers spin-wait, and beside
-torch's pool in one process on a busy machine they made a 0.3 s run take 10-25 s.
+-> x4 with realesr-animevideov3 cost, on one thread, 1.15-1.25 CPU-s in PyTorch with the
+channels-last layout, 1.31-1.37 in ncnn and 1.74-1.94 in PyTorch's NCHW layout; on two threads
+(`benchmarks/upscale.py`) 0.68 s / 1.22 CPU-s in PyTorch with 256-pixel tiles against 0.91 s /
+1.60 CPU-s in ncnn. RRDB x4plus on a 128x72 input: 1.20 s against 1.78 s. ncnn's 2x lead on a
+146x97 input (weights.md) is per-call overhead that vanishes at generation size. So one runtime,
+PyTorch, serves CPU and GPU, user-brought `.pth` files and converted ones alike, with one code
+path to test. A second runtime would also bring a hazard measured here: ncnn's OpenMP workers
+spin-wait, and beside torch's pool in one process on a busy machine a 0.3 s run took 10-25 s.
 """
 
 from __future__ import annotations
@@ -62,8 +63,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # RRDB's receptive field spans hundreds of pixels, so tiles are never exact; measured on a real
 # frame with x4plus and 64-pixel tiles (many seams) against untiled output, mean / 99th
 # percentile / max 8-bit differences were 1.11 / 10 / 46 at overlap 24, 0.60 / 4 / 25 at 32 and
-# 0.20 / 1 / 10 at 48: no visible seam at 48, and a 512x288 frame is one tile anyway.
+# 0.20 / 1 / 10 at 48: no visible seam at 48 (and on a GPU a 512x288 frame is one tile).
 RRDB_TILE_OVERLAP = 48
+# Compact x4 on a 512x288 frame, 2 threads, best of 5 (benchmarks/upscale.py): 256-pixel tiles
+# took 0.68 s / 1.22 CPU-s, the whole frame 0.85 s / 1.56 CPU-s and 128-pixel tiles 0.85 s /
+# 1.56 CPU-s: activations of a 256 tile stay in cache, smaller ones pay too much overlap.
+CPU_TILE_SIZE = 256
+GPU_TILE_SIZE = 512
 MAX_OUTPUT_SIDE = 16384
 MAX_OUTPUT_PIXELS = 7680 * 4320  # 8K UHD
 
@@ -87,12 +93,13 @@ class UpscaleSettings(BaseModel):
         default=True,
         description="Run in float16 on CUDA (halves VRAM and time); CPU always uses float32.",
     )
-    tile_size: int = Field(
-        default=512,
+    tile_size: int | None = Field(
+        default=None,
         ge=0,
         le=4096,
         description="Largest tile side in input pixels (0: whole frames). Bounds memory: lower "
-        "it on a small GPU share. 512 keeps a 512x288 generation frame in one tile.",
+        f"it on a small GPU share. None: {CPU_TILE_SIZE} on CPU (cache-sized tiles ran fastest), "
+        f"{GPU_TILE_SIZE} on CUDA (a 512x288 generation frame in one tile).",
     )
     tile_overlap: int | None = Field(
         default=None,
@@ -132,8 +139,8 @@ class UpscaleSettings(BaseModel):
 
     @field_validator("tile_size")
     @classmethod
-    def _tile_not_tiny(cls, value: int) -> int:
-        if 0 < value < 16:
+    def _tile_not_tiny(cls, value: int | None) -> int | None:
+        if value is not None and 0 < value < 16:
             raise ValueError("tile_size must be 0 (no tiling) or at least 16 pixels")
         return value
 
@@ -359,6 +366,14 @@ class Upscaler:
         return int(self._descriptor.scale) if self._descriptor is not None else None
 
     @property
+    def tile_size(self) -> int:
+        """The tile size in use: the setting, or the device's default."""
+        if self.settings.tile_size is not None:
+            return self.settings.tile_size
+        self.load()
+        return GPU_TILE_SIZE if self._device.type == "cuda" else CPU_TILE_SIZE
+
+    @property
     def tile_overlap(self) -> int:
         """The overlap in use: the setting, or the architecture's default."""
         if self.settings.tile_overlap is not None:
@@ -376,7 +391,7 @@ class Upscaler:
         self.load()
         settings = self.settings
         common = {
-            "tile_size": settings.tile_size,
+            "tile_size": self.tile_size,
             "tile_overlap": self.tile_overlap,
             "code_version": UPSCALE_CODE_VERSION,
         }
@@ -461,7 +476,7 @@ class Upscaler:
     def _forward_tiled(self, batch: torch.Tensor) -> torch.Tensor:
         count, _, height, width = batch.shape
         scale = int(self._descriptor.scale)
-        tile, overlap = self.settings.tile_size, self.tile_overlap
+        tile, overlap = self.tile_size, self.tile_overlap
         output = torch.empty(
             (count, 3, height * scale, width * scale), dtype=batch.dtype, device=batch.device
         )

@@ -25,6 +25,7 @@ from serve.auth import Authenticator
 from serve.config import AppArgs, Settings
 from serve.factory import engine_config, make_upscaler, stage_context
 from serve.jobs import JobService, JobStore
+from serve.metrics import BatchMetrics, JobMetrics
 from serve.orchestrator import Orchestrator
 from serve.pipeline import Plan
 from serve.planning import estimate, plan_for
@@ -120,6 +121,7 @@ class DiffusionServer:
         self.batches: list[dict[str, Any]] = []  # recent batches, for tests and metrics
         self._reaper: asyncio.Task | None = None
         self.gpu_fraction = assigned_gpu_fraction()
+        self.metrics = BatchMetrics()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batch size, wait timeout and idle unload change at runtime (user_config)."""
@@ -157,6 +159,7 @@ class DiffusionServer:
     async def _batched(self, requests: list[diffusion.ChunkRequest]) -> list:
         keys = {r.settings.batch_key() for r in requests}
         self.batches.append({"size": len(requests), "keys": sorted(keys), "at": time.time()})
+        self.metrics.batch(len(requests), sum(r.frames for r in requests))
         del self.batches[:-256]
         engine = self._engine(requests[0].settings.model_id)
         self.last_used = time.monotonic()
@@ -267,6 +270,7 @@ class IngressServer:
             plan_for=lambda request, info: plan_for(args, request, info),
             estimate=lambda request, duration, w, h: estimate(args, request, duration, w, h),
             fetch_s3=lambda uri, dest: ctx.fetch_input(uri, dest),
+            metrics=JobMetrics(),
         )
         self.auth = Authenticator(args.api_keys + Settings().api_keys)
         self._resumed = False
@@ -275,8 +279,10 @@ class IngressServer:
         return create_api(self.service, self.auth, on_request=self._resume_once)
 
     async def check_health(self) -> None:
-        # Runs on the replica's event loop soon after start: resume jobs a previous app left.
+        # Runs on the replica's event loop soon after start (resume the jobs a previous app
+        # left) and then every few seconds (keep the queue-depth gauge fresh).
         self._resume_once()
+        self.service.metrics.queue_depth(self.service.active)
 
     def _resume_once(self) -> None:
         if not self._resumed:
@@ -304,16 +310,22 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
-    """The application for `serve run` / `serve deploy` (import path `serve.app:build_app`)."""
+def build_app(
+    args: dict[str, Any] | AppArgs, deployment_overrides: list[dict[str, Any]] | None = None
+) -> serve.Application:
+    """The application for `serve run` / `serve deploy` (import path `serve.app:build_app`).
+
+    Ray applies a config file's `deployments` section itself; `motionserve serve` passes the
+    same section as `deployment_overrides`, so both paths place the stages identically.
+    """
     args = AppArgs.model_validate(args)
+    overrides = {item["name"]: item for item in deployment_overrides or []}
 
     def deployment(cls, name: str):
-        return serve.deployment(cls, name=name, **STAGE_DEFAULTS[name])
+        return serve.deployment(cls, name=name, **_options(name, overrides.get(name, {})))
 
-    ingress = serve.deployment(serve.ingress()(IngressServer), name="Ingress",
-                               **STAGE_DEFAULTS["Ingress"])  # fmt: skip
-    return ingress.bind(
+    ingress_cls = serve.ingress()(IngressServer)
+    return deployment(ingress_cls, "Ingress").bind(
         args,
         pose=deployment(PoseServer, "Pose").bind(args),
         motion=deployment(MotionServer, "Motion").bind(args),
@@ -322,3 +334,13 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
         interpolate=deployment(InterpolateServer, "Interpolate").bind(),
         video=deployment(VideoServer, "Video").bind(args),
     )
+
+
+def _options(name: str, override: dict[str, Any]) -> dict[str, Any]:
+    """The code's defaults for a stage with a config's override on top."""
+    options = {**STAGE_DEFAULTS[name], **{k: v for k, v in override.items() if k != "name"}}
+    if "num_replicas" in override:
+        options.pop("autoscaling_config", None)  # a fixed count replaces autoscaling
+    if "autoscaling_config" in override:
+        options.pop("num_replicas", None)
+    return options

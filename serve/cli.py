@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from deployments.errors import InputError, InvalidPoseDataError, InvalidSettingError
 from deployments.pose import PoseSequence
 from serve.config import Settings
@@ -178,18 +180,39 @@ def _cmd_edit(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    import os
+    """Start a local Ray cluster owned by this process (it stops when we do) and run the app
+    from a Serve config on it. `serve run CONFIG` works too; this adds the metrics port and
+    never attaches to another cluster on the machine."""
+    import signal
 
+    import ray
     import yaml
+    from ray import serve as ray_serve
 
-    config = Path(args.config) if args.config else DEFAULT_CONFIG
-    document = yaml.safe_load(config.read_text())
-    http = document.get("http_options", {})
+    from serve.app import build_app
+
+    config_path = Path(args.config) if args.config else DEFAULT_CONFIG
+    config = yaml.safe_load(config_path.read_text())
+    http = config.get("http_options", {})
+    ray.init(address="local", include_dashboard=False, _metrics_export_port=args.metrics_port)
+    ray_serve.start(http_options=http, proxy_location=config.get("proxy_location", "HeadOnly"))
+    for app in config["applications"]:
+        built = build_app(app.get("args", {}), deployment_overrides=app.get("deployments", []))
+        ray_serve.run(built, name=app["name"], route_prefix=app.get("route_prefix", "/"))
     print(f"motionserve: http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/docs")
-    sys.stdout.flush()
-    # Ray's own `serve run` applies the config's deployment overrides and keeps running.
-    serve_bin = Path(sys.executable).with_name("serve")
-    os.execv(str(serve_bin), [str(serve_bin), "run", str(config)])
+    print(f"metrics:     http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt  # SIGTERM shuts down like Ctrl-C
 
 
 def _cmd_submit(args: argparse.Namespace) -> None:
@@ -215,6 +238,46 @@ def _cmd_status(args: argparse.Namespace) -> None:
     from serve.client import Client
 
     print(json.dumps(Client(args.url, args.api_key).status(args.job), indent=2))
+
+
+def _parse_output(text: str | None) -> tuple[int | None, int | None, float | None]:
+    """'1920x1080@25' -> (1920, 1080, 25.0); '1920x1080' or '@25' also work."""
+    if not text:
+        return None, None, None
+    size, _, fps = text.partition("@")
+    try:
+        width, height = (int(v) for v in size.lower().split("x")) if size else (None, None)
+        return width, height, float(fps) if fps else None
+    except ValueError:
+        raise InvalidSettingError(f"--output {text!r}: expected WIDTHxHEIGHT[@FPS]") from None
+
+
+def _cmd_estimate(args: argparse.Namespace) -> None:
+    from deployments.video import probe
+    from serve.jobs import JobRequest, OutputSpec
+    from serve.planning import estimate
+
+    info = probe(args.video, Settings().input_limits())
+    width, height, fps = _parse_output(args.output)
+    request = JobRequest(
+        prompt="estimate",
+        preset=args.preset,
+        output=OutputSpec(fps=fps, width=width, height=height),
+    )
+    config = _app_args(args.config)
+    result = estimate(config, request, info.duration_s, info.width, info.height)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print("\n".join(result["plan_explained"]))
+    for side in ("plan", "naive"):
+        figures, dollars = result[side], result[side]["dollars"]
+        print(
+            f"{side:6} frames {figures['generated_frames']:>5}  work units "
+            f"{figures['work_units']:>10.1f}  GPU s {figures['gpu_seconds']:>8.1f}  "
+            f"$ spot {dollars['spot']:.4f}  on-demand {dollars['on_demand']:.4f}"
+        )
+    print(f"naive / plan work units: x{result['ratio']:.1f} (tier {result['tier']})")
 
 
 def _cmd_make_tiny_models(args: argparse.Namespace) -> None:
@@ -284,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cmd = commands.add_parser("serve", help="start a local Ray cluster and the app")
     serve_cmd.add_argument("--config", help=f"Serve config (default: {DEFAULT_CONFIG.name})")
+    serve_cmd.add_argument(
+        "--metrics-port", type=int, default=8080, help="Prometheus port of the Ray node"
+    )
     serve_cmd.set_defaults(handler=_cmd_serve)
 
     submit = commands.add_parser("submit", help="submit a video to a running server")
@@ -300,6 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default="http://127.0.0.1:8000")
     status.add_argument("--api-key", default=None)
     status.set_defaults(handler=_cmd_status)
+
+    estimate = commands.add_parser(
+        "estimate", help="predict a video's work units and dollars against naive (no run)"
+    )
+    estimate.add_argument("video")
+    estimate.add_argument("--preset", choices=("draft", "standard", "high"), default="standard")
+    estimate.add_argument("--output", help="WIDTHxHEIGHT@FPS, e.g. 1920x1080@25")
+    estimate.add_argument("--config", help="Serve config whose app args (tier) to use")
+    estimate.add_argument("--json", action="store_true", help="print JSON")
+    estimate.set_defaults(handler=_cmd_estimate)
 
     tiny = commands.add_parser("make-tiny-models", help="build the tiny random-weight models")
     tiny.add_argument("directory")
@@ -329,6 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler(args)
     except InputError as exc:
         print(f"motionserve {args.command}: error: {exc.message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        print(f"motionserve {args.command}: error: {where}: {first['msg']}", file=sys.stderr)
         return EXIT_USER_ERROR
     except ClientErrors as exc:
         print(f"motionserve {args.command}: error: {exc}", file=sys.stderr)

@@ -286,6 +286,7 @@ class JobService:
         plan_for: Callable[[JobRequest, Any], dict[str, Any]],
         estimate: Callable[[JobRequest, float, int, int], dict[str, Any]],
         fetch_s3: Callable[[str, Path], None],
+        metrics: Any = None,
     ):
         self.jobs = jobs
         self.orchestrator = orchestrator
@@ -300,6 +301,7 @@ class JobService:
             fetch_s3,
         )
         self._tasks: dict[str, asyncio.Task] = {}
+        self.metrics = metrics or _NoMetrics()
 
     # ----------------------------------------------------------------------- admission
 
@@ -309,6 +311,7 @@ class JobService:
 
     def check_capacity(self) -> None:
         if self.active >= self.max_active_jobs:
+            self.metrics.rejected.inc()
             raise Overloaded(self.retry_after_s)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -347,6 +350,7 @@ class JobService:
             plan=plan,
         )
         self.jobs.save(manifest)
+        self.metrics.state(JobState.QUEUED)
         self._launch(manifest)
         return manifest
 
@@ -394,11 +398,17 @@ class JobService:
     def _launch(self, manifest: JobManifest) -> None:
         task = asyncio.get_running_loop().create_task(self._run(manifest))
         self._tasks[manifest.job_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(manifest.job_id, None))
+        self.metrics.queue_depth(self.active)
+        task.add_done_callback(lambda _: self._forget(manifest.job_id))
+
+    def _forget(self, job_id: str) -> None:
+        self._tasks.pop(job_id, None)
+        self.metrics.queue_depth(self.active)
 
     async def _run(self, manifest: JobManifest) -> None:
         manifest = manifest.transition(JobState.RUNNING, attempts=manifest.attempts + 1)
         self.jobs.save(manifest)
+        self.metrics.state(JobState.RUNNING)
         events = _JobEvents(self.jobs, manifest)
         try:
             result_key, report = await self.orchestrator.run(events.manifest, events)
@@ -420,9 +430,34 @@ class JobService:
         if latest.terminal:
             return
         merged = manifest.model_copy(update={"state": latest.state})
-        self.jobs.save(merged.transition(state, **updates))
+        final = merged.transition(state, **updates)
+        self.jobs.save(final)
+        try:
+            self.metrics.state(state)
+            self.metrics.finished(final.ledger, final.report)
+        except Exception:  # metrics must never fail a job that is already recorded
+            logger.exception("metrics for job %s", manifest.job_id)
         if state != JobState.DONE:
             self.jobs.delete_work(manifest.tenant, manifest.job_id)
+
+
+class _NoMetrics:
+    """Metrics sink when none is configured (in-process use and unit tests)."""
+
+    class _Counter:
+        def inc(self, *args, **kwargs) -> None:
+            pass
+
+    rejected = _Counter()
+
+    def state(self, state) -> None:
+        pass
+
+    def queue_depth(self, active: int) -> None:
+        pass
+
+    def finished(self, ledger, report) -> None:
+        pass
 
 
 def _record_dict(record: Any, attempt: int) -> dict[str, Any]:

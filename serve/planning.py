@@ -29,7 +29,7 @@ def estimate(args: AppArgs, request, duration_s: float, width: int, height: int)
     plan = Plan.model_validate(plan_for(args, request, _Info(width, height)))
     frames = output_frame_count(duration_s, plan.generation.fps)
     return {
-        "plan": plan.explain(),
+        "plan_explained": plan.explain(),
         **estimate_plan(plan, frames, tier=args.tier).model_dump(mode="json"),
     }
 

@@ -33,6 +33,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _session_alive(session_id: int) -> bool:
+    """Whether any process still runs in the session the server was started in."""
+    out = subprocess.run(["ps", "-e", "-o", "sid="], capture_output=True, text=True).stdout
+    return str(session_id) in out.split()
+
+
 @dataclass
 class Server:
     """One `motionserve serve` process; `restart` kills it (and its Ray) and starts it again."""
@@ -40,12 +46,22 @@ class Server:
     config: Path
     url: str
     log: Path
+    metrics_port: int
     process: subprocess.Popen | None = None
 
     def start(self) -> None:
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "serve.cli", "serve", "--config", str(self.config)],
+            [
+                sys.executable,
+                "-m",
+                "serve.cli",
+                "serve",
+                "--config",
+                str(self.config),
+                "--metrics-port",
+                str(self.metrics_port),
+            ],  # fmt: skip
             cwd=REPO,
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
@@ -68,12 +84,15 @@ class Server:
         raise TimeoutError(f"server not ready after {START_TIMEOUT_S} s; see {self.log}")
 
     def kill(self) -> None:
-        """Kill the app abruptly (as a lost node would), then clear its local Ray."""
+        """Kill the app and its Ray cluster abruptly, as a lost node would: every process of
+        the server's session (never another Ray cluster on the machine)."""
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-        ray = Path(sys.executable).with_name("ray")
-        subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+        deadline = time.monotonic() + 30
+        while _session_alive(self.process.pid):
+            assert time.monotonic() < deadline, "server processes survived SIGKILL"
+            time.sleep(0.2)  # waiting for the kernel to reap them
 
     def client(self, tenant: str = "acme", **kwargs) -> httpx.Client:
         headers = {"X-API-Key": KEYS[tenant]} if tenant else {}
@@ -96,7 +115,7 @@ def server(moto_s3, tmp_path_factory) -> Server:
     )
     path = folder / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    instance = Server(path, f"http://127.0.0.1:{port}", folder / "server.log")
+    instance = Server(path, f"http://127.0.0.1:{port}", folder / "server.log", free_port())
     instance.start()
     yield instance
     instance.kill()

@@ -172,6 +172,47 @@ def test_burst_beyond_the_limit_gets_503_and_loses_nothing(server, short_clip):
             assert wait(client, response.json()["job_id"])["state"] == "done"
 
 
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+    return total
+
+
+def test_prometheus_metrics_are_exported(server):
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    wanted = {
+        "ray_motionserve_jobs_total": {"state": "done"},
+        "ray_motionserve_work_units_total": {},
+        "ray_motionserve_cpu_seconds_total": {},
+        "ray_motionserve_dollars_total": {"pricing": "spot"},
+        "ray_motionserve_cache_hits_total": {"stage": "segment"},
+        "ray_motionserve_stage_seconds_count": {"stage": "diffusion"},
+        "ray_motionserve_batch_size_count": {},
+        "ray_motionserve_jobs_active": {},
+        "ray_motionserve_jobs_rejected_total": {},
+    }
+    deadline = time.monotonic() + 120
+    while True:
+        text = httpx.get(url, timeout=10).text
+        missing = [name for name in wanted if name not in text]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"metrics never exported: {missing}"
+        time.sleep(1)  # Ray's agent exports on an interval; poll until the samples appear
+    assert metric_total(text, "ray_motionserve_jobs_total", state="done") >= 5
+    assert metric_total(text, "ray_motionserve_work_units_total") > 0
+    # Everything ran on CPU: no GPU second is billed, so the GPU counter has no sample yet.
+    assert metric_total(text, "ray_motionserve_gpu_seconds_total") == 0
+    assert metric_total(text, "ray_motionserve_cache_hits_total", stage="segment") >= 2
+    assert metric_total(text, "ray_motionserve_batch_size_count") >= 1
+    assert metric_total(text, "ray_motionserve_jobs_rejected_total") >= 1
+
+
 def test_restart_mid_job_resumes_without_recomputing(server, short_clip):
     with server.client() as client:
         # Many small chunks and more steps: long enough to be caught mid-way.

@@ -32,7 +32,8 @@ def maps(plan: Plan, frames: int, seed: int) -> Frames:
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+    # address="local": a cluster of our own even if another runs on the machine.
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
     yield
     serve.shutdown()
     ray.shutdown()

@@ -23,6 +23,7 @@ from deployments.errors import (
 from deployments.ncnn_convert import NcnnConversionError, convert_ncnn, parse_param
 from deployments.tiny_models import build_tiny_compact, build_tiny_rrdb
 from deployments.upscale import (
+    CPU_TILE_SIZE,
     RRDB_TILE_OVERLAP,
     Upscaler,
     UpscaleSettings,
@@ -103,6 +104,7 @@ def test_tiny_checkpoints_are_detected_like_the_real_ones(tmp_path, builder, arc
     assert (descriptor.input_channels, descriptor.output_channels) == (3, 3)
     upscaler = Upscaler(UpscaleSettings(weights=str(path), device="cpu"))
     assert upscaler.describe()["architecture"] == name
+    assert upscaler.tile_size == CPU_TILE_SIZE
     # Deterministic: same seed, same bytes; another seed, other weights.
     assert _sha256(builder(tmp_path / "b.safetensors", seed=3)) == _sha256(path)
     assert _sha256(builder(tmp_path / "c.safetensors", seed=4)) != _sha256(path)

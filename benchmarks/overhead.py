@@ -1,0 +1,535 @@
+"""Serve overhead: one job through the Serve app over HTTP against the same stages in one process.
+
+The clip: 10 s of the real sample video (7.7 s played forward, then backward, then forward
+again), 640 px wide at 25 fps, cached under the cache dir (`bench/`). The request: tiny
+random-weight models, the draft preset with generation at 128 px, output at 256 px and 4 steps
+(`FAST_OVERRIDES` of the tests), the same plan and the same `max_chunks_in_flight` on both
+sides; the upscaler is the app's default (Compact, realesr-animevideov3) unless `--upscaler`.
+
+- in process: `serve.orchestrator.edit_video`, with the models loaded once before timing (as
+  they are in a warm replica) and one untimed warm-up job on a 2 s clip; each timed job gets a
+  fresh storage directory.
+- over HTTP: `motionserve serve` as a subprocess (a local Ray of its own, `serve run` on
+  serve/configs/local.yaml with a free port and a fresh storage directory); a job's time is
+  submit (upload included) -> done (polled every 0.25 s) -> result downloaded. The artifact
+  cache is emptied before every job, so every job runs decode, pose and diffusion again; the
+  reports are checked for it (no cache hits, diffusion on every chunk).
+
+Also measured: app cold start (launch -> /readyz 200), first-job latency (replicas load their
+models) against warm jobs with other seeds, and the CPU seconds each side burns per job (this
+process; or every process of the app's Ray session: replicas, raylet, GCS, controller, proxy).
+
+The machine may be shared, so the in-process rounds run before and after the Serve block (the
+app is down while they run) and the best round of each side is compared (medians are reported
+too). `--quick` runs one round per side (what `make bench` runs).
+
+    python -m benchmarks.overhead [--quick] [--rounds 2] [--upscaler lanczos]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+import yaml
+
+from serve.config import AppArgs, Settings
+from serve.jobs import JobRequest
+
+REPO = Path(__file__).parents[1]
+RESULTS = Path(__file__).parent / "results"
+LOCAL_CONFIG = REPO / "serve" / "configs" / "local.yaml"
+CLIP_SECONDS, CLIP_FPS, CLIP_WIDTH = 10.0, 25.0, 640
+WARMUP_SECONDS = 2.0
+TARGET_RATIO = 1.15
+POLL_S = 0.25
+START_TIMEOUT_S = 300.0
+JOB_TIMEOUT_S = 600.0
+STOP_TIMEOUT_S = 30.0
+IDLE_WINDOW_S = 5.0
+# The tests' fast plan: every lever of the pipeline runs, with a bounded run time on 2 cores.
+OVERRIDES = {"generation_long_side": 128, "output_long_side": 256, "steps": 4}
+
+
+def bench_request(seed: int) -> JobRequest:
+    return JobRequest(
+        prompt="a robot dancing in a park",
+        negative_prompt="blurry",
+        styles=["smooth"],
+        preset="draft",
+        seed=seed,
+        overrides=OVERRIDES,
+    )
+
+
+# ---------------------------------------------------------------------------------- the clip
+
+
+def bench_clips(cache_dir: Path) -> tuple[Path, Path]:
+    """The 10 s clip and its first 2 s (for the warm-up), built once and cached."""
+    from deployments.video import DecodeSettings, EncodeSettings, decode_all, encode_mp4
+    from serve.samples import sample_video_path
+
+    folder = cache_dir / "bench"
+    clip = folder / f"overhead-sports2d-{CLIP_WIDTH}w-{CLIP_FPS:g}fps-{CLIP_SECONDS:g}s.mp4"
+    warmup = clip.with_name(clip.stem + f"-first{WARMUP_SECONDS:g}s.mp4")
+    if clip.exists() and warmup.exists():
+        return clip, warmup
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = DecodeSettings(fps=CLIP_FPS, width=CLIP_WIDTH)
+    source = decode_all(sample_video_path(cache_dir), settings)
+    frames = ping_pong(source, round(CLIP_SECONDS * CLIP_FPS))
+    encode_mp4(frames, clip, EncodeSettings(fps=CLIP_FPS))
+    encode_mp4(frames[: round(WARMUP_SECONDS * CLIP_FPS)], warmup, EncodeSettings(fps=CLIP_FPS))
+    return clip, warmup
+
+
+def ping_pong(frames: np.ndarray, count: int) -> np.ndarray:
+    """Forward, backward, forward... without repeating the turning frames: smooth motion."""
+    cycle = np.concatenate([frames, frames[-2:0:-1]])
+    repeats = -(-count // len(cycle))
+    return np.concatenate([cycle] * repeats)[:count]
+
+
+# ------------------------------------------------------------------------------- in process
+
+
+@contextlib.contextmanager
+def warm_models(args: AppArgs) -> Iterator[None]:
+    """Load the diffusion engine and upscaler once and let every `edit_video` reuse them, as a
+    warm replica does (`edit_video` builds its own through serve.factory otherwise)."""
+    from serve import factory
+
+    engine, upscaler = factory.make_engine(args), factory.make_upscaler(args)
+    engine.load()
+    upscaler.load()
+    saved = factory.make_engine, factory.make_upscaler
+    factory.make_engine = lambda _args: engine
+    factory.make_upscaler = lambda _args: upscaler
+    try:
+        yield
+    finally:
+        factory.make_engine, factory.make_upscaler = saved
+
+
+def run_in_process(clip: Path, seed: int, upscaler: str, chunks: int) -> dict[str, Any]:
+    from serve.orchestrator import edit_video
+
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="overhead-inproc-") as folder:
+        args = app_args(folder, upscaler, chunks)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        report = asyncio.run(edit_video(clip, Path(folder) / "out.mp4", bench_request(seed), args))
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {"seed": seed, "load_average": round(load, 2), "seconds": round(wall, 2),
+            "cpu_seconds": round(cpu, 2), **report_summary(report)}  # fmt: skip
+
+
+def app_args(storage: str, upscaler: str, chunks: int) -> AppArgs:
+    return AppArgs(storage_uri=storage, upscaler_model=upscaler, max_chunks_in_flight=chunks)
+
+
+# ------------------------------------------------------------------------------ over HTTP
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServeApp:
+    """`motionserve serve` in a session of its own, with a fresh storage directory."""
+
+    def __init__(self, folder: Path, upscaler: str, chunks: int):
+        self.folder = folder
+        self.storage = folder / "store"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = folder / "server.log"
+        self.config = folder / "serve.yaml"
+        config = yaml.safe_load(LOCAL_CONFIG.read_text())
+        config["http_options"]["port"] = self.port
+        config["applications"][0]["args"].update(
+            storage_uri=str(self.storage), upscaler_model=upscaler, max_chunks_in_flight=chunks
+        )
+        self.config.write_text(yaml.safe_dump(config))
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        """Launch and wait for /readyz 200; returns the seconds it took (the cold start)."""
+        # RAY_TMPDIR: Ray's session files (logs, sockets) in our folder, removed afterwards.
+        env = {**os.environ, "RAY_TMPDIR": str(self.folder / "ray"),
+               "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        command = [sys.executable, "-m", "serve.cli", "serve", "--config", str(self.config),
+                   "--metrics-port", str(free_port())]  # fmt: skip
+        started = time.perf_counter()
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        self._wait_ready()
+        return time.perf_counter() - started
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited ({self.process.returncode}); see {self.log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)  # waiting for another process to come up: poll its readiness
+        raise TimeoutError(f"server not ready after {START_TIMEOUT_S:.0f} s; see {self.log}")
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of the app: the server's descendants and its session (Ray's daemons
+        and workers)."""
+        if self.process is None:
+            return []
+        found: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.process.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                found[proc.pid] = proc
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getsid(proc.pid) == self.process.pid:
+                    found[proc.pid] = proc
+        return list(found.values())
+
+    def cpu_seconds(self) -> dict[int, float]:
+        times = {}
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                cpu = proc.cpu_times()
+                times[proc.pid] = cpu.user + cpu.system
+        return times
+
+    def clear_cache(self) -> None:
+        """Forget every artifact (decode, pose, generations, segments): the next job redoes all.
+        Job manifests and uploads stay."""
+        shutil.rmtree(self.storage / "cache", ignore_errors=True)
+
+    def stop(self) -> None:
+        """SIGTERM (the CLI shuts the app and its own Ray down), then kill what is left of the
+        app's processes, by pid."""
+        if self.process is None:
+            return
+        leftovers = self.processes()
+        if self.process.poll() is None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+        for proc in leftovers:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(leftovers, timeout=STOP_TIMEOUT_S)
+        if self.process.poll() is None:
+            self.process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def run_over_http(app: ServeApp, clip: Path, seed: int) -> dict[str, Any]:
+    from serve.client import Client
+
+    client = Client(app.url, timeout_s=120)
+    app.clear_cache()
+    load = os.getloadavg()[0]
+    cpu_before = app.cpu_seconds()
+    started = time.perf_counter()
+    accepted = client.submit(clip, bench_request(seed))
+    submitted = time.perf_counter()
+    status = client.wait(accepted["job_id"], poll_s=POLL_S, timeout_s=JOB_TIMEOUT_S)
+    done = time.perf_counter()
+    if status["state"] != "done":
+        raise RuntimeError(f"job {accepted['job_id']} {status['state']}: {status.get('error')}")
+    with tempfile.TemporaryDirectory(prefix="overhead-dl-") as folder:
+        client.download(accepted["job_id"], Path(folder) / "out.mp4")
+    finished = time.perf_counter()
+    cpu_after = app.cpu_seconds()
+    # Processes that lived through the job (a replica that started mid-job counts from zero).
+    cpu = sum(t - cpu_before.get(pid, 0.0) for pid, t in cpu_after.items())
+    return {
+        "seed": seed,
+        "load_average": round(load, 2),
+        "seconds": round(finished - started, 2),
+        "upload_s": round(submitted - started, 2),
+        "submit_to_done_s": round(done - started, 2),
+        "download_s": round(finished - done, 2),
+        "server_job_s": round(server_seconds(status), 2),
+        "cpu_seconds": round(cpu, 2),
+        **report_summary(status["report"]),
+        **ledger_facts(status.get("ledger") or []),
+    }
+
+
+def ledger_facts(ledger: list[dict[str, Any]]) -> dict[str, Any]:
+    """Diffusion batch sizes, and model load seconds counted once per load: every chunk of a
+    batch carries its batch's load time, so the report's per-stage sum counts it per chunk."""
+    batches = [r for r in ledger if r["stage"] == "diffusion"]
+    sizes = [
+        int(note.split()[2]) for r in batches for note in r["notes"] if note.startswith("batch of")
+    ]
+    loads = {(r["stage"], r["load_s"]) for r in ledger if r.get("load_s")}
+    return {
+        "diffusion_batch_sizes": sizes,
+        "model_load_s": round(sum(seconds for _, seconds in loads), 2),
+    }
+
+
+def idle_cpu_share(app: ServeApp, seconds: float = IDLE_WINDOW_S) -> float:
+    """CPU the idle app burns (Ray daemons, controller, proxy, replicas' loops), in cores."""
+    before = app.cpu_seconds()
+    time.sleep(seconds)  # a fixed window on purpose: this measures a rate over time
+    after = app.cpu_seconds()
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items()) / seconds
+
+
+def server_seconds(status: dict[str, Any]) -> float:
+    """Job created -> last update (done), by the server's clock."""
+    created = datetime.fromisoformat(status["created_at"])
+    return (datetime.fromisoformat(status["updated_at"]) - created).total_seconds()
+
+
+# -------------------------------------------------------------------------------- reports
+
+
+def report_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Per-stage seconds from a cost report, after checking the job really did the work."""
+    stages = {s["stage"]: s for s in report["plan"]["stages"]}
+    hits = {name: s["cache_hits"] for name, s in stages.items() if s["cache_hits"]}
+    diffusion = stages.get("diffusion", {})
+    if hits or not diffusion.get("calls"):
+        raise RuntimeError(f"not a fresh run: cache hits {hits}, diffusion {diffusion}")
+    return {
+        "chunks": diffusion["calls"],
+        "generated_frames": report["plan"]["generated_frames"],
+        "report_load_s": round(sum(s["load_seconds"] for s in stages.values()), 2),
+        "stage_seconds": {name: round(s["seconds"], 3) for name, s in stages.items()},
+        "stage_wall_seconds": {name: round(s["wall_seconds"], 3) for name, s in stages.items()},
+    }
+
+
+def best(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(rounds, key=lambda r: r["seconds"])
+
+
+def median_seconds(rounds: list[dict[str, Any]]) -> float:
+    return round(statistics.median(r["seconds"] for r in rounds), 2)
+
+
+def summarize(in_process: list[dict], serve_block: dict[str, Any]) -> dict[str, Any]:
+    warm, first = serve_block["warm"], serve_block["first"]
+    fast_local, fast_serve = best(in_process), best(warm)
+    ratio = fast_serve["seconds"] / fast_local["seconds"]
+    return {
+        "ratio_best": round(ratio, 3),
+        "ratio_median": round(median_seconds(warm) / median_seconds(in_process), 3),
+        "ratio_server_side_best": round(
+            min(r["server_job_s"] for r in warm) / fast_local["seconds"], 3
+        ),
+        "target": TARGET_RATIO,
+        "meets_target": ratio <= TARGET_RATIO,
+        "in_process_best_s": fast_local["seconds"],
+        "serve_warm_best_s": fast_serve["seconds"],
+        "cpu_seconds_per_job": {
+            "in_process": fast_local["cpu_seconds"],
+            "serve": fast_serve["cpu_seconds"],
+        },
+        "serve_idle_cpu_cores": serve_block["idle_cpu_cores"],
+        "cold_start_s": serve_block["cold_start_s"],
+        "first_job_s": first["seconds"],
+        "first_job_model_load_s": first["model_load_s"],
+        "warm_job_s": fast_serve["seconds"],
+        "first_minus_warm_s": round(first["seconds"] - fast_serve["seconds"], 2),
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    s = result["summary"]
+    local, serve_ = best(result["in_process"]), best(result["serve_warm"])
+    lines = [
+        "stage seconds as the cost reports bill them, and wall seconds summed over calls",
+        f"{'stage':12} {'in-proc s':>10} {'serve s':>9} {'in-proc wall':>13} {'serve wall':>11}",
+    ]
+    for stage, seconds in local["stage_seconds"].items():
+        lines.append(
+            f"{stage:12} {seconds:>10.2f} {serve_['stage_seconds'].get(stage, 0):>9.2f} "
+            f"{local['stage_wall_seconds'][stage]:>13.2f} "
+            f"{serve_['stage_wall_seconds'].get(stage, 0):>11.2f}"
+        )
+    rounds_local = ", ".join(f"{r['seconds']:.1f}" for r in result["in_process"])
+    rounds_serve = ", ".join(f"{r['seconds']:.1f}" for r in result["serve_warm"])
+    lines += [
+        f"job (10 s clip, {local['chunks']} chunks)    in process [{rounds_local}] s, "
+        f"Serve over HTTP [{rounds_serve}] s",
+        f"Serve / in process: {s['ratio_best']:.3f} (best of each; medians "
+        f"{s['ratio_median']:.3f}; server-side job time {s['ratio_server_side_best']:.3f}), "
+        f"target <= {TARGET_RATIO}: {'met' if s['meets_target'] else 'MISSED'}",
+        f"CPU seconds per job: in process {s['cpu_seconds_per_job']['in_process']:.1f}, "
+        f"Serve (all app processes) {s['cpu_seconds_per_job']['serve']:.1f}",
+        f"idle app: {s['serve_idle_cpu_cores']:.2f} cores busy; diffusion chunks per call: "
+        f"in process 1, Serve {serve_['diffusion_batch_sizes']}",
+        f"cold start (launch -> /readyz 200) {s['cold_start_s']:.1f} s; first job "
+        f"{s['first_job_s']:.1f} s (model loads {s['first_job_model_load_s']:.1f} s) vs warm "
+        f"{s['warm_job_s']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result["summary"]
+    names = ["in process\n(best)", "Serve, warm\n(best)", "Serve,\nfirst job", "app cold\nstart"]
+    values = [s["in_process_best_s"], s["serve_warm_best_s"], s["first_job_s"], s["cold_start_s"]]
+    fig, axis = plt.subplots(figsize=(6.4, 3.6))
+    bars = axis.bar(names, values, color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"])
+    axis.bar_label(bars, fmt="%.1f s")
+    axis.axhline(s["in_process_best_s"] * TARGET_RATIO, color="grey", linestyle="--",
+                 label=f"target: in process x {TARGET_RATIO}")  # fmt: skip
+    axis.set_ylabel("seconds")
+    axis.set_ylim(0, max(values) * 1.2)
+    axis.set_title(f"10 s clip, tiny models: Serve / in process = {s['ratio_best']:.2f}")
+    axis.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def run_serve_block(clip: Path, seeds: list[int], upscaler: str, chunks: int) -> dict:
+    """Cold start, the first job (seed 0), idle CPU, then the warm jobs; the app is stopped
+    before returning."""
+    with tempfile.TemporaryDirectory(prefix="ovh-", ignore_cleanup_errors=True) as folder:
+        app = ServeApp(Path(folder), upscaler, chunks)
+        try:
+            cold_start_s = round(app.start(), 2)
+            print(f"cold start (launch -> /readyz 200): {cold_start_s:.1f} s", flush=True)
+            first = _say("Serve, first job", run_over_http(app, clip, 0))
+            idle = round(idle_cpu_share(app), 3)
+            warm = [_say("Serve, warm job", run_over_http(app, clip, seed)) for seed in seeds]
+        except BaseException:
+            print(f"server log (tail):\n{app.log_tail()}", file=sys.stderr)
+            raise
+        finally:
+            stopping = time.perf_counter()
+            app.stop()
+            stop_s = round(time.perf_counter() - stopping, 2)
+    return {"cold_start_s": cold_start_s, "first": first, "idle_cpu_cores": idle, "warm": warm,
+            "stop_s": stop_s}  # fmt: skip
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    clip, warmup = bench_clips(Settings().cache_dir)
+    rounds, upscaler, chunks = options.rounds, options.upscaler, options.chunks_in_flight
+    seeds = [1 + i for i in range(rounds)]
+    before = (rounds + 1) // 2
+    with warm_models(app_args("", upscaler, chunks)):
+        run_in_process(warmup, 0, upscaler, chunks)  # untimed: first calls of every library
+        # In-process rounds before and after the Serve block (the app is down while they run),
+        # so a change of load on the shared machine hits both sides.
+        in_process = [_say("in process", run_in_process(clip, seed, upscaler, chunks))
+                      for seed in seeds[:before]]  # fmt: skip
+        serve_block = run_serve_block(clip, seeds, upscaler, chunks)
+        in_process += [_say("in process", run_in_process(clip, seed, upscaler, chunks))
+                       for seed in seeds[before:]]  # fmt: skip
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+        "machine_shared": True,
+        "machine_note": (
+            f"Shared with other jobs (load average {load_before[0]:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after; each job records the load average at its start): "
+            f"each side ran {rounds} timed round(s); the best round of each side is compared, "
+            "medians are reported too."
+        ),
+        "clip": f"{clip.name}: the sample video looped forward/backward to {CLIP_SECONDS:g} s, "
+        f"{CLIP_FPS:g} fps, {CLIP_WIDTH} px wide, no audio",
+        "request": bench_request(0).model_dump(mode="json", exclude={"seed"}),
+        "upscaler_model": upscaler,
+        "max_chunks_in_flight": chunks,
+        "serve_config": "serve/configs/local.yaml with its port, storage_uri, upscaler_model "
+        "and max_chunks_in_flight set",
+        "timing": {
+            "in_process": "edit_video wall time; models loaded once before and an untimed "
+            f"{WARMUP_SECONDS:g} s warm-up job; fresh storage directory per round",
+            "serve": f"submit (upload) -> done (polled every {POLL_S} s) -> downloaded; "
+            "artifact cache emptied before every job",
+            "cpu_seconds": "in process: this process; Serve: every process of the app's "
+            "session (replicas, Ray daemons, controller, proxy)",
+            "verified": "every timed job: no cache hit in its report, diffusion ran on every chunk",
+        },
+        "rounds": rounds,
+        "in_process": in_process,
+        "serve_first_job": serve_block["first"],
+        "serve_warm": serve_block["warm"],
+        "serve_stop_s": serve_block["stop_s"],
+        "summary": summarize(in_process, serve_block),
+        "quick": options.quick,
+        "run_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def _say(label: str, result: dict[str, Any]) -> dict[str, Any]:
+    print(f"{label}: {result['seconds']:.1f} s (CPU {result['cpu_seconds']:.1f} s)", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one round per side (make bench)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed jobs per side (default 2)")
+    parser.add_argument(
+        "--upscaler", default=AppArgs().upscaler_model,
+        help="upscaler_model on both sides: the app's default (Compact) or 'lanczos'",
+    )  # fmt: skip
+    parser.add_argument(
+        "--chunks-in-flight", type=int, default=AppArgs().max_chunks_in_flight,
+        help="max_chunks_in_flight on both sides",
+    )  # fmt: skip
+    parser.add_argument("--output", type=Path, default=RESULTS / "overhead.json")
+    options = parser.parse_args(argv)
+    if options.quick:
+        options.rounds = 1
+    result = run(options)
+    print(format_table(result))
+    options.output.parent.mkdir(parents=True, exist_ok=True)
+    options.output.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, options.output.with_suffix(".png"))
+    print(f"wrote {options.output} and {options.output.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
