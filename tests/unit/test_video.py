@@ -172,7 +172,10 @@ def test_max_frames_stops_early(sample_video):
 # ------------------------------------------------------------------------------------ encode
 
 
-@pytest.mark.parametrize("fps,rate", [(25, "25/1"), (29.97, "30000/1001"), (12, "12/1")])
+@pytest.mark.parametrize(
+    "fps,rate",
+    [(25, "25/1"), (29.97, "30000/1001"), (12, "12/1"), (12.5, "25/2"), (7.5, "15/2")],
+)
 def test_encode_exact_rate_checked_by_ffprobe(tmp_path, fps, rate):
     frames = [barcode_frame(i, 320, 240) for i in range(30)]
     out = tmp_path / "out.mp4"
