@@ -766,7 +766,7 @@ class DiffusionEngine:
                 compute_seconds = time.perf_counter() - compute_started
                 frames = self._to_numpy(images, frames_dtype)
         wall_seconds = time.perf_counter() - started
-        return self._results(
+        results = self._results(
             requests,
             frames,
             counts,
@@ -776,6 +776,23 @@ class DiffusionEngine:
             precision=precision,
             notes=[note] if note else [],
         )
+        for request, result in zip(requests, results, strict=True):
+            result.notes.extend(self.truncation_notes(request))
+        return results
+
+    def truncation_notes(self, request: ChunkRequest) -> list[str]:
+        """CLIP reads at most 77 tokens: longer prompts are cut, and the result says so."""
+        tokenizer = self._modules.tokenizer
+        limit = tokenizer.model_max_length
+        notes = []
+        for name, text in (
+            ("prompt", request.prompt),
+            ("negative prompt", request.negative_prompt),
+        ):
+            given = len(tokenizer(text, truncation=False).input_ids)
+            if given > limit:
+                notes.append(f"{name} truncated to {limit} tokens ({given} given)")
+        return notes
 
     def _synchronize(self) -> None:
         if self._device.type == "cuda":

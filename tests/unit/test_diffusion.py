@@ -655,3 +655,11 @@ def test_invalid_requests_raise_clear_errors(engine):
         engine.generate([request(2), request(2, settings=settings(steps=5))])
     with pytest.raises(ValueError, match="at least one request"):
         engine.generate([])
+
+
+def test_over_long_prompt_is_truncated_and_reported(engine):
+    long_prompt = " ".join(["dancer"] * 120)  # well past CLIP's 77 tokens
+    (result,) = engine.generate([request(frames=1, prompt=long_prompt)])
+    assert any(note.startswith("prompt truncated to 77 tokens") for note in result.notes)
+    (short,) = engine.generate([request(frames=1)])
+    assert not any("truncated" in note for note in short.notes)
