@@ -172,6 +172,20 @@ def test_burst_beyond_the_limit_gets_503_and_loses_nothing(server, short_clip):
             assert wait(client, response.json()["job_id"])["state"] == "done"
 
 
+def test_cancel_stops_the_job_and_frees_its_input(server, short_clip, moto_s3):
+    with server.client() as client:
+        job_id = submit(client, short_clip, seed=91, chunk_frames=2, steps=12).json()["job_id"]
+        wait(client, job_id, until=lambda s: s["state"] == "running")
+        response = client.delete(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200 and response.json()["state"] == "cancelled"
+        assert client.get(f"/v1/jobs/{job_id}/result").status_code == 409
+        status = client.get(f"/v1/jobs/{job_id}").json()
+    assert status["state"] == "cancelled"
+    listed = moto_s3.client().list_objects_v2(Bucket=moto_s3.bucket, Prefix="")
+    inputs = [o["Key"] for o in listed.get("Contents", []) if job_id in o["Key"]]
+    assert not any(key.endswith("/input") for key in inputs), inputs
+
+
 def metric_total(text: str, name: str, **labels: str) -> float:
     """Sum of a Prometheus metric's samples whose labels include `labels`."""
     total = 0.0

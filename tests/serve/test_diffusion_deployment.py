@@ -34,6 +34,7 @@ def maps(plan: Plan, frames: int, seed: int) -> Frames:
 def ray_cluster(tmp_path_factory):
     # address="local": a cluster of our own even if another runs on the machine.
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
+    serve.start(proxy_location="Disabled")  # handles only: no HTTP port to collide on
     yield
     serve.shutdown()
     ray.shutdown()
