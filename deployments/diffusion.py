@@ -757,6 +757,7 @@ class DiffusionEngine:
             dtype, precision, note = resolve_precision(settings.precision, self._device.type)
             self._ensure_dtype(dtype)
             layout = _Layout(requests, settings.controlnet_every)
+            truncations = [self.truncation_notes(r) for r in requests]  # needs the tokenizer
             counts = np.zeros((len(requests), 3), dtype=np.int64)  # unet, controlnet, vae
             with torch.inference_mode():
                 self._synchronize()
@@ -776,12 +777,13 @@ class DiffusionEngine:
             precision=precision,
             notes=[note] if note else [],
         )
-        for request, result in zip(requests, results, strict=True):
-            result.notes.extend(self.truncation_notes(request))
+        for notes, result in zip(truncations, results, strict=True):
+            result.notes.extend(notes)
         return results
 
     def truncation_notes(self, request: ChunkRequest) -> list[str]:
-        """CLIP reads at most 77 tokens: longer prompts are cut, and the result says so."""
+        """CLIP reads at most 77 tokens: longer prompts are cut, and the result says so.
+        Call with the engine loaded and locked (it reads the tokenizer)."""
         tokenizer = self._modules.tokenizer
         limit = tokenizer.model_max_length
         notes = []
