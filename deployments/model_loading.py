@@ -206,6 +206,9 @@ def _join(subfolder: str | None, name: str) -> str:
 def _load_base_from_pretrained(location: str, subfolder: str | None, dtype: Any) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a progress bar per load floods service logs
 
     # Any scheduler class reads scheduler_config.json as a plain dict; the engine builds its own.
     scheduler_config = DDIMScheduler.load_config(location, subfolder=_join(subfolder, "scheduler"))

@@ -16,6 +16,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -457,6 +458,8 @@ class PoseExtractor:
             raise InvalidSettingError(
                 f"pose model_complexity {self.settings.model_complexity} is not bundled"
             )
+        # MediaPipe's C++ side logs every graph start to stderr; keep only errors.
+        os.environ.setdefault("GLOG_minloglevel", "2")
         from mediapipe.python.solutions.pose import Pose
 
         return Pose(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from typing import Any
 
@@ -25,7 +26,7 @@ from serve.auth import Authenticator
 from serve.config import AppArgs, Settings
 from serve.factory import engine_config, make_upscaler, stage_context
 from serve.jobs import JobService, JobStore
-from serve.metrics import BatchMetrics, JobMetrics
+from serve.metrics import JobMetrics, batch_metrics
 from serve.orchestrator import Orchestrator
 from serve.pipeline import Plan
 from serve.planning import estimate, plan_for
@@ -121,7 +122,7 @@ class DiffusionServer:
         self.batches: list[dict[str, Any]] = []  # recent batches, for tests and metrics
         self._reaper: asyncio.Task | None = None
         self.gpu_fraction = assigned_gpu_fraction()
-        self.metrics = BatchMetrics()
+        self.metrics = batch_metrics()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batch size, wait timeout and idle unload change at runtime (user_config)."""
@@ -178,6 +179,7 @@ class DiffusionServer:
 
     def status(self) -> dict[str, Any]:
         return {
+            "pid": os.getpid(),
             "loaded": {k: e.is_loaded for k, e in self.engines.items()},
             "idle_s": time.monotonic() - self.last_used,
             "idle_unload_s": self.idle_unload_s,

@@ -97,3 +97,19 @@ class BatchMetrics:
     def batch(self, requests: int, frames: int) -> None:
         self.size.observe(requests)
         self.frames.observe(frames)
+
+
+class _NoBatchMetrics:
+    def batch(self, requests: int, frames: int) -> None:
+        pass
+
+
+def batch_metrics() -> BatchMetrics | _NoBatchMetrics:
+    """Serve metrics exist only inside a replica; the server class used directly (tests,
+    scripts) records nothing."""
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return BatchMetrics()
+    except RayServeException:
+        return _NoBatchMetrics()

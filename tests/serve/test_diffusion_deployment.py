@@ -88,6 +88,8 @@ def test_batches_hold_one_key_and_callers_get_their_own_frames(ray_cluster, tmp_
 
 
 def test_batch_size_changes_at_runtime_and_weights_unload_when_idle(ray_cluster, tmp_path):
+    # user_config reaches the replica through `reconfigure` (Ray calls it at start and on a
+    # config-file update; a Python-API redeploy like this one restarts the replica).
     handle = deploy(tmp_path, {"max_batch_size": 1, "batch_wait_timeout_s": 0.2,
                                "idle_unload_s": 1.0}, "reconf")  # fmt: skip
     plan = plan_for(128)

@@ -1,0 +1,94 @@
+"""benchmarks/cost.py: the lever table, the full-size CPU seconds and the GPU path's code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import cost
+
+FP16_UNMEASURED = {"time_factor": 1.0, "basis": "not measured: no GPU"}
+
+
+def test_levers_stacked_reach_the_standard_plan_and_a_repeat_costs_nothing():
+    table = cost.lever_table(FP16_UNMEASURED, {"factor": 0.6, "basis": "measured"}, "scale")
+    rows = {row["key"]: row for row in table["rows"]}
+    assert table["stack_reaches_standard_units"]
+    assert rows["batching"]["alone"]["saving_pct"] == pytest.approx(40.0)
+    assert rows["batching"]["alone"]["units"] == table["naive"]["units"]  # time, not work
+    assert rows["fps"]["alone"]["saving_pct"] == pytest.approx(52.0)  # 120 of 250 frames
+    assert rows["fp16"]["cumulative"]["step_saving_pct"] == 0.0  # unmeasured: x1.0
+    assert rows["cache"]["cumulative"]["units"] == 0.0
+    assert rows["cache"]["cumulative"]["spot"] == 0.0
+    savings = [row["cumulative"]["saving_pct"] for row in table["rows"]]
+    assert savings == sorted(savings)
+
+
+def test_batching_factor_comes_from_the_engine_rows(tmp_path):
+    path = tmp_path / "batching.json"
+    rows = [{"batch": 1, "s_per_unit": 0.2}, {"batch": 4, "s_per_unit": 0.12}]
+    path.write_text(json.dumps({"when": "today", "engine": {"rows": rows}}))
+    found = cost.batching_factor(path)
+    assert found["measured"] and found["factor"] == pytest.approx(0.6)
+    missing = cost.batching_factor(tmp_path / "absent.json")
+    assert not missing["measured"] and missing["factor"] == 1.0
+    assert "not measured" in missing["basis"]
+
+
+def test_cpu_side_seconds_scale_to_10_s_and_use_the_full_size_calibration():
+    run = {
+        "seconds_of_clip": 4.0,
+        "stages": {
+            "pose": {"seconds": 1.0},
+            "diffusion": {"seconds": 50.0},
+            "upscale": {"seconds": 2.0},
+            "interpolate": {"seconds": 4.0},
+        },
+    }
+    calibration = {
+        "768x432": {
+            "upscale_cpu_s_per_frame": 2.0,
+            "upscale_frames_measured": 1,
+            "flow_cpu_s_per_pair": 0.03,
+            "flow_cpu_s_per_pair_at_run_size": 0.01,
+        }
+    }
+    seconds = cost.cpu_side_seconds("standard", run, calibration)
+    assert "diffusion" not in seconds  # priced from work units on the GPU
+    assert seconds["pose"]["seconds"] == pytest.approx(2.5)
+    # 120 generated frames in 8 chunks; each chunk also upscales the next one's first frame.
+    assert seconds["upscale"]["seconds"] == pytest.approx(2.0 * 127)
+    pairs = cost.interpolated_pairs(cost.full_plan("standard"), 120)
+    assert 100 < pairs < 120
+    assert seconds["interpolate"]["seconds"] == pytest.approx(10.0 + 0.02 * pairs)
+    naive = cost.cpu_side_seconds("naive", run, calibration)
+    assert set(naive) == {"pose"}  # naive generates every frame at output size
+
+
+def test_naive_bills_its_cpu_side_stages_at_the_gpu_price():
+    _, _, price = next(row for row in cost.tier_rows() if row[0] == "scale")
+    plan = cost.plan_dollars(1000.0, 3600.0, price, naive=False)
+    naive = cost.plan_dollars(1000.0, 3600.0, price, naive=True)
+    assert plan["gpu_s"] == naive["gpu_s"] == pytest.approx(1000 * price.seconds_per_work_unit)
+    gpu_hours = plan["gpu_s"] / 3600
+    cents = 1e-5  # dollars are rounded to 5 decimals
+    expected = gpu_hours * price.on_demand_gpu_hour + 0.0425
+    assert plan["on_demand"] == pytest.approx(expected, abs=cents)
+    naive_expected = (gpu_hours + 1) * price.on_demand_gpu_hour
+    assert naive["on_demand"] == pytest.approx(naive_expected, abs=cents)
+
+
+def test_full_size_prediction_is_the_estimate_and_far_below_naive():
+    standard = cost.full_size_prediction("standard")
+    assert standard["generation"] == "768x432" and standard["generated_frames"] == 120
+    assert standard["naive"]["generation"] == "1920x1080"
+    assert standard["naive"]["generated_frames"] == 250
+    assert standard["naive"]["work_units"]["total"] / standard["work_units"]["total"] > 20
+
+
+def test_precision_rows_run_on_cpu(tiny_sd):
+    # The GPU path's code on the CPU: both precisions run fp32 there and no VRAM is read.
+    rows = cost.measure_precisions(tiny_sd.path, "cpu", (64, 64), steps=1)
+    assert [row["precision"] for row in rows] == ["fp32", "fp32"]
+    assert all(row["s_per_unit"] > 0 and row["peak_gib"] is None for row in rows)
