@@ -1,7 +1,8 @@
 """HTTP load test: closed-loop clients and Poisson arrivals against a running `motionserve serve`.
 
 By default it starts its own app (`motionserve serve` on loopback, a local Ray of its own, a
-fresh storage directory, `max_active_jobs` lowered so backpressure shows; stopped at the end),
+fresh storage directory, `max_active_jobs` lowered to 2 so that 3 clients meet backpressure;
+stopped at the end),
 or it targets `--url`. The jobs are tiny and fast: a 2 s clip of the real sample video (640 px,
 25 fps), the draft preset with generation at 128 px, output at 256 px and 4 steps (the tests'
 FAST_OVERRIDES), a new seed per job so diffusion always runs (the pose of the one clip is
@@ -20,7 +21,7 @@ diffusion batch sizes (ledger notes "batch of N chunk(s)", and the `ray_motionse
 histogram of the server's metrics port), the 503 rate and errors. Every accepted job must end
 done (with a downloadable MP4) or with a reported error; the exit status is 1 if any is lost.
 
-    python -m benchmarks.load [--quick] [--clients 3] [--rate 12] [--jobs 8] [--url URL]
+    python -m benchmarks.load [--quick] [--clients 3] [--rate 30] [--jobs 8] [--url URL]
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -64,9 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", help="a running motionserve (default: start one on loopback)")
     parser.add_argument("--api-key", help="API key for --url")
     parser.add_argument("--metrics-url", help="Prometheus endpoint of --url's Ray node")
-    parser.add_argument("--clients", type=int, help="closed-loop clients (default 3; quick 2)")
-    parser.add_argument("--rate", type=float, help="open-loop arrivals per minute (default 12)")
-    parser.add_argument("--jobs", type=int, help="jobs per phase (default 8; quick 4)")
+    parser.add_argument("--clients", type=int, help="closed-loop clients (default 3)")
+    parser.add_argument("--rate", type=float, help="open-loop arrivals per minute (default 30)")
+    parser.add_argument("--jobs", type=int, help="jobs per phase (default 8; quick 5)")
     parser.add_argument(
         "--phase-seconds",
         type=float,
@@ -87,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-active-jobs",
         type=int,
-        default=4,
-        help="max_active_jobs of the started app (503 beyond; default 4)",
+        default=2,
+        help="max_active_jobs of the started app (503 beyond; default 2)",
     )
     parser.add_argument("--upscaler", help="upscaler_model of the started app (default the app's)")
     parser.add_argument("--poll", type=float, default=0.5, help="status poll interval, s")
@@ -96,9 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "load.json")
     parser.add_argument("--plot", type=Path, default=RESULTS_DIR / "load.png")
     args = parser.parse_args(argv)
-    args.clients = args.clients or (2 if args.quick else 3)
-    args.rate = args.rate or 12.0
-    args.jobs = args.jobs or (4 if args.quick else 8)
+    args.clients = args.clients or 3
+    args.rate = args.rate or 30.0
+    args.jobs = args.jobs or (5 if args.quick else 8)
     args.phase_seconds = args.phase_seconds or (90.0 if args.quick else 240.0)
     if not 1 <= args.clients <= 32 or not 1 <= args.jobs <= 200 or not 0 < args.rate <= 600:
         parser.error("--clients must be 1..32, --jobs 1..200, --rate in (0, 600]")
@@ -263,17 +264,23 @@ def ledger_summary(ledger: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Seeds:
-    """New seeds, and with probability `repeat_share` the seed of a job already done (the same
-    clip and request again: every stage a cache hit)."""
+    """New seeds, and for a `repeat_share` of the picks (evenly spread, so a short run gets its
+    share too) the seed of a job already done: the same clip and request again, every stage a
+    cache hit."""
 
     def __init__(self, seed: int, repeat_share: float):
         self.random = random.Random(seed)
         self.repeat_share = repeat_share
         self.next_seed = 1000 + seed * 100_000
+        self.picks = 0
         self.done: list[int] = []
 
     def pick(self) -> int:
-        if self.done and self.random.random() < self.repeat_share:
+        self.picks += 1
+        due = math.floor(self.picks * self.repeat_share) > math.floor(
+            (self.picks - 1) * self.repeat_share
+        )
+        if due and self.done:
             return self.random.choice(self.done)
         self.next_seed += 1
         return self.next_seed
@@ -374,16 +381,13 @@ def phase_stats(phase: dict[str, Any]) -> dict[str, Any]:
     accepted = [f for f in finals if f["outcome"] == "accepted"]
     done = [f for f in accepted if f.get("final") == "done"]
     stages: dict[str, list[float]] = {}
-    batch_sizes: list[int] = []
     for job in done:
         for stage, walls in job["stage_walls"].items():
             stages.setdefault(stage, []).extend(walls)
-        batch_sizes.extend(job["batch_sizes"])
     wall = phase["wall_s"]
     rejected = sum(a["outcome"] == "rejected" for a in attempts)
     # Every job delivers the same clip; a repeat's join is a cache hit that records no frames.
     frames_per_job = max((j["joined_frames"] for j in done), default=0)
-    chunk_counts = Counter(batch_sizes)
     return {
         "submissions": len(attempts),
         "jobs": len(finals),
@@ -407,15 +411,28 @@ def phase_stats(phase: dict[str, Any]) -> dict[str, Any]:
         "cache_hit_jobs": sum(j["generated_frames"] == 0 for j in done),
         "latency_s": {
             "end_to_end": percentiles([j["e2e_s"] for j in done]),
+            "end_to_end_fresh": percentiles([j["e2e_s"] for j in done if j["generated_frames"]]),
+            "end_to_end_repeats": percentiles(
+                [j["e2e_s"] for j in done if not j["generated_frames"]]
+            ),
             "server_job": percentiles([j["server_s"] for j in done]),
             "upload": percentiles([a["upload_s"] for a in attempts if a["upload_s"] is not None]),
         },
         "stage_wall_s_per_call": {stage: percentiles(v) for stage, v in sorted(stages.items())},
-        "batch_sizes": {
-            "chunks_by_batch_size": {str(k): chunk_counts[k] for k in sorted(chunk_counts)},
-            "batches_estimated": round(sum(n / size for size, n in chunk_counts.items()), 1),
-            "mean_per_chunk": round(statistics.fmean(batch_sizes), 2) if batch_sizes else None,
-        },
+        "batch_sizes": batch_counts(done),
+    }
+
+
+def batch_counts(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """Diffusion chunks by the size of the batch they ran in (from the jobs' ledgers), and
+    the batches that makes (a batch of N counts once for its N chunks)."""
+    sizes = [size for job in done for size in job["batch_sizes"]]
+    chunks = Counter(sizes)
+    batches = sum(n / size for size, n in chunks.items())
+    return {
+        "chunks_by_batch_size": {str(k): chunks[k] for k in sorted(chunks)},
+        "batches_estimated": round(batches, 1),
+        "mean_batch_size": round(len(sizes) / batches, 2) if batches else None,
     }
 
 
@@ -460,9 +477,24 @@ def metric_delta(before: dict | None, after: dict | None) -> dict[str, Any]:
     return {
         "available": True,
         "batches": count,
-        "mean_batch_size": round((after["sum"] - before["sum"]) / count, 2) if count else None,
+        "batches_by_size_bucket": bucket_counts(buckets),
+        # In our runs the _sum series lagged the buckets; the buckets agree with the ledgers.
+        "mean_batch_size_from_sum": (
+            round((after["sum"] - before["sum"]) / count, 2) if count else None
+        ),
         "cumulative_buckets": buckets,
     }
+
+
+def bucket_counts(cumulative: dict[str, float]) -> dict[str, float]:
+    """Non-cumulative batches per bucket, by upper bound (le), the empty ones left out."""
+    order = sorted(cumulative, key=lambda le: math.inf if le == "+Inf" else float(le))
+    counts, below = {}, 0.0
+    for le in order:
+        if cumulative[le] - below > 0:
+            counts[le] = cumulative[le] - below
+        below = cumulative[le]
+    return counts
 
 
 def settled_histogram(
@@ -518,6 +550,9 @@ def load_clip() -> Path:
 async def run_phases(target: Target, args) -> dict[str, Any]:
     seeds = Seeds(args.seed, args.repeat_share)
     phases = {}
+    # Ray exports metrics on an interval, so per-phase deltas would straddle phases: the
+    # histogram is compared over the whole run, after it settles.
+    baseline = await asyncio.to_thread(scrape_batch_histogram, target.metrics_url)
     async with http_client(target, 1) as http:  # untimed: replicas load their models
         warmup = await run_job(
             http, target, seeds.pick(), args.poll, time.monotonic() + args.drain_seconds, retry=True
@@ -527,12 +562,8 @@ async def run_phases(target: Target, args) -> dict[str, Any]:
         f"warm-up job: {warmup[-1].get('final')} in {warmup[-1].get('e2e_s', 0):.1f} s", flush=True
     )
     for name, phase in (("closed", closed_loop), ("open", open_loop)):
-        before = await asyncio.to_thread(scrape_batch_histogram, target.metrics_url)
         result = await phase(target, args, seeds)
         stats = phase_stats(result)
-        expected = stats["batch_sizes"]["batches_estimated"]
-        after = await asyncio.to_thread(settled_histogram, target.metrics_url, expected, before)
-        stats["prometheus_batch_size"] = metric_delta(before, after)
         phases[name] = {
             **{k: v for k, v in result.items() if k != "jobs"},
             "stats": stats,
@@ -543,7 +574,13 @@ async def run_phases(target: Target, args) -> dict[str, Any]:
             f"x 503, {len(stats['lost'])} lost, {stats['wall_s']:.0f} s",
             flush=True,
         )
-    return {"warmup": warmup, "phases": phases}
+    jobs = [warmup] + [job for phase in phases.values() for job in phase["jobs"]]
+    ledger = batch_counts([a for job in jobs for a in job if a.get("final") == "done"])
+    after = await asyncio.to_thread(
+        settled_histogram, target.metrics_url, ledger["batches_estimated"], baseline
+    )
+    prometheus = {**metric_delta(baseline, after), "ledger_all_jobs": ledger}
+    return {"warmup": warmup, "phases": phases, "prometheus_batch_size": prometheus}
 
 
 def run(args) -> dict[str, Any]:
@@ -600,18 +637,23 @@ def format_report(result: dict[str, Any]) -> str:
         f"target: {result['target']}; cold start {result['cold_start_s']} s; clip {result['clip']}",
         f"{'phase':7} {'jobs':>4} {'acc':>4} {'done':>4} {'503':>4} {'err':>4} {'lost':>4} "
         f"{'jobs/min':>8} {'out fr/s':>8} {'e2e p50':>8} {'p95':>7} {'p99':>7} "
-        f"{'server p50':>10} {'hits':>4}",
+        f"{'server p50':>10} {'hits':>4} {'hit p50':>8}",
     ]
     for name, phase in result["phases"].items():
         s = phase["stats"]
-        e2e, server = s["latency_s"]["end_to_end"], s["latency_s"]["server_job"]
+        e2e, server = s["latency_s"]["end_to_end_fresh"], s["latency_s"]["server_job"]
+        repeats = s["latency_s"]["end_to_end_repeats"]
         lines.append(
             f"{name:7} {s['jobs']:>4} {s['accepted']:>4} {s['done']:>4} {s['rejected_503']:>4} "
             f"{len(s['submit_errors']) + s['failed_with_error']:>4} {len(s['lost']):>4} "
             f"{s['jobs_per_min']:>8.2f} {s['output_frames_per_s']:>8.2f} {_f(e2e['p50']):>8} "
             f"{_f(e2e['p95']):>7} {_f(e2e['p99']):>7} {_f(server['p50']):>10} "
-            f"{s['cache_hit_jobs']:>4}"
+            f"{s['cache_hit_jobs']:>4} {_f(repeats['p50']):>8}"
         )
+    lines.append(
+        "e2e: fresh jobs (diffusion ran), first submit -> done seen, 503 retries included; "
+        "server: created -> updated; hits: exact repeats served from the cache"
+    )
     for name, phase in result["phases"].items():
         s = phase["stats"]
         lines.append(f"\n{name} loop: stage wall s per call  p50 / p95 / p99 (n)")
@@ -619,20 +661,27 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(
                 f"  {stage:12} {_f(p['p50']):>7} / {_f(p['p95']):>7} / {_f(p['p99']):>7} ({p['n']})"
             )
-        b, prom = s["batch_sizes"], s["prometheus_batch_size"]
-        prom_text = (
-            f"{prom['batches']:.0f} batches, mean {prom['mean_batch_size']}"
-            if prom.get("available")
-            else "not available"
-        )
+        b = s["batch_sizes"]
         lines.append(
             f"  diffusion chunks by batch size {b['chunks_by_batch_size']} "
-            f"(~{b['batches_estimated']} batches); Prometheus {METRIC}: {prom_text}"
+            f"(~{b['batches_estimated']} batches, mean size {b['mean_batch_size']})"
         )
         lines.append(
             f"  503 rate {s['rate_503']:.1%}; submit errors {s['submit_errors'] or 0}; "
             f"results not downloadable {s['results_not_downloadable'] or 0}"
         )
+    prom = result["prometheus_batch_size"]
+    ledger = prom["ledger_all_jobs"]
+    prom_text = (
+        f"{prom['batches']:.0f} batches, by size bucket (le) {prom['batches_by_size_bucket']}"
+        if prom.get("available")
+        else "not available"
+    )
+    lines.append(
+        f"\nwhole run incl. warm-up: {METRIC} (Prometheus) {prom_text}; job ledgers: chunks by "
+        f"batch size {ledger['chunks_by_batch_size']}, ~{ledger['batches_estimated']} batches, "
+        f"mean size {ledger['mean_batch_size']}"
+    )
     lines.append(f"lost jobs: {result['lost_jobs'] or 'none'}")
     return "\n".join(lines)
 
@@ -652,21 +701,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for name, phase in phases.items():
         done = sorted(j[-1]["e2e_s"] for j in phase["jobs"] if j[-1].get("final") == "done")
         if done:
-            lat.step(
-                done,
-                np.arange(1, len(done) + 1) / len(done),
-                where="post",
-                label=f"{name} loop (n={len(done)})",
-            )
+            share = np.arange(len(done) + 1) / len(done)
+            lat.step([0.0, *done], share, where="post", label=f"{name} loop (n={len(done)})")
     lat.set_xlabel("end-to-end latency, s")
     lat.set_ylabel("share of jobs done")
     lat.set_title("latency CDF")
     lat.legend(fontsize=8)
     width = 0.8 / max(1, len(phases))
+    seen: set[int] = set()
     for i, (name, phase) in enumerate(phases.items()):
         counts = phase["stats"]["batch_sizes"]["chunks_by_batch_size"]
         sizes = [int(k) for k in counts]
-        batches.bar([s + i * width for s in sizes], list(counts.values()), width, label=name)
+        seen.update(sizes)
+        offset = (i - (len(phases) - 1) / 2) * width
+        batches.bar([s + offset for s in sizes], list(counts.values()), width, label=name)
+    batches.set_xticks(sorted(seen))
     batches.set_xlabel("diffusion batch size (chunks)")
     batches.set_ylabel("chunks")
     batches.set_title("batch sizes seen (job ledgers)")
@@ -685,8 +734,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
     plot(result, args.plot)
     print(f"wrote {args.output} and {args.plot} ({result['total_s']} s)")
-    if result["lost_jobs"]:
-        raise SystemExit(f"lost {len(result['lost_jobs'])} accepted job(s): {result['lost_jobs']}")
+    unreadable = [
+        j for p in result["phases"].values() for j in p["stats"]["results_not_downloadable"]
+    ]
+    if result["lost_jobs"] or unreadable:
+        raise SystemExit(
+            f"lost {len(result['lost_jobs'])} accepted job(s): {result['lost_jobs']}; done "
+            f"without a downloadable MP4: {unreadable}"
+        )
     return result
 
 

@@ -1,7 +1,7 @@
 """Serve overhead: one job through the Serve app over HTTP against the same stages in one process.
 
-The clip: 10 s of the real sample video (7.7 s played forward, then backward, then forward
-again), 640 px wide at 25 fps, cached under the cache dir (`bench/`). The request: tiny
+The clip: 10 s of the real sample video (its 7.7 s played forward, then backward), 640 px
+wide at 25 fps, no audio, cached under the cache dir (`bench/`). The request: tiny
 random-weight models, the draft preset with generation at 128 px, output at 256 px and 4 steps
 (`FAST_OVERRIDES` of the tests), the same plan and the same `max_chunks_in_flight` on both
 sides; the upscaler is the app's default (Compact, realesr-animevideov3) unless `--upscaler`.
@@ -9,7 +9,7 @@ sides; the upscaler is the app's default (Compact, realesr-animevideov3) unless 
 - in process: `serve.orchestrator.edit_video`, with the models loaded once before timing (as
   they are in a warm replica) and one untimed warm-up job on a 2 s clip; each timed job gets a
   fresh storage directory.
-- over HTTP: `motionserve serve` as a subprocess (a local Ray of its own, `serve run` on
+- over HTTP: `motionserve serve` as a subprocess (a local Ray of its own, the app from
   serve/configs/local.yaml with a free port and a fresh storage directory); a job's time is
   submit (upload included) -> done (polled every 0.25 s) -> result downloaded. The artifact
   cache is emptied before every job, so every job runs decode, pose and diffusion again; the
@@ -23,7 +23,7 @@ The machine may be shared, so the in-process rounds run before and after the Ser
 app is down while they run) and the best round of each side is compared (medians are reported
 too). `--quick` runs one round per side (what `make bench` runs).
 
-    python -m benchmarks.overhead [--quick] [--rounds 2] [--upscaler lanczos]
+    python -m benchmarks.overhead [--quick] [--rounds 3] [--upscaler lanczos]
 """
 
 from __future__ import annotations
@@ -500,6 +500,16 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             "session (replicas, Ray daemons, controller, proxy)",
             "verified": "every timed job: no cache hit in its report, diffusion ran on every chunk",
         },
+        "notes": [
+            "stage seconds are what the cost reports bill: CPU seconds of the process during "
+            "each call (diffusion on CPU: its compute seconds); with several chunks in flight "
+            "they include other calls running in the same process at the time, so in process "
+            "they overlap across stages",
+            "diffusion: in process one chunk per engine call (the engine's lock serialises "
+            "them); Serve groups chunks with @serve.batch (max_batch_size 4 in local.yaml)",
+            "torch threads: in process torch's default (one per core); in a Serve replica Ray "
+            "sets OMP_NUM_THREADS to its whole CPUs, at least 1 (1 here)",
+        ],
         "rounds": rounds,
         "in_process": in_process,
         "serve_first_job": serve_block["first"],
@@ -519,7 +529,7 @@ def _say(label: str, result: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round per side (make bench)")
-    parser.add_argument("--rounds", type=int, default=2, help="timed jobs per side (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed jobs per side (default 3)")
     parser.add_argument(
         "--upscaler", default=AppArgs().upscaler_model,
         help="upscaler_model on both sides: the app's default (Compact) or 'lanczos'",

@@ -20,6 +20,8 @@ BENCHMARKS = [
     ("upscale", ["--repeats", "1", "--skip-rrdb"], []),
     ("batching", ["--quick"], []),
     ("overhead", ["--quick"], []),
+    ("cost", ["--quick"], []),
+    ("load", ["--quick"], []),
 ]
 
 

@@ -259,11 +259,18 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
     return app
 
 
+SERVICE_PRESETS = ("draft", "standard", "high")
+
+
 def _parse_request(text: str) -> JobRequest:
     try:
-        return JobRequest.model_validate_json(text)
+        request = JobRequest.model_validate_json(text)
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", _describe(exc.errors())) from None
+    if request.preset is not None and request.preset not in SERVICE_PRESETS:
+        # 'naive' is the cost reports' baseline (benchmarks run it in process), not a service.
+        raise ApiError(422, "invalid_preset", f"preset must be one of {list(SERVICE_PRESETS)}")
+    return request
 
 
 async def _save_upload(upload: UploadFile, dest: Path, limit: int) -> int:

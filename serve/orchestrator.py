@@ -242,7 +242,8 @@ class LocalStages:
                 return Frames(hit.frames, (maps.records if maps else []) + hit.records)
         stages.require_maps(maps, key)
         request = stages.chunk_request(fields, maps, plan)
-        (result,) = self.engine.generate([request])
+        with stages.MEASURE_LOCK:  # diffusion's CPU time must not land in another stage's bill
+            (result,) = self.engine.generate([request])
         if plan.cache:
             stages.store_generation(self.ctx, key, result.frames)
         record = stages.generation_record(result, self.gpu_fraction)

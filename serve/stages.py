@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,15 +56,22 @@ class Frames:
     guides: np.ndarray | None = None  # the same frames at generation size (interpolation)
 
 
+# CPU seconds are read process-wide (stages use native worker threads), so two measured calls
+# in one process must not overlap, or each would be billed for the other's work. Stage work
+# is CPU-bound, so serialising it per process costs little throughput and keeps bills true.
+MEASURE_LOCK = threading.RLock()
+
+
 @contextmanager
 def measured(record: StageRecord) -> Iterator[StageRecord]:
-    """Fill `record.wall_s` and `record.cpu_s` with what the block took."""
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    try:
-        yield record
-    finally:
-        record.wall_s += time.perf_counter() - wall0
-        record.cpu_s += time.process_time() - cpu0
+    """Fill `record.wall_s` and `record.cpu_s` with what the block took (one at a time)."""
+    with MEASURE_LOCK:
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        try:
+            yield record
+        finally:
+            record.wall_s += time.perf_counter() - wall0
+            record.cpu_s += time.process_time() - cpu0
 
 
 @dataclass

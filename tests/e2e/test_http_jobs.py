@@ -135,6 +135,13 @@ def test_invalid_requests_get_clear_errors(server, short_clip):
             data={"request": json.dumps({"prompt": "x", "styles": ["moonwalk"]})},
         )
         assert response.status_code == 422 and "exaggerate" in response.json()["error"]["message"]
+        handle.seek(0)
+        response = client.post(
+            "/v1/jobs",
+            files={"video": ("c.mp4", handle, "video/mp4")},
+            data={"request": json.dumps({"prompt": "x", "preset": "naive"})},
+        )
+        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_preset"
         response = client.post("/v1/jobs", content=b"raw", headers={"content-type": "video/mp4"})
         assert response.status_code == 415
         assert client.get("/v1/jobs/" + "0" * 32).status_code == 404
