@@ -426,7 +426,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                  label=f"target: in process x {TARGET_RATIO}")  # fmt: skip
     axis.set_ylabel("seconds")
     axis.set_ylim(0, max(values) * 1.2)
-    axis.set_title(f"10 s clip, tiny models: Serve / in process = {s['ratio_best']:.2f}")
+    upscaler = result.get("upscaler_model", "")
+    axis.set_title(f"10 s clip, tiny models, {upscaler}: Serve / in process {s['ratio_best']:.2f}")
     axis.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
