@@ -80,6 +80,7 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
 from deployments.errors import InvalidSettingError, NotAVideoError
+from deployments.video import exact_rate
 
 INTERPOLATE_CODE_VERSION = "interpolate-1"
 
@@ -185,25 +186,8 @@ class InterpolationSettings(BaseModel):
 # ----------------------------------------------------------------------------- timing rule
 
 
-def exact_fps(fps: float | Fraction) -> Fraction:
-    """A frame rate as an exact fraction: 25 -> 25, 29.97 -> 30000/1001, 12.5 -> 25/2."""
-    if isinstance(fps, Fraction):
-        rate = fps
-    else:
-        if not math.isfinite(fps):
-            raise InvalidSettingError(f"a frame rate must be a finite number, not {fps}")
-        # NTSC rates are written rounded (29.97, 23.976, 59.94) but mean n*1000/1001.
-        ntsc = Fraction(round(fps * 1.001) * 1000, 1001)
-        whole = round(fps)
-        if abs(fps - whole) < 1e-6:
-            rate = Fraction(whole)
-        elif abs(float(ntsc) - fps) < 1e-4 * fps:
-            rate = ntsc
-        else:
-            rate = Fraction(fps).limit_denominator(1001)
-    if rate <= 0:
-        raise InvalidSettingError(f"a frame rate must be above 0, not {float(rate):g}")
-    return rate
+# One rule for exact frame rates, shared with the encoder so output timestamps agree.
+exact_fps = exact_rate
 
 
 def output_frame_count(

@@ -489,7 +489,7 @@ def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, settings: 
     """
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    rate = _exact_rate(settings.fps)
+    rate = exact_rate(settings.fps)
     try:
         count = _write_mp4(frames, partial, rate, settings)
         os.replace(partial, path)
@@ -498,13 +498,25 @@ def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, settings: 
     return count
 
 
-def _exact_rate(fps: float) -> Fraction:
-    """25 -> 25/1; 29.97 -> 30000/1001; 59.94 -> 60000/1001; 12.5 -> 25/2."""
-    # NTSC rates are whole rates x 1000/1001 (23.976, 29.97, 59.94); 12.5 is 25/2.
-    ntsc = Fraction(round(fps * 1.001) * 1000, 1001)
-    if abs(float(ntsc) - fps) < 1e-3:
-        return ntsc
-    return Fraction(fps).limit_denominator(1001)
+def exact_rate(fps: float | Fraction) -> Fraction:
+    """A frame rate as an exact fraction: 25 -> 25, 29.97 -> 30000/1001, 12.5 -> 25/2."""
+    if isinstance(fps, Fraction):
+        rate = fps
+    else:
+        if not math.isfinite(fps):
+            raise InvalidSettingError(f"a frame rate must be a finite number, not {fps}")
+        # NTSC rates are written rounded (29.97, 23.976, 59.94) but mean n*1000/1001.
+        ntsc = Fraction(round(fps * 1.001) * 1000, 1001)
+        whole = round(fps)
+        if abs(fps - whole) < 1e-6:
+            rate = Fraction(whole)
+        elif abs(float(ntsc) - fps) < 1e-4 * fps:
+            rate = ntsc
+        else:
+            rate = Fraction(fps).limit_denominator(1001)
+    if rate <= 0:
+        raise InvalidSettingError(f"a frame rate must be above 0, not {float(rate):g}")
+    return rate
 
 
 def _write_mp4(frames, partial: Path, rate: Fraction, settings: EncodeSettings) -> int:
@@ -650,7 +662,7 @@ def concat_mp4(
     """
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    rate = _exact_rate(fps)
+    rate = exact_rate(fps)
     try:
         count = _concat(list(segments), partial, rate, audio_from)
         os.replace(partial, path)
