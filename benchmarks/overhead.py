@@ -507,7 +507,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             "they include other calls running in the same process at the time, so in process "
             "they overlap across stages",
             "diffusion: in process one chunk per engine call (the engine's lock serialises "
-            "them); Serve groups chunks with @serve.batch (max_batch_size 4 in local.yaml)",
+            "them); Serve groups chunks per batch key (KeyedBatcher, max_batch_size 4 in "
+            "local.yaml)",
             "torch threads: in process torch's default (one per core); in a Serve replica Ray "
             "sets OMP_NUM_THREADS to its whole CPUs, at least 1 (1 here)",
         ],

@@ -26,6 +26,7 @@ from serve.auth import Authenticator
 from serve.config import AppArgs, Settings
 from serve.factory import engine_config, make_upscaler, stage_context
 from serve.jobs import JobService, JobStore
+from serve.keyed_batcher import KeyedBatcher
 from serve.metrics import JobMetrics, batch_metrics
 from serve.orchestrator import Orchestrator
 from serve.pipeline import Plan
@@ -107,10 +108,11 @@ class VideoServer:
 class DiffusionServer:
     """The GPU stage: keyed micro-batches, one engine per weights, unloaded when idle.
 
-    Callers send the batch key as the multiplexed model id; Ray Serve (>= 2.60) splits every
-    `@serve.batch` batch by that id, so a batch holds one key, and routes a key to replicas that
-    already serve it. Engines are cached by weights, not by key, so a new size or step count on
-    the same weights loads nothing.
+    Callers send the batch key as the multiplexed model id, so the router sends a key to the
+    replicas that already serve it. Inside the replica a `KeyedBatcher` queues chunks per key and
+    takes the next batch only when the previous one has finished (see serve/keyed_batcher.py for
+    why not `@serve.batch`). Engines are cached by weights, not by key, so a new size or step
+    count on the same weights loads nothing.
     """
 
     def __init__(self, args: AppArgs):
@@ -123,11 +125,13 @@ class DiffusionServer:
         self._reaper: asyncio.Task | None = None
         self.gpu_fraction = assigned_gpu_fraction()
         self.metrics = batch_metrics()
+        self.batcher = KeyedBatcher(self._run_batch)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batch size, wait timeout and idle unload change at runtime (user_config)."""
-        self._batched.set_max_batch_size(int(config.get("max_batch_size", 4)))
-        self._batched.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.05)))
+        self.batcher.configure(
+            int(config.get("max_batch_size", 4)), float(config.get("batch_wait_timeout_s", 0.05))
+        )
         self.idle_unload_s = float(config.get("idle_unload_s", 600))
 
     @serve.multiplexed(max_num_models_per_replica=32)
@@ -156,8 +160,11 @@ class DiffusionServer:
         record = stages.generation_record(result, self.gpu_fraction)
         return Frames(result.frames, upstream + [record])
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _batched(self, requests: list[diffusion.ChunkRequest]) -> list:
+    async def _batched(self, request: diffusion.ChunkRequest) -> diffusion.ChunkResult:
+        """This request's result, from a batch of requests with its key."""
+        return await self.batcher.submit(request.settings.batch_key(), request)
+
+    async def _run_batch(self, key: str, requests: list[diffusion.ChunkRequest]) -> list:
         keys = {r.settings.batch_key() for r in requests}
         self.batches.append({"size": len(requests), "keys": sorted(keys), "at": time.time()})
         self.metrics.batch(len(requests), sum(r.frames for r in requests))
