@@ -288,8 +288,8 @@ def run_over_http(app: ServeApp, clip: Path, seed: int) -> dict[str, Any]:
 
 
 def ledger_facts(ledger: list[dict[str, Any]]) -> dict[str, Any]:
-    """Diffusion batch sizes, and model load seconds counted once per load: every chunk of a
-    batch carries its batch's load time, so the report's per-stage sum counts it per chunk."""
+    """Diffusion batch sizes, and model load seconds (every chunk carries its share of its
+    batch's load, so the sum counts each load once)."""
     per_chunk = [
         int(note.split()[2])
         for r in ledger
@@ -301,10 +301,9 @@ def ledger_facts(ledger: list[dict[str, Any]]) -> dict[str, Any]:
         (size for size in set(per_chunk) for _ in range(per_chunk.count(size) // size)),
         reverse=True,
     )
-    loads = {(r["stage"], r["load_s"]) for r in ledger if r.get("load_s")}
     return {
         "diffusion_batches": batches,
-        "model_load_s": round(sum(seconds for _, seconds in loads), 2),
+        "model_load_s": round(sum(r.get("load_s") or 0.0 for r in ledger), 2),
     }
 
 

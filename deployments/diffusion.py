@@ -421,7 +421,9 @@ class ChunkResult(BaseModel):
         description="This chunk's share (by work units) of the batch's model compute time."
     )
     load_seconds: float = Field(
-        default=0.0, description="Model load time paid by this batch (cold start), else 0."
+        default=0.0,
+        description="This chunk's share (by work units) of the model load time its batch paid "
+        "(cold start), else 0: the shares of a batch sum to the load time once.",
     )
     device: str = Field(description="Device that ran the models, e.g. 'cuda:0' or 'cpu'.")
     precision: Precision = Field(description="Precision actually used.")
@@ -1038,7 +1040,7 @@ class DiffusionEngine:
                     work_units=work,
                     wall_seconds=wall_seconds,
                     device_seconds=compute_seconds * work.total / total,
-                    load_seconds=load_seconds,
+                    load_seconds=load_seconds * work.total / total,
                     device=str(self._device),
                     precision=precision,
                     batch_requests=len(requests),

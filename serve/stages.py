@@ -38,7 +38,11 @@ class StageRecord(BaseModel):
     cpu_s: float = Field(default=0.0, description="CPU seconds of the replica process.")
     device: str = Field(default="cpu", description="Where the work ran: cpu or cuda:N.")
     gpu_s: float = Field(default=0.0, description="Accelerator compute seconds (0 on CPU).")
-    load_s: float = Field(default=0.0, description="Model load seconds paid by this call.")
+    load_s: float = Field(
+        default=0.0,
+        description="Model load seconds paid by this call (a diffusion chunk: its share of its "
+        "batch's load, so the records of a batch sum to one load).",
+    )
     frames: int = Field(default=0, description="Frames produced.")
     work_units: dict[str, float] | None = Field(
         default=None, description="Diffusion work units (diffusion only)."

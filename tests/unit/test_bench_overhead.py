@@ -39,11 +39,11 @@ def test_report_summary_rejects_cache_hits_and_missing_diffusion():
     assert summary["stage_seconds"] == {"pose": 2.0, "diffusion": 5.0}
 
 
-def test_ledger_facts_counts_batches_and_each_load_once():
+def test_ledger_facts_counts_batches_and_sums_load_shares():
     ledger = [
-        {"stage": "diffusion", "notes": ["batch of 3 chunk(s)"], "load_s": 2.5},
-        {"stage": "diffusion", "notes": ["batch of 3 chunk(s)"], "load_s": 2.5},
-        {"stage": "diffusion", "notes": ["batch of 3 chunk(s)"], "load_s": 2.5},
+        {"stage": "diffusion", "notes": ["batch of 3 chunk(s)"], "load_s": 1.0},
+        {"stage": "diffusion", "notes": ["batch of 3 chunk(s)"], "load_s": 1.0},
+        {"stage": "diffusion", "notes": ["batch of 3 chunk(s)"], "load_s": 0.5},
         {"stage": "diffusion", "notes": ["batch of 1 chunk(s)"], "load_s": 0.0},
         {"stage": "pose", "notes": [], "load_s": 0.0},
     ]

@@ -529,12 +529,19 @@ def test_unload_then_generate_reloads(tiny_sd, tmp_path):
     )
     assert not engine.is_loaded
     first = engine.generate([request(1, settings=settings(steps=1))])[0]
-    assert engine.is_loaded and first.load_seconds > 0
+    assert engine.is_loaded and first.load_seconds == pytest.approx(engine.last_load_seconds)
     engine.unload()
     assert not engine.is_loaded
     again = engine.generate([request(1, settings=settings(steps=1))])[0]
-    assert again.load_seconds > 0
+    assert again.load_seconds == pytest.approx(engine.last_load_seconds)
     assert np.array_equal(first.frames, again.frames)
+    engine.unload()
+    small, large = engine.generate([request(1, settings=settings(steps=1)),
+                                    request(3, settings=settings(steps=1))])  # fmt: skip
+    # A batch pays one load; each chunk carries its share by work units.
+    assert small.load_seconds + large.load_seconds == pytest.approx(engine.last_load_seconds)
+    ratio = large.work_units.total / small.work_units.total
+    assert large.load_seconds == pytest.approx(ratio * small.load_seconds) and ratio > 1
 
 
 # --- work units -------------------------------------------------------------------------------
