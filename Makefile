@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench sample weights system-deps clean helm chart-sync
+.PHONY: demo test lint format bench bench-gpu sample weights system-deps clean helm chart-sync
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ format: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(PY) -m benchmarks.run_all --quick
+
+# On a CUDA machine: the GPU parts (SD 1.5-size fp16 vs fp32, batch sizes, peak VRAM), full
+# runs, written to benchmarks/results/<gpu name>/ for committing.
+bench-gpu: $(STAMP) system-deps
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs CUDA')"
+	$(PY) -m benchmarks.run_all --only batching cost
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -7,10 +7,13 @@ Measured in one run (issue 5, "must reach"):
    do. Engine level, so the numbers hold no Serve overhead.
 2. Serve: the `DiffusionServer` deployment on a local Ray (2 CPUs, 1 logical GPU, 0.5 GPU per
    replica): a burst of concurrent same-key chunks with max_batch_size 1 vs 4 (user_config), and
-   Poisson arrivals of chunks with 1-3 interleaved batch keys at a few rates and two batch wait
-   timeouts (batch fill rate, device seconds per frame, latency). The keys differ only in
-   guidance scale, so every chunk costs the same and only the grouping differs. Every replica
-   gets a warm-up chunk per key first (each `serve.run` starts a new replica).
+   Poisson arrivals of chunks with 1-3 interleaved batch keys at offered loads of 0.5-2x what
+   the replica serves at batch 1 (batch fill rate, device seconds per frame, latency), under two
+   batching policies: the deployed one (`serve/keyed_batcher.py`: a queue per key, a batch taken
+   when the device is free) and Ray Serve's `@serve.batch` split by multiplexed model id (what
+   motionserve used before; kept here as the baseline). The keys differ only in guidance scale,
+   so every chunk costs the same and only the grouping differs. Every replica gets a warm-up
+   chunk per key first (each `serve.run` starts a new replica).
 3. Keyframe ControlNet: controlnet_every 1 vs 4 on one chunk (counted units and seconds).
 4. `estimate`: naive / standard work units for a 10 s 1080p25 output from a 1920x1080 source;
    the target is >= 20x.
@@ -34,8 +37,6 @@ import asyncio
 import json
 import logging
 import math
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -46,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-RESULTS_DIR = Path(__file__).parent / "results"
+from benchmarks.common import machine_label, machine_summary, pin_threads, results_dir
+
 BATCHES = (1, 2, 4, 8)
 SERVE_BATCH_SIZES = (1, 4)
 # Keys that differ only in guidance scale: the same work per chunk, different batch keys.
@@ -54,6 +56,8 @@ KEY_GUIDANCE = (7.5, 7.0, 6.5)
 TARGET_RATIO = 20.0
 BATCH_WAIT_TIMEOUT_S = 0.05  # the deployed default (serve/app.py STAGE_DEFAULTS)
 MAX_ONGOING_REQUESTS = 16  # the deployed default; above the batch size, or batches never fill
+# "keyed": the deployed KeyedBatcher; "serve.batch": Ray Serve's batching, split by model id.
+POLICIES = ("keyed", "serve.batch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,13 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="denoising steps (default 8; quick 4)")
     parser.add_argument("--chunk-frames", type=int, default=4, help="frames per chunk request")
     parser.add_argument("--no-serve", action="store_true", help="skip the Ray Serve part")
-    parser.add_argument(
-        "--output", type=Path, default=RESULTS_DIR / "batching.json", help="JSON results path"
-    )
-    parser.add_argument(
-        "--plot", type=Path, default=RESULTS_DIR / "batching.png", help="PNG plot path"
-    )
+    parser.add_argument("--output", type=Path, help="JSON results path (default: results dir)")
+    parser.add_argument("--plot", type=Path, help="PNG plot path (default: results dir)")
     args = parser.parse_args(argv)
+    args.output = args.output or results_dir() / "batching.json"
+    args.plot = args.plot or results_dir() / "batching.png"
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.steps = args.steps or (4 if args.quick else 8)
     if not 64 <= args.size <= 256 or args.size % 8:
@@ -90,48 +92,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_profile(args: argparse.Namespace) -> dict[str, Any]:
     """How much Serve load to apply: bounded so the default run stays under ~4 minutes.
 
-    The Poisson grid runs at the deployed wait timeout and, in the default mode, at a longer
-    one: Serve seals a batch `batch_wait_timeout_s` after its first request even while the
-    previous batch still runs, so under spread-out arrivals the timeout decides the fill.
+    Offered load is relative to the replica's batch-1 capacity (1 / seconds of one chunk alone,
+    measured by the engine part), so the grid means the same on a slow CPU and on a GPU.
     """
     if args.quick:
         return {
             "burst_requests": 8,
-            "poisson_requests": 8,
-            "rates": (4.0,),
+            "poisson_requests": 12,
+            "loads": (2.0,),
             "keys": (1, 3),
-            "timeouts": (BATCH_WAIT_TIMEOUT_S,),
+            "policies": POLICIES,
         }
     return {
         "burst_requests": 8,
-        "poisson_requests": 10,
-        "rates": (2.0, 4.0, 8.0),
+        "poisson_requests": 16,
+        "loads": (0.5, 1.0, 2.0),
         "keys": (1, 2, 3),
-        "timeouts": (BATCH_WAIT_TIMEOUT_S, 0.5),
+        "policies": POLICIES,
     }
 
 
 # --- shared helpers --------------------------------------------------------------------------
-
-
-def pin_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(threads)
-    except RuntimeError:  # only settable before the first parallel work; already fixed then
-        pass
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -139,15 +120,12 @@ def machine_info(threads: int) -> dict[str, Any]:
     import torch
 
     return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **machine_summary(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "torch_threads": threads,
-        "shared": "shared 2-core machine: other jobs ran at the same time, timings are noisy",
+        "shared": "other jobs may run on the machine (see the load average): timings are the "
+        "best of repeats",
     }
 
 
@@ -327,11 +305,14 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
 # --- 2: through Ray Serve ---------------------------------------------------------------------
 
 
-def pinned_server_class(threads: int):
-    """DiffusionServer with torch's thread count fixed in the replica (and a probe for it).
+def pinned_server_class(policy: str = "keyed"):
+    """DiffusionServer with torch's thread count fixed in the replica (and a probe for it);
+    with policy "serve.batch" its batches come from Ray Serve's `@serve.batch` instead.
 
     Self-contained (no module globals), so it pickles by value whichever way this module runs.
     """
+    from ray import serve
+
     from serve.app import DiffusionServer
 
     class PinnedDiffusionServer(DiffusionServer):
@@ -346,7 +327,23 @@ def pinned_server_class(threads: int):
 
             return torch.get_num_threads()
 
-    return PinnedDiffusionServer
+    class ServeBatchDiffusionServer(PinnedDiffusionServer):
+        """The baseline: Serve seals a batch batch_wait_timeout_s after its first request and
+        splits it by multiplexed model id (the batch key); sub-batches share the engine lock."""
+
+        def reconfigure(self, config):
+            super().reconfigure(config)
+            self._serve_batched.set_max_batch_size(self.batcher.max_batch_size)
+            self._serve_batched.set_batch_wait_timeout_s(self.batcher.wait_timeout_s)
+
+        async def _batched(self, request):
+            return await self._serve_batched(request)
+
+        @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+        async def _serve_batched(self, requests):
+            return await self._run_batch(requests[0].settings.batch_key(), requests)
+
+    return PinnedDiffusionServer if policy == "keyed" else ServeBatchDiffusionServer
 
 
 def deploy(server_cls, app_args, threads: int, user_config: dict):
@@ -437,16 +434,18 @@ def poisson_arrivals(count: int, rate: float, seed: int) -> list[float]:
     return (np.cumsum(gaps) - gaps[0]).tolist()  # the first request arrives at once
 
 
-def run_mixed(handle, plans, profile, frames: int, max_batch: int) -> list[dict]:
+def run_mixed(handle, plans, profile, frames: int, max_batch: int, chunk_s: float) -> list[dict]:
+    """Poisson runs at each key count and offered load (x the batch-1 capacity 1/chunk_s)."""
     rows = []
     for keys in profile["keys"]:
-        for rate in profile["rates"]:
+        for load in profile["loads"]:
+            rate = load / chunk_s
             # One seed: every run sees the same arrival pattern, scaled by its rate.
             arrivals = poisson_arrivals(profile["poisson_requests"], rate, seed=7)
             since = time.time()
             outcomes = asyncio.run(send_load(handle, plans[:keys], arrivals, frames))
             metrics = load_metrics(handle, outcomes, since, max_batch)
-            rows.append({"keys": keys, "rate_per_s": rate, **metrics})
+            rows.append({"keys": keys, "load": load, "rate_per_s": round(rate, 2), **metrics})
     return rows
 
 
@@ -465,7 +464,11 @@ def start_replica(
     return handle, max(o["load_s"] for o in warm)
 
 
-def run_serve(args: argparse.Namespace, profile: dict, scratch: Path) -> dict[str, Any]:
+def run_serve(
+    args: argparse.Namespace, profile: dict, scratch: Path, chunk_s: float
+) -> dict[str, Any]:
+    """Burst and mixed-key Poisson load through the deployment; `chunk_s` is the engine's
+    seconds for one chunk alone (batch 1), which sets the offered load's rates."""
     import ray
     from ray import serve
 
@@ -484,12 +487,11 @@ def run_serve(args: argparse.Namespace, profile: dict, scratch: Path) -> dict[st
         logging_level=logging.WARNING,
     )
     try:
-        server_cls = pinned_server_class(args.threads)
         app_args = AppArgs(storage_uri=str(scratch / "store"))
         plans = [tiny_plan(args, g) for g in KEY_GUIDANCE]
         burst, loads = [], []
         for max_batch in SERVE_BATCH_SIZES:
-            handle, load_s = start_replica(server_cls, app_args, args, plans, max_batch)
+            handle, load_s = start_replica(pinned_server_class(), app_args, args, plans, max_batch)
             loads.append(round(load_s, 3))
             burst.append(
                 run_burst(
@@ -503,14 +505,17 @@ def run_serve(args: argparse.Namespace, profile: dict, scratch: Path) -> dict[st
             )
         replica_threads = handle.torch_threads.remote().result()
         mixed = []
-        for timeout in profile["timeouts"]:
-            if timeout != BATCH_WAIT_TIMEOUT_S:  # the last burst's replica has the default
+        for policy in profile["policies"]:
+            if policy != "keyed":  # the last burst's replica is the deployed policy at batch 4
+                server_cls = pinned_server_class(policy)
                 handle, load_s = start_replica(
-                    server_cls, app_args, args, plans, SERVE_BATCH_SIZES[-1], timeout
+                    server_cls, app_args, args, plans, SERVE_BATCH_SIZES[-1]
                 )
                 loads.append(round(load_s, 3))
-            rows = run_mixed(handle, plans, profile, args.chunk_frames, SERVE_BATCH_SIZES[-1])
-            mixed.append({"batch_wait_timeout_s": timeout, "rows": rows})
+            rows = run_mixed(
+                handle, plans, profile, args.chunk_frames, SERVE_BATCH_SIZES[-1], chunk_s
+            )
+            mixed.append({"policy": policy, "rows": rows})
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -531,8 +536,14 @@ def run_serve(args: argparse.Namespace, profile: dict, scratch: Path) -> dict[st
         "Poisson load follows the arrival rate; fill = mean batch size / max_batch_size",
         "mixed": {
             "max_batch_size": SERVE_BATCH_SIZES[-1],
+            "batch_wait_timeout_s": BATCH_WAIT_TIMEOUT_S,
             "requests": profile["poisson_requests"],
-            "by_timeout": mixed,
+            "chunk_s_batch1": round(chunk_s, 4),
+            "load_note": "offered load = arrival rate x seconds of one chunk alone (engine, "
+            "batch 1): 1.0 keeps an unbatched replica exactly busy",
+            "policy_note": "keyed: serve/keyed_batcher.py (deployed); serve.batch: Ray Serve's "
+            "@serve.batch split by multiplexed model id (the previous implementation)",
+            "by_policy": mixed,
         },
     }
 
@@ -724,6 +735,7 @@ BURST_COLUMNS = [
 ]
 MIXED_COLUMNS = [
     ("keys", "keys", "d"),
+    ("load", "load", ".1f"),
     ("rate/s", "rate_per_s", ".1f"),
     ("mean batch", "mean_batch", ".2f"),
     ("fill", "fill_rate", ".2f"),
@@ -767,13 +779,20 @@ def print_serve(result: dict) -> None:
     print(f"burst: {result['burst'][0]['requests']} concurrent same-key chunks")
     print_table(BURST_COLUMNS, result["burst"])
     mixed = result["mixed"]
-    for grid in mixed["by_timeout"]:
+    for grid in mixed["by_policy"]:
         print(
-            f"Poisson arrivals: {mixed['requests']} chunks per run, keys interleaved, "
-            f"max_batch_size {mixed['max_batch_size']}, wait timeout "
-            f"{grid['batch_wait_timeout_s']} s"
+            f"Poisson arrivals, policy {grid['policy']}: {mixed['requests']} chunks per run, "
+            f"keys interleaved, max_batch_size {mixed['max_batch_size']}, wait timeout "
+            f"{mixed['batch_wait_timeout_s']} s, load x{1 / mixed['chunk_s_batch1']:.1f} "
+            "chunks/s (batch-1 capacity)"
         )
         print_table(MIXED_COLUMNS, grid["rows"])
+    for row in policy_gains(mixed):
+        print(
+            f"  {row['keys']} key(s), load {row['load']:g}: keyed fill {row['keyed_fill']:.2f} "
+            f"vs serve.batch {row['serve_batch_fill']:.2f}; device s/frame "
+            f"{row['device_s_change_pct']:+.1f}%"
+        )
 
 
 def print_estimate(estimate: dict) -> None:
@@ -818,7 +837,8 @@ def plot(result: dict, path: Path) -> None:
     else:
         plot_mixed(axes[1], axes[2], serve_result)
     fig.suptitle(
-        f"motionserve micro-batching, {result['when']} (shared 2-core machine)", fontsize=10
+        f"motionserve micro-batching, {result['when']} ({machine_label(result['machine'])})",
+        fontsize=10,
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -856,30 +876,57 @@ def plot_engine(ax, result: dict) -> None:
     ax.legend(fontsize=8, loc="lower left")
 
 
+def policy_gains(mixed: dict) -> list[dict]:
+    """Per (keys, load): the keyed policy's fill and device seconds against serve.batch's."""
+    by_policy = {grid["policy"]: grid["rows"] for grid in mixed["by_policy"]}
+    if set(POLICIES) - set(by_policy):
+        return []
+    baseline = {(r["keys"], r["load"]): r for r in by_policy["serve.batch"]}
+    gains = []
+    for row in by_policy["keyed"]:
+        base = baseline.get((row["keys"], row["load"]))
+        if base is None:
+            continue
+        saving = 100 * (row["device_s_per_frame"] / base["device_s_per_frame"] - 1)
+        gains.append(
+            {
+                "keys": row["keys"],
+                "load": row["load"],
+                "keyed_fill": row["fill_rate"],
+                "serve_batch_fill": base["fill_rate"],
+                "device_s_change_pct": round(saving, 1),
+            }
+        )
+    return gains
+
+
 def plot_mixed(fill_ax, seconds_ax, serve_result: dict) -> None:
-    for grid, style in zip(serve_result["mixed"]["by_timeout"], ("o-", "s--"), strict=False):
-        rows, timeout = grid["rows"], grid["batch_wait_timeout_s"]
+    colors = {1: "tab:blue", 2: "tab:orange", 3: "tab:green"}
+    for grid, style in zip(serve_result["mixed"]["by_policy"], ("o-", "s--"), strict=False):
+        rows, policy = grid["rows"], grid["policy"]
         for keys in sorted({r["keys"] for r in rows}):
             mine = [r for r in rows if r["keys"] == keys]
-            rates = [r["rate_per_s"] for r in mine]
-            label = f"{keys} key(s), wait {timeout:g} s"
-            fill_ax.plot(rates, [r["fill_rate"] for r in mine], style, label=label)
-            seconds_ax.plot(rates, [r["device_s_per_frame"] for r in mine], style, label=label)
+            loads = [r["load"] for r in mine]
+            label = f"{policy}, {keys} key(s)"
+            color = colors.get(keys)
+            fill_ax.plot(loads, [r["fill_rate"] for r in mine], style, color=color, label=label)
+            seconds = [r["device_s_per_frame"] for r in mine]
+            seconds_ax.plot(loads, seconds, style, color=color, label=label)
     for burst, style in zip(serve_result["burst"], (":", "-."), strict=False):
         label = f"burst, max batch {burst['max_batch_size']}"
         seconds_ax.axhline(burst["device_s_per_frame"], color="gray", linestyle=style, label=label)
     batch = serve_result["mixed"]["max_batch_size"]
-    rate_label = "arrival rate (chunks/s, Poisson)"
+    rate_label = "offered load (Poisson arrivals / batch-1 capacity)"
     fill_ax.set(
         xlabel=rate_label,
         ylabel=f"mean batch / {batch}",
         ylim=(0, 1.05),
-        title="Serve: batch fill vs arrival rate",
+        title="Serve: batch fill vs load (o keyed, s serve.batch)",
     )
     seconds_ax.set(
         xlabel=rate_label,
         ylabel="device seconds per frame",
-        title="Serve: device s/frame vs arrival rate",
+        title="Serve: device s/frame vs load",
     )
     fill_ax.legend(fontsize=6)
     seconds_ax.legend(fontsize=6, ncol=2)
@@ -902,7 +949,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mode": "quick" if args.quick else "default",
         "machine": machine_info(args.threads),
         "threads_note": f"torch uses {args.threads} thread(s) in the driver and in the replica "
-        "(on this shared 2-core machine 2 threads were sometimes ~50x slower)",
+        "(on a shared 2-core machine 2 threads were sometimes ~50x slower)",
         "repeats": args.repeats,
         "timing": "best of the repeats",
     }
@@ -913,7 +960,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["serve"] = {"skipped": True, "reason": "--no-serve"}
         else:
             try:
-                result["serve"] = run_serve(args, profile, Path(scratch))
+                chunk_s = result["engine"]["rows"][0]["wall_s"]  # batch 1 = one chunk
+                result["serve"] = run_serve(args, profile, Path(scratch), chunk_s)
+                result["serve"]["mixed"]["keyed_vs_serve_batch"] = policy_gains(
+                    result["serve"]["mixed"]
+                )
             except Exception as exc:  # the other parts still get written; main exits non-zero
                 reason = f"failed: {type(exc).__name__}: {exc}"
                 result["serve"] = {"skipped": True, "failed": True, "reason": reason}
@@ -940,7 +991,7 @@ def print_report(result: dict) -> None:
 
 def max_keys_per_batch(serve_result: dict) -> int:
     rows = [*serve_result["burst"]]
-    for grid in serve_result["mixed"]["by_timeout"]:
+    for grid in serve_result["mixed"]["by_policy"]:
         rows.extend(grid["rows"])
     return max(row["keys_per_batch_max"] for row in rows)
 

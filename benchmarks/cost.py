@@ -48,7 +48,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).parent / "results"
+from benchmarks.common import machine_label, results_dir
+
 CLIP_SECONDS = 10.0
 OUTPUT = (1920, 1080, 25.0)
 PLANS = ("draft", "standard", "high")
@@ -110,12 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batching-json",
         type=Path,
-        default=RESULTS_DIR / "batching.json",
-        help="results of benchmarks.batching (the micro-batching factor)",
+        help="results of benchmarks.batching, the micro-batching factor (default: results dir)",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "cost.json")
-    parser.add_argument("--plot", type=Path, default=RESULTS_DIR / "cost.png")
+    parser.add_argument("--output", type=Path, help="JSON path (default: results dir)")
+    parser.add_argument("--plot", type=Path, help="PNG path (default: results dir)")
     args = parser.parse_args(argv)
+    args.batching_json = args.batching_json or results_dir() / "batching.json"
+    args.output = args.output or results_dir() / "cost.json"
+    args.plot = args.plot or results_dir() / "cost.png"
     args.plans = args.plans or (["standard"] if args.quick else list(PLANS))
     args.seconds = args.seconds or (4.0 if args.quick else CLIP_SECONDS)
     args.naive_seconds = args.naive_seconds or (0.4 if args.quick else 0.8)
@@ -715,7 +718,8 @@ def fp16_part(args) -> dict[str, Any]:
 def run(args) -> dict[str, Any]:
     import torch
 
-    from benchmarks.batching import machine_info, pin_threads, quiet_progress_bars
+    from benchmarks.batching import machine_info, quiet_progress_bars
+    from benchmarks.common import pin_threads
     from benchmarks.decode_speed import make_1080p_clip
     from serve.config import AppArgs, Settings
 
@@ -1020,8 +1024,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     right.tick_params(axis="x", rotation=30)
     gpu = "GPU" if result["gpu"]["available"] else "no GPU"
     fig.suptitle(
-        f"motionserve cost per 10 s 1080p25 clip ({result['when'][:10]}; shared 2-core machine; "
-        f"{gpu})"
+        f"motionserve cost per 10 s 1080p25 clip ({result['when'][:10]}; "
+        f"{machine_label(result['machine'])}; {gpu})"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)

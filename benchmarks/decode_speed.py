@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import time
 from datetime import UTC, datetime
@@ -19,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import machine_summary, results_dir
 from deployments.video import DecodeSettings, EncodeSettings, decode_all, decode_chunks, encode_mp4
 from serve.config import Settings
 from serve.samples import sample_video_path
-
-RESULTS = Path(__file__).parent / "results" / "decode_speed.json"
 
 
 def make_1080p_clip(cache_dir: Path, seconds: float = 10.0) -> Path:
@@ -72,16 +69,17 @@ def main() -> None:
     result = measure(clip, args.repeats)
     result.update(
         date=datetime.now(UTC).isoformat(timespec="seconds"),
-        machine=f"{platform.machine()} {os.cpu_count()} cores",
+        machine=machine_summary(),
         note="decode uses libavcodec frame threads on all cores of the machine",
     )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    output = results_dir() / "decode_speed.json"
+    output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'clip':32} {'frames':>6} {'wall s':>7} {'cpu s':>6} {'x realtime':>10}")
     print(
         f"{result['clip']:32} {result['output_frames']:>6} {result['wall_s_best']:>7} "
         f"{result['cpu_s_best']:>6} {result['realtime_factor']:>10} (target >= 5)"
     )
+    print(f"written to {output}")
 
 
 if __name__ == "__main__":

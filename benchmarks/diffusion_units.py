@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results" / "diffusion_units.json"
+from benchmarks.common import machine_summary, results_dir
+
 EVERY = (1, 2, 4)
 STEPS = (15, 20, 30)
 GUIDANCE = (7.5, 1.0)  # on, off
@@ -34,8 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting; best is kept")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--model-dir", type=Path, help="tiny model directory (built if absent)")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results path")
+    parser.add_argument("--output", type=Path, help="JSON results path (default: results dir)")
     args = parser.parse_args(argv)
+    args.output = args.output or results_dir() / "diffusion_units.json"
     if not 1 <= args.frames <= 64 or not 64 <= args.size <= 256 or args.size % 8:
         parser.error("--frames must be 1..64 and --size a multiple of 8 in 64..256")
     if not 1 <= args.repeats <= 5:
@@ -111,8 +112,8 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "diffusion_units",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "note": "shared 2-core machine; tiny random-weight models, CPU fp32",
+        "machine": machine_summary(),
+        "note": "tiny random-weight models, CPU fp32",
         "frames": args.frames,
         "size": args.size,
         "threads": args.threads,

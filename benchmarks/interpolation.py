@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,12 +32,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from benchmarks.common import machine_summary, results_dir
 from deployments.interpolate import FlowBackend, FrameRetimer, InterpolationSettings
 from deployments.video import DecodeSettings, decode_all
 from serve.config import Settings
 from serve.samples import sample_video_path
 
-RESULTS = Path(__file__).parent / "results"
 TUNE_FRAMES = range(0, 115)
 EVAL_FRAMES = range(115, 230)
 TARGET_FPS = 25.0
@@ -524,7 +523,7 @@ def main() -> None:
     speed, pinning = run_speed_worker(args)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "machine": machine_summary(),
         "machine_note": (
             f"Shared machine (load average {load_before[0]:.1f} before, "
             f"{os.getloadavg()[0]:.1f} after): timings are the best of {args.repeats} "
@@ -543,9 +542,9 @@ def main() -> None:
         "quick": args.quick,
         "run_s": round(time.perf_counter() - started, 1),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "interpolation.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, RESULTS / "interpolation.png")
+    output = results_dir()
+    (output / "interpolation.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, output / "interpolation.png")
     print_report(result)
 
 

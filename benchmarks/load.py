@@ -46,7 +46,8 @@ import httpx
 import numpy as np
 import yaml
 
-RESULTS_DIR = Path(__file__).parent / "results"
+from benchmarks.common import machine_label, results_dir
+
 TERMINAL = {"done", "failed", "cancelled"}
 # The tests' fast plan (tests/conftest.py FAST_OVERRIDES): every stage runs, in seconds.
 FAST_OVERRIDES = {"generation_long_side": 128, "output_long_side": 256, "steps": 4}
@@ -94,9 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--upscaler", help="upscaler_model of the started app (default the app's)")
     parser.add_argument("--poll", type=float, default=0.5, help="status poll interval, s")
     parser.add_argument("--seed", type=int, default=0, help="seed of arrivals and job seeds")
-    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "load.json")
-    parser.add_argument("--plot", type=Path, default=RESULTS_DIR / "load.png")
+    parser.add_argument("--output", type=Path, help="JSON path (default: results dir)")
+    parser.add_argument("--plot", type=Path, help="PNG path (default: results dir)")
     args = parser.parse_args(argv)
+    args.output = args.output or results_dir() / "load.json"
+    args.plot = args.plot or results_dir() / "load.png"
     args.clients = args.clients or 3
     args.rate = args.rate or 30.0
     args.jobs = args.jobs or (5 if args.quick else 8)
@@ -584,7 +587,7 @@ async def run_phases(target: Target, args) -> dict[str, Any]:
 
 
 def run(args) -> dict[str, Any]:
-    from benchmarks.batching import cpu_model
+    from benchmarks.common import machine_summary
 
     started = time.perf_counter()
     clip = load_clip()
@@ -602,12 +605,11 @@ def run(args) -> dict[str, Any]:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "default",
         "machine": {
-            "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(),
+            **machine_summary(),
             "load_average_1m_before": round(load_before, 2),
             "load_average_1m_after": round(os.getloadavg()[0], 2),
-            "shared": "shared 2-core machine: other jobs ran at the same time (the app, its "
-            "Ray and this client share the 2 cores too); timings are noisy",
+            "shared": "the app, its Ray and this client share the machine's cores; other jobs "
+            "may run too (see the load average)",
         },
         "target": args.url
         or "motionserve serve started by the benchmark (loopback, "
@@ -720,7 +722,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     batches.set_ylabel("chunks")
     batches.set_title("batch sizes seen (job ledgers)")
     batches.legend(fontsize=8)
-    fig.suptitle(f"motionserve load test ({result['when'][:10]}, shared 2-core machine)")
+    fig.suptitle(
+        f"motionserve load test ({result['when'][:10]}, {machine_label(result['machine'])})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -51,11 +50,11 @@ import numpy as np
 import psutil
 import yaml
 
+from benchmarks.common import machine_summary, results_dir
 from serve.config import AppArgs, Settings
 from serve.jobs import JobRequest
 
 REPO = Path(__file__).parents[1]
-RESULTS = Path(__file__).parent / "results"
 LOCAL_CONFIG = REPO / "serve" / "configs" / "local.yaml"
 CLIP_SECONDS, CLIP_FPS, CLIP_WIDTH = 10.0, 25.0, 640
 WARMUP_SECONDS = 2.0
@@ -476,7 +475,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                        for seed in seeds[before:]]  # fmt: skip
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+        "machine": machine_summary(),
         "machine_shared": True,
         "machine_note": (
             f"Shared with other jobs (load average {load_before[0]:.1f} before, "
@@ -539,8 +538,9 @@ def main(argv: list[str] | None = None) -> None:
         "--chunks-in-flight", type=int, default=AppArgs().max_chunks_in_flight,
         help="max_chunks_in_flight on both sides",
     )  # fmt: skip
-    parser.add_argument("--output", type=Path, default=RESULTS / "overhead.json")
+    parser.add_argument("--output", type=Path, help="JSON path (default: results dir)")
     options = parser.parse_args(argv)
+    options.output = options.output or results_dir() / "overhead.json"
     if options.quick:
         options.rounds = 1
     result = run(options)

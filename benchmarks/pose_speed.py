@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import time
 from datetime import UTC, datetime
@@ -23,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import machine_summary, results_dir
 from deployments.pose import PoseExtractor, PoseSettings, bundled_model_complexities
 from deployments.video import DecodeSettings, decode_all
 from serve.config import Settings
 from serve.samples import sample_video_path
 
-RESULTS = Path(__file__).parent / "results" / "pose_speed.json"
 TARGET_FPS = 25.0
 CHUNK_FRAMES = 16
 # Graph creation and the first detection are start-up costs, timed apart from the throughput.
@@ -42,16 +41,6 @@ def cpu_seconds() -> float:
 
 def thread_count() -> int:
     return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else -1
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(frames: np.ndarray, fps: float, complexity: int, max_seconds: float) -> dict:
@@ -121,8 +110,9 @@ def main() -> None:
     parser.add_argument(
         "--max-seconds", type=float, default=30.0, help="time budget per complexity"
     )
-    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON result file")
+    parser.add_argument("--output", type=Path, help="JSON result file (default: results dir)")
     args = parser.parse_args()
+    args.output = args.output or results_dir() / "pose_speed.json"
 
     video = args.video or sample_video_path(Settings().cache_dir)
     frames = decode_all(
@@ -142,7 +132,7 @@ def main() -> None:
         "target_frames_per_s": TARGET_FPS,
         "results": results,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "machine": machine_summary(),
         "note": "one pinned core; the machine was shared with other jobs, so numbers are a "
         "lower bound",
     }

@@ -1,5 +1,7 @@
 """`make bench`: every benchmark once, in its quick form, one after another (never in
-parallel: they time the same 2 cores). Each writes its JSON (and plot) to benchmarks/results/.
+parallel: they time the same cores). Quick runs write to benchmarks/results/quick/ (ignored by
+git: a smoke check of the whole suite); full runs to benchmarks/results/, or
+benchmarks/results/<gpu name>/ on a CUDA machine (see benchmarks/common.py).
 
     python -m benchmarks.run_all [--quick] [--only NAME ...]
 """
@@ -7,9 +9,12 @@ parallel: they time the same 2 cores). Each writes its JSON (and plot) to benchm
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
+
+from benchmarks.common import RESULTS_ENV, RESULTS_ROOT
 
 # (module, quick arguments, full arguments)
 BENCHMARKS = [
@@ -30,16 +35,21 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the quick form of each")
     parser.add_argument("--only", nargs="*", help="run only these benchmarks")
     args = parser.parse_args()
+    env = dict(os.environ)
+    if args.quick:
+        env.setdefault(RESULTS_ENV, str(RESULTS_ROOT / "quick"))
     failures = []
+    started_all = time.perf_counter()
     for name, quick, full in BENCHMARKS:
         if args.only and name not in args.only:
             continue
         started = time.perf_counter()
         print(f"== {name}", flush=True)
         command = [sys.executable, "-m", f"benchmarks.{name}", *(quick if args.quick else full)]
-        if subprocess.run(command).returncode != 0:
+        if subprocess.run(command, env=env).returncode != 0:
             failures.append(name)
         print(f"== {name}: {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"== all: {time.perf_counter() - started_all:.0f} s", flush=True)
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
     return 1 if failures else 0

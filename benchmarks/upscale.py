@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -24,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import machine_summary, results_dir
 from deployments.upscale import Upscaler, UpscaleSettings
 from deployments.video import DecodeSettings, decode_all
 from serve.config import Settings
 from serve.samples import sample_video_path
 from serve.weights import fetch_upscaler_weights, upscaler_dir
 
-RESULTS = Path(__file__).parent / "results" / "upscale.json"
 GENERATION_SIZE = (512, 288)
 RRDB_INPUT = (128, 72)
 
@@ -189,8 +187,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--skip-rrdb", action="store_true", help="leave out the slow RRDB rows")
     parser.add_argument("--skip-ncnn", action="store_true", help="leave out the ncnn rows")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--out", type=Path, help="where the JSON goes (default: results dir)")
     args = parser.parse_args()
+    args.out = args.out or results_dir() / "upscale.json"
     torch.set_num_threads(args.threads)
     cache_dir = Settings().cache_dir
     fetch_upscaler_weights(cache_dir, keep_sources=not args.skip_ncnn)
@@ -202,7 +201,7 @@ def main() -> None:
         row["s_per_512x288_frame"] = per_generation_frame(row)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": {**machine_summary(), "torch": torch.__version__},
         "threads": args.threads,
         "repeats": args.repeats,
         "note": "shared machine: best of the repeats; RRDB rows run a 128x72 input and "
