@@ -130,8 +130,8 @@ def _describe(errors: list[dict]) -> str:
 def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
     """The FastAPI app over a `JobService` (see serve/jobs.py).
 
-    `on_request`, if given, runs before every request (the ingress resumes unfinished jobs on
-    its first one).
+    `on_request`, if given, runs before every request (the ingress starts a scan for orphaned
+    jobs when one is due).
     """
     app = FastAPI(
         title="motionserve",

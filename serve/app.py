@@ -27,6 +27,7 @@ from serve.config import AppArgs, Settings
 from serve.factory import engine_config, make_upscaler, stage_context
 from serve.jobs import JobService, JobStore
 from serve.keyed_batcher import KeyedBatcher
+from serve.leases import JobLeases, new_owner_id
 from serve.metrics import JobMetrics, batch_metrics
 from serve.orchestrator import Orchestrator
 from serve.pipeline import Plan
@@ -280,25 +281,37 @@ class IngressServer:
             estimate=lambda request, duration, w, h: estimate(args, request, duration, w, h),
             fetch_s3=lambda uri, dest: ctx.fetch_input(uri, dest),
             metrics=JobMetrics(),
+            leases=JobLeases(ctx.store, new_owner_id(), lease_s=args.job_lease_s),
         )
         self.auth = Authenticator(args.api_keys + Settings().api_keys)
-        self._resumed = False
+        self._scan: asyncio.Task | None = None
+        self._last_scan = -float("inf")
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.service, self.auth, on_request=self._resume_once)
+        return create_api(self.service, self.auth, on_request=self._adopt_orphans_when_due)
 
     async def check_health(self) -> None:
-        # Runs on the replica's event loop soon after start (resume the jobs a previous app
-        # left) and then every few seconds (keep the queue-depth gauge fresh).
-        self._resume_once()
+        # Runs on the replica's event loop soon after start and then every few seconds: adopt
+        # jobs whose replica died (or a previous app left), keep the queue-depth gauge fresh.
+        self._adopt_orphans_when_due()
         self.service.metrics.queue_depth(self.service.active)
 
-    def _resume_once(self) -> None:
-        if not self._resumed:
-            self._resumed = True
-            resumed = self.service.resume_unfinished()
-            if resumed:
-                logger.info("resuming %d unfinished job(s): %s", len(resumed), resumed)
+    def _adopt_orphans_when_due(self) -> None:
+        """Start a scan for orphaned jobs at most every half lease, in the background (it lists
+        the job store), so neither requests nor health checks wait on it."""
+        due = time.monotonic() - self._last_scan >= self.args.job_lease_s / 2
+        if due and (self._scan is None or self._scan.done()):
+            self._last_scan = time.monotonic()
+            self._scan = asyncio.get_running_loop().create_task(self._adopt_orphans())
+
+    async def _adopt_orphans(self) -> None:
+        try:
+            adopted = await self.service.resume_unfinished()
+        except Exception:  # the next scan tries again; serving goes on
+            logger.exception("scan for orphaned jobs failed")
+            return
+        if adopted:
+            logger.info("resuming %d unfinished job(s): %s", len(adopted), adopted)
 
 
 # ------------------------------------------------------------------------------------ build

@@ -137,6 +137,13 @@ class AppArgs(BaseModel):
         description="Jobs queued or running per ingress replica; beyond, POST /v1/jobs answers "
         "503 with Retry-After (backpressure that loses no accepted job).",
     )
+    job_lease_s: float = Field(
+        default=30.0,
+        ge=1.0,
+        le=3600.0,
+        description="A running job's lease: its ingress replica renews it every third of this; "
+        "a job whose lease lapsed (replica died) is resumed by another replica after this long.",
+    )
     max_chunks_in_flight: int = Field(
         default=4, ge=1, le=64, description="Chunks of one job running through the stages at once."
     )

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, field_validator
 from deployments.errors import InputError, InvalidSettingError
 from deployments.motion import parse_styles
 from serve.cache import hash_file
+from serve.leases import JobLeases, new_owner_id
 from serve.storage import ObjectNotFound, ObjectStore, parse_s3_uri
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class JobState(StrEnum):
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 _TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
-    # running -> queued: the app restarted mid-job and hands it back to the queue to resume.
+    # running -> queued: its replica died mid-job; another (or the restarted app) resumes it.
     JobState.RUNNING: frozenset(
         {JobState.QUEUED, JobState.DONE, JobState.FAILED, JobState.CANCELLED}
     ),
@@ -138,7 +139,12 @@ class JobManifest(BaseModel):
         description="Chunk index -> content key of its finished output; a resumed job skips "
         "these chunks.",
     )
-    attempts: int = Field(default=0, ge=0, description="Times the job was started (resumes + 1).")
+    attempts: int = Field(
+        default=0,
+        ge=0,
+        description="Number of the latest attempt (1 = first run; each resume claims the next, "
+        "so a number skips when a replica died between its claim and its start).",
+    )
     ledger: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Cost records of finished work (stage records of checkpointed chunks), kept "
@@ -213,7 +219,8 @@ class JobStore:
         ]
 
     def unfinished(self) -> list[JobManifest]:
-        """Jobs of every tenant that were queued or running: the ones to resume after a restart."""
+        """Jobs of every tenant that are queued or running (on this replica, another, or one
+        that died: their leases tell which)."""
         keys = (k for k in self.store.list(f"{self.prefix}/") if k.endswith("/manifest.json"))
         jobs = (self._load(key) for key in keys)
         return [job for job in jobs if not job.terminal]
@@ -270,7 +277,9 @@ class JobService:
 
     The heavy lifting is the orchestrator's (`run(manifest, events) -> (result_key, report)`);
     this class owns the lifecycle: admission (bounded jobs in flight, 503 beyond), the manifest's
-    state transitions, and turning failures into a code and message for the user.
+    state transitions, turning failures into a code and message for the user, and the job's
+    lease (serve/leases.py): each run holds a claim on its attempt, renews it while running,
+    and stops if another replica has taken the job over.
     """
 
     def __init__(
@@ -287,6 +296,7 @@ class JobService:
         estimate: Callable[[JobRequest, float, int, int], dict[str, Any]],
         fetch_s3: Callable[[str, Path], None],
         metrics: Any = None,
+        leases: JobLeases | None = None,
     ):
         self.jobs = jobs
         self.orchestrator = orchestrator
@@ -301,7 +311,9 @@ class JobService:
             fetch_s3,
         )
         self._tasks: dict[str, asyncio.Task] = {}
+        self._lost: set[str] = set()  # jobs whose lease another replica took over
         self.metrics = metrics or _NoMetrics()
+        self.leases = leases or JobLeases(jobs.store, new_owner_id())
 
     # ----------------------------------------------------------------------- admission
 
@@ -349,23 +361,41 @@ class JobService:
             input_sha256=digest,
             plan=plan,
         )
+        if not self.leases.claim(self._folder(manifest), 1):  # a fresh random id: never taken
+            raise RuntimeError(f"job {job_id} was claimed before it was created")
         self.jobs.save(manifest)
         self.metrics.state(JobState.QUEUED)
-        self._launch(manifest)
+        self._launch(manifest, attempt=1)
         return manifest
 
-    def resume_unfinished(self) -> list[str]:
-        """Start again every job a previous app left queued or running (called at start-up)."""
-        resumed = []
+    async def resume_unfinished(self) -> list[str]:
+        """Adopt every unfinished job whose lease has lapsed (its replica died, or the whole
+        app restarted) and run it again from its checkpoints. Called at start-up and then
+        periodically by each ingress replica; a job with a live lease is left to its owner."""
+        adopted = await asyncio.to_thread(self._claim_orphans)
+        for manifest, attempt in adopted:
+            self._launch(manifest, attempt)
+        return [manifest.job_id for manifest, _ in adopted]
+
+    def _claim_orphans(self) -> list[tuple[JobManifest, int]]:
+        adopted = []
         for manifest in self.jobs.unfinished():
             if manifest.job_id in self._tasks:
+                continue
+            attempt = self.leases.claim_orphan(self._folder(manifest))
+            if attempt is None:
+                continue
+            manifest = self.jobs.get(manifest.tenant, manifest.job_id)  # as of the claim
+            if manifest.terminal:  # finished between the scan and the claim
                 continue
             if manifest.state == JobState.RUNNING:
                 manifest = manifest.transition(JobState.QUEUED)
                 self.jobs.save(manifest)
-            self._launch(manifest)
-            resumed.append(manifest.job_id)
-        return resumed
+            adopted.append((manifest, attempt))
+        return adopted
+
+    def _folder(self, manifest: JobManifest) -> str:
+        return self.jobs.folder(manifest.tenant, manifest.job_id)
 
     # ------------------------------------------------------------------------ queries
 
@@ -395,8 +425,8 @@ class JobService:
 
     # ------------------------------------------------------------------------ running
 
-    def _launch(self, manifest: JobManifest) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(manifest))
+    def _launch(self, manifest: JobManifest, attempt: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(manifest, attempt))
         self._tasks[manifest.job_id] = task
         self.metrics.queue_depth(self.active)
         task.add_done_callback(lambda _: self._forget(manifest.job_id))
@@ -405,14 +435,20 @@ class JobService:
         self._tasks.pop(job_id, None)
         self.metrics.queue_depth(self.active)
 
-    async def _run(self, manifest: JobManifest) -> None:
-        manifest = manifest.transition(JobState.RUNNING, attempts=manifest.attempts + 1)
+    async def _run(self, manifest: JobManifest, attempt: int) -> None:
+        manifest = manifest.transition(JobState.RUNNING, attempts=attempt)
         self.jobs.save(manifest)
         self.metrics.state(JobState.RUNNING)
         events = _JobEvents(self.jobs, manifest)
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(manifest, attempt))
         try:
             result_key, report = await self.orchestrator.run(events.manifest, events)
         except (asyncio.CancelledError, JobCancelled):
+            if manifest.job_id in self._lost:
+                # Another replica owns the job now: leave its manifest and input to it.
+                logger.warning("job %s: lease lost to another replica; stopped", manifest.job_id)
+                self._lost.discard(manifest.job_id)
+                return
             self._finish(events.manifest, JobState.CANCELLED)
         except InputError as exc:
             self._finish(events.manifest, JobState.FAILED, error=JobError(**_error_of(exc)))
@@ -424,6 +460,25 @@ class JobService:
             self._finish(events.manifest, JobState.FAILED, error=error)
         else:
             self._finish(events.manifest, JobState.DONE, result_key=result_key, report=report)
+        finally:
+            keeper.cancel()
+
+    async def _keep_lease(self, manifest: JobManifest, attempt: int) -> None:
+        """Renew the run's claim; if another replica took the job over, stop the run."""
+        folder = self._folder(manifest)
+        while True:
+            await asyncio.sleep(self.leases.renew_every_s)
+            try:
+                kept = await asyncio.to_thread(self.leases.renew, folder, attempt)
+            except Exception:  # a store hiccup: try again next period, the lease has slack
+                logger.warning("job %s: lease renewal failed", manifest.job_id, exc_info=True)
+                continue
+            if not kept:
+                self._lost.add(manifest.job_id)
+                task = self._tasks.get(manifest.job_id)
+                if task is not None:
+                    task.cancel()
+                return
 
     def _finish(self, manifest: JobManifest, state: JobState, **updates: Any) -> None:
         latest = self.jobs.get(manifest.tenant, manifest.job_id)

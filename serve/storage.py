@@ -129,6 +129,12 @@ class ObjectStore(ABC):
         """Store `data` under `key`, atomically, replacing any previous object."""
         self.put_stream(key, io.BytesIO(data), content_type)
 
+    @abstractmethod
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Store `data` under `key` only if no object is there: True if this call created it,
+        False if one existed. Atomic across processes and machines (the primitive job leases
+        are claimed with)."""
+
     def put_file(
         self, key: str, path: str | os.PathLike[str], content_type: str | None = None
     ) -> None:
@@ -251,6 +257,22 @@ class LocalStore(ObjectStore):
         with _atomic_output(self._path(key)) as handle:
             shutil.copyfileobj(stream, handle, _COPY_BLOCK)
 
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        dest = self._path(key)
+        fd, temp_path = _make_temp_file(dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(temp_path, dest)  # fails if dest exists: an atomic create-if-absent
+        except FileExistsError:
+            return False
+        finally:
+            temp_path.unlink(missing_ok=True)
+        _fsync_directory(dest.parent)
+        return True
+
     def open_read(self, key: str) -> IO[bytes]:
         path = self._path(key)
         try:
@@ -367,6 +389,20 @@ class S3Store(ObjectStore):
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         self.client.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=data, **extra)
+
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        # S3 conditional write (If-None-Match: *): 412 if the key exists, 409 if a concurrent
+        # conditional write to the same key won the race.
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self.full_key(key), Body=data, IfNoneMatch="*"
+            )
+        except self.client.exceptions.ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return False
+            raise
+        return True
 
     def open_read(self, key: str) -> IO[bytes]:
         try:

@@ -101,7 +101,14 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(moto_s3, tmp_path_factory) -> Server:
-    folder = tmp_path_factory.mktemp("server")
+    instance = make_server(moto_s3, tmp_path_factory.mktemp("server"))
+    instance.start()
+    yield instance
+    instance.kill()
+
+
+def make_server(moto_s3, folder: Path, ingress_replicas: int = 1) -> Server:
+    """A server on serve/configs/local.yaml with its store in moto S3 (not started)."""
     config = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
@@ -112,10 +119,10 @@ def server(moto_s3, tmp_path_factory) -> Server:
         api_keys=[{"tenant": t, "key_sha256": hash_api_key(k)} for t, k in KEYS.items()],
         allowed_input_buckets=[moto_s3.bucket],
         max_active_jobs=3,
+        job_lease_s=3,  # the restart test's resume waits for the dead app's lease to lapse
     )
+    (ingress,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress"]
+    ingress["num_replicas"] = ingress_replicas
     path = folder / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    instance = Server(path, f"http://127.0.0.1:{port}", folder / "server.log", free_port())
-    instance.start()
-    yield instance
-    instance.kill()
+    return Server(path, f"http://127.0.0.1:{port}", folder / "server.log", free_port())

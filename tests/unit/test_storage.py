@@ -67,6 +67,23 @@ def test_bytes_round_trip_and_overwrite(store):
     assert store.size("a/b/obj.bin") == len(b"second, longer")
 
 
+def test_create_bytes_creates_only_once(store):
+    assert store.create_bytes("claims/000001", b"mine") is True
+    assert store.create_bytes("claims/000001", b"theirs") is False
+    assert store.get_bytes("claims/000001") == b"mine"
+    store.put_bytes("claims/000001", b"renewed")  # a plain put still replaces it
+    assert store.get_bytes("claims/000001") == b"renewed"
+
+
+def test_concurrent_creates_have_exactly_one_winner(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(lambda i: store.create_bytes("race", str(i).encode()), range(8)))
+    assert wins.count(True) == 1
+    assert store.get_bytes("race") == str(wins.index(True)).encode()
+
+
 def test_empty_object_round_trips(store):
     store.put_bytes("empty", b"")
     assert store.exists("empty")
