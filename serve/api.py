@@ -6,6 +6,7 @@ same as a job that does not exist, so ids reveal nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 from pathlib import Path
@@ -51,7 +52,12 @@ class JobStatus(BaseModel):
     created_at: str
     updated_at: str
     progress: dict[str, StageProgress] = Field(description="Per stage: units done of total.")
-    attempts: int = Field(description="1, plus one per resume after a restart.")
+    attempts: int = Field(description="1, plus one per resume (after a restart or lost replica).")
+    cancel_requested: bool = Field(
+        default=False,
+        description="A cancel was asked for and the job's replica has not stopped it yet (it "
+        "does between chunks).",
+    )
     error: dict[str, str] | None = Field(default=None, description="code and message if failed.")
     report: dict[str, Any] | None = Field(default=None, description="Cost report when done.")
     result_url: str | None = Field(default=None, description="The MP4, when done.")
@@ -72,7 +78,7 @@ class EstimateRequest(BaseModel):
     request: JobRequest = Field(description="The edit request to estimate.")
 
 
-def _status(manifest: JobManifest) -> JobStatus:
+def _status(manifest: JobManifest, cancel_requested: bool = False) -> JobStatus:
     done = manifest.state == JobState.DONE
     return JobStatus(
         job_id=manifest.job_id,
@@ -81,6 +87,7 @@ def _status(manifest: JobManifest) -> JobStatus:
         updated_at=manifest.updated_at,
         progress=manifest.progress,
         attempts=manifest.attempts,
+        cancel_requested=cancel_requested and not manifest.terminal,
         error=manifest.error.model_dump() if manifest.error else None,
         report=manifest.report,
         result_url=f"/{API_VERSION}/jobs/{manifest.job_id}/result" if done else None,
@@ -224,7 +231,11 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
 
     @app.get(f"/{API_VERSION}/jobs/{{job_id}}", response_model=JobStatus, tags=["jobs"])
     async def get_job(job_id: str, request: Request) -> JobStatus:
-        return _status(await _find(request, job_id))
+        manifest = await _find(request, job_id)
+        marked = not manifest.terminal and await asyncio.to_thread(
+            service.jobs.cancel_requested, manifest.tenant, manifest.job_id
+        )
+        return _status(manifest, cancel_requested=marked)
 
     @app.get(f"/{API_VERSION}/jobs/{{job_id}}/result", tags=["jobs"])
     async def get_result(job_id: str, request: Request) -> Response:
@@ -239,10 +250,19 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
             background=_closer(stream),
         )
 
-    @app.delete(f"/{API_VERSION}/jobs/{{job_id}}", response_model=JobStatus, tags=["jobs"])
-    async def cancel_job(job_id: str, request: Request) -> JobStatus:
-        manifest = await _find(request, job_id)
-        return _status(await service.cancel(manifest))
+    @app.delete(
+        f"/{API_VERSION}/jobs/{{job_id}}",
+        response_model=JobStatus,
+        tags=["jobs"],
+        responses={202: {"description": "Cancel requested; the job's replica stops it soon."}},
+    )
+    async def cancel_job(job_id: str, request: Request) -> JSONResponse:
+        """200 with the cancelled (or already finished) job; 202 while the job runs on another
+        ingress replica, which stops it at its next chunk (poll GET until `cancelled`)."""
+        manifest = await service.cancel(await _find(request, job_id))
+        status = _status(manifest, cancel_requested=True)
+        code = 202 if status.cancel_requested else 200
+        return JSONResponse(status.model_dump(mode="json"), status_code=code)
 
     @app.post(f"/{API_VERSION}/estimate", tags=["jobs"])
     async def estimate(body: EstimateRequest, request: Request) -> dict:

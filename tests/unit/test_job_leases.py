@@ -6,8 +6,11 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
+from serve.api import create_api
+from serve.auth import Authenticator
 from serve.jobs import JobRequest, JobService, JobState, JobStore
 from serve.leases import JobLeases
 from serve.storage import LocalStore
@@ -74,7 +77,9 @@ class HeldOrchestrator:
     async def run(self, manifest, events):
         self.started.append(manifest.attempts)
         try:
-            await self.release.wait()
+            while not self.release.is_set():  # a chunk boundary every 10 ms
+                await asyncio.to_thread(events.check_cancelled)
+                await asyncio.sleep(0.01)
         except asyncio.CancelledError:
             self.stopped.append(manifest.attempts)
             raise
@@ -107,7 +112,7 @@ async def wait_for(condition, timeout=10.0):
 async def submit(service, tmp_path):
     video = tmp_path / "input.mp4"
     video.write_bytes(b"not decoded by the held orchestrator")
-    return await service.submit_file("acme", JobRequest(prompt="a robot"), video)
+    return await service.submit_file("local", JobRequest(prompt="a robot"), video)
 
 
 def test_a_running_job_is_not_taken_over_and_a_dead_replicas_job_is(tmp_path):
@@ -127,7 +132,7 @@ def test_a_running_job_is_not_taken_over_and_a_dead_replicas_job_is(tmp_path):
         a._lost.add(job.job_id)
         a._tasks[job.job_id].cancel()
         await wait_for(lambda: not a._tasks)
-        assert a.jobs.get("acme", job.job_id).state == JobState.RUNNING
+        assert a.jobs.get("local", job.job_id).state == JobState.RUNNING
         adopted = []
         while not adopted:  # polled: adopted once a's lease lapses
             adopted = await b.resume_unfinished()
@@ -136,7 +141,7 @@ def test_a_running_job_is_not_taken_over_and_a_dead_replicas_job_is(tmp_path):
         await wait_for(lambda: b_run.started == [2])
         b_run.release.set()
         await wait_for(lambda: not b._tasks)
-        return b.jobs.get("acme", job.job_id)
+        return b.jobs.get("local", job.job_id)
 
     final = asyncio.run(scenario())
     assert final.state == JobState.DONE and final.attempts == 2
@@ -156,11 +161,33 @@ def test_a_stalled_owner_that_lost_its_lease_stops_and_writes_nothing(tmp_path):
         assert await b.resume_unfinished() == [job.job_id]
         await wait_for(lambda: a_run.stopped == [1])  # a's next renewal finds claim 2
         await wait_for(lambda: not a._tasks)
-        assert a.jobs.get("acme", job.job_id).state == JobState.RUNNING  # a wrote no ending
+        assert a.jobs.get("local", job.job_id).state == JobState.RUNNING  # a wrote no ending
         b_run.release.set()
         await wait_for(lambda: not b._tasks)
-        return b.jobs.get("acme", job.job_id), store
+        return b.jobs.get("local", job.job_id), store
 
     final, store = asyncio.run(scenario())
     assert final.state == JobState.DONE and final.attempts == 2
-    assert store.exists(JobStore(store).input_key("acme", final.job_id))  # input kept
+    assert store.exists(JobStore(store).input_key("local", final.job_id))  # input kept
+
+
+def test_cancel_through_a_replica_that_does_not_run_the_job(tmp_path):
+    async def scenario():
+        store = LocalStore(tmp_path / "store")
+        a_run = HeldOrchestrator()
+        a = replica(store, a_run, JobLeases(store, "a", lease_s=30))
+        b = replica(store, HeldOrchestrator(), JobLeases(store, "b", lease_s=30))
+        job = await submit(a, tmp_path)
+        await wait_for(lambda: a_run.started == [1])
+        api = create_api(b, Authenticator([]))
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://b") as client:
+            asked = await client.delete(f"/v1/jobs/{job.job_id}")
+            await wait_for(lambda: not a._tasks)  # a stops the job at its next chunk
+            after = (await client.get(f"/v1/jobs/{job.job_id}")).json()
+        return asked, after
+
+    asked, after = asyncio.run(scenario())
+    assert asked.status_code == 202, asked.text
+    assert asked.json()["state"] == "running" and asked.json()["cancel_requested"] is True
+    assert after["state"] == "cancelled" and after["cancel_requested"] is False
