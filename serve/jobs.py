@@ -176,7 +176,12 @@ def validate_tenant(tenant: str) -> str:
 
 
 class JobStore:
-    """Manifests, inputs and results of jobs in an object store, partitioned by tenant."""
+    """Manifests, inputs and results of jobs in an object store, partitioned by tenant.
+
+    Unfinished jobs also have an empty marker under `<prefix>/_active/` (no tenant name starts
+    with `_`), so the ingress replicas' periodic scan for orphaned jobs lists only the jobs in
+    flight, not every object of every job ever run (a LIST per 1000 keys, every few seconds,
+    per replica, would grow without bound with the history)."""
 
     def __init__(self, store: ObjectStore, prefix: str = "jobs"):
         self.store = store
@@ -200,6 +205,16 @@ class JobStore:
     def cancel_key(self, tenant: str, job_id: str) -> str:
         return f"{self.folder(tenant, job_id)}/cancel"
 
+    def active_key(self, tenant: str, job_id: str) -> str:
+        self.folder(tenant, job_id)  # validates both
+        return f"{self.prefix}/_active/{tenant}/{job_id}"
+
+    def mark_active(self, manifest: JobManifest) -> None:
+        self.store.put_bytes(self.active_key(manifest.tenant, manifest.job_id), b"")
+
+    def unmark_active(self, manifest: JobManifest) -> None:
+        self.store.delete(self.active_key(manifest.tenant, manifest.job_id))
+
     def save(self, manifest: JobManifest) -> None:
         body = manifest.model_dump_json(indent=1).encode()
         key = self.manifest_key(manifest.tenant, manifest.job_id)
@@ -220,10 +235,20 @@ class JobStore:
 
     def unfinished(self) -> list[JobManifest]:
         """Jobs of every tenant that are queued or running (on this replica, another, or one
-        that died: their leases tell which)."""
-        keys = (k for k in self.store.list(f"{self.prefix}/") if k.endswith("/manifest.json"))
-        jobs = (self._load(key) for key in keys)
-        return [job for job in jobs if not job.terminal]
+        that died: their leases tell which), found through their active markers."""
+        jobs = []
+        for key in self.store.list(f"{self.prefix}/_active/"):
+            tenant, job_id = key.rsplit("/", 2)[-2:]
+            try:
+                manifest = self.get(tenant, job_id)
+            except JobNotFound:  # marked, then its manifest write failed: nothing to resume
+                self.store.delete(key)
+                continue
+            if manifest.terminal:  # finished, but the replica died before unmarking it
+                self.store.delete(key)
+                continue
+            jobs.append(manifest)
+        return jobs
 
     def request_cancel(self, tenant: str, job_id: str) -> None:
         """Mark a job for cancellation; its runner (on any replica) sees the mark between chunks."""
@@ -363,6 +388,7 @@ class JobService:
         )
         if not self.leases.claim(self._folder(manifest), 1):  # a fresh random id: never taken
             raise RuntimeError(f"job {job_id} was claimed before it was created")
+        self.jobs.mark_active(manifest)
         self.jobs.save(manifest)
         self.metrics.state(JobState.QUEUED)
         self._launch(manifest, attempt=1)
@@ -487,6 +513,7 @@ class JobService:
         merged = manifest.model_copy(update={"state": latest.state})
         final = merged.transition(state, **updates)
         self.jobs.save(final)
+        self.jobs.unmark_active(final)
         try:
             self.metrics.state(state)
             self.metrics.finished(final.ledger, final.report)

@@ -148,6 +148,58 @@ def test_a_running_job_is_not_taken_over_and_a_dead_replicas_job_is(tmp_path):
     assert final.report == {"attempt": 2}
 
 
+class ListCounter(LocalStore):
+    """A LocalStore that counts the keys its listings return (what a scan costs on S3)."""
+
+    listed = 0
+
+    def list(self, prefix=""):
+        for key in super().list(prefix):
+            ListCounter.listed += 1
+            yield key
+
+
+def test_the_orphan_scan_lists_only_jobs_in_flight(tmp_path):
+    async def scenario():
+        store = ListCounter(tmp_path / "store")
+        held = HeldOrchestrator()
+        service = replica(store, held, JobLeases(store, "a", lease_s=30))
+        held.release.set()
+        for _ in range(3):  # a history of finished jobs: inputs, manifests, claims
+            await submit(service, tmp_path)
+            await wait_for(lambda: not service._tasks)
+        ListCounter.listed = 0
+        assert service.jobs.unfinished() == []
+        history_listed = ListCounter.listed
+        held.release.clear()
+        running = await submit(service, tmp_path)
+        await wait_for(lambda: held.started)
+        ListCounter.listed = 0
+        in_flight = [m.job_id for m in service.jobs.unfinished()]
+        held.release.set()
+        await wait_for(lambda: not service._tasks)
+        return history_listed, in_flight, running.job_id, ListCounter.listed
+
+    history_listed, in_flight, running_id, listed = asyncio.run(scenario())
+    assert history_listed == 0  # finished jobs leave no active marker
+    assert in_flight == [running_id] and listed == 1
+
+
+def test_a_marker_left_by_a_finished_job_is_cleaned_up(tmp_path):
+    async def scenario():
+        store = LocalStore(tmp_path / "store")
+        held = HeldOrchestrator()
+        held.release.set()
+        service = replica(store, held, JobLeases(store, "a", lease_s=30))
+        job = await submit(service, tmp_path)
+        await wait_for(lambda: not service._tasks)
+        service.jobs.mark_active(job)  # as if the replica died between save and unmark
+        return service.jobs.unfinished(), list(store.list("jobs/_active/"))
+
+    unfinished, markers = asyncio.run(scenario())
+    assert unfinished == [] and markers == []
+
+
 def test_a_stalled_owner_that_lost_its_lease_stops_and_writes_nothing(tmp_path):
     async def scenario():
         store = LocalStore(tmp_path / "store")

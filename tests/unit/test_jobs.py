@@ -67,12 +67,16 @@ def test_manifest_round_trip_and_tenant_isolation(jobs):
     assert jobs.list("globex") == []
 
 
-def test_unfinished_lists_queued_and_running_of_every_tenant(jobs):
+def test_unfinished_lists_the_marked_queued_and_running_jobs_of_every_tenant(jobs):
     queued, running = manifest("a"), manifest("b", state=JobState.RUNNING)
-    done = manifest("a", state=JobState.DONE)
-    for job in (queued, running, done):
+    done, unmarked = manifest("a", state=JobState.DONE), manifest("b")
+    for job in (queued, running, done, unmarked):
         jobs.save(job)
+    for job in (queued, running, done):
+        jobs.mark_active(job)
     assert {j.job_id for j in jobs.unfinished()} == {queued.job_id, running.job_id}
+    assert jobs.store.exists(jobs.active_key("b", running.job_id))
+    assert not jobs.store.exists(jobs.active_key("a", done.job_id))  # cleaned up by the scan
 
 
 def test_cancel_mark_is_visible_through_the_store(jobs):
