@@ -17,6 +17,13 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.exceptions import (
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    WorkerCrashedError,
+)
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import diffusion, interpolate
@@ -35,6 +42,16 @@ from serve.planning import estimate, plan_for
 from serve.stages import Frames, StageContext, StageRecord
 
 logger = logging.getLogger("ray.serve")
+
+# Failures of the infrastructure, not of a stage's code: the orchestrator runs the chunk again.
+# (ActorDiedError and ActorUnavailableError are RayActorErrors; OwnerDiedError an ObjectLostError.)
+TRANSIENT_RAY_ERRORS = (
+    RayActorError,
+    WorkerCrashedError,
+    NodeDiedError,
+    ObjectLostError,
+    BackPressureError,
+)
 
 
 def assigned_gpu_fraction() -> float:
@@ -148,17 +165,19 @@ class DiffusionServer:
         self._start_reaper()
         await self._key(serve.get_multiplexed_model_id())
         upstream = maps.records if maps else []
+        chunk, job_id = fields["chunk_index"], fields["job_id"]
         if plan.cache:
-            chunk = fields["chunk_index"]
-            hit = await asyncio.to_thread(stages.cached_generation, self.ctx, key, chunk)
+            hit = await asyncio.to_thread(stages.cached_generation, self.ctx, key, chunk, job_id)
             if hit is not None:
                 return Frames(hit.frames, upstream + hit.records)
         stages.require_maps(maps, key)
         request = stages.chunk_request(fields, maps, plan)
         result = await self._batched(request)
-        if plan.cache:
-            await asyncio.to_thread(stages.store_generation, self.ctx, key, result.frames)
         record = stages.generation_record(result, self.gpu_fraction)
+        if plan.cache:
+            await asyncio.to_thread(
+                stages.store_generation, self.ctx, key, result.frames, job_id, record
+            )
         return Frames(result.frames, upstream + [record])
 
     async def _batched(self, request: diffusion.ChunkRequest) -> diffusion.ChunkResult:
@@ -221,6 +240,17 @@ class ServeStages:
 
     async def ready(self) -> bool:
         return True
+
+    def is_transient(self, error: BaseException) -> bool:
+        """A replica, worker or node that died (or a queue that was full), also when it
+        reaches us wrapped by a downstream call that received the failed upstream result."""
+        seen = 0
+        while error is not None and seen < 8:
+            if isinstance(error, TRANSIENT_RAY_ERRORS):
+                return True
+            error = getattr(error, "cause", None) or error.__cause__
+            seen += 1
+        return False
 
     async def upscaler_identity(self) -> dict[str, Any]:
         return await self.h["upscale"].identity.remote()

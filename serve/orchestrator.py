@@ -5,12 +5,17 @@ handles: on Ray Serve those are `DeploymentResponse`s passed straight into the n
 call (the frames stay in Ray's object store and never reach the ingress); in process they are
 asyncio tasks (`LocalStages`). Each chunk ends as an encoded segment under a content key and a
 checkpoint in the manifest, so a repeat or a resumed job skips finished chunks and a restart
-loses at most the chunks in flight.
+loses at most the chunks in flight. When a replica dies, Serve's router re-sends the requests it
+held to a replacement; a chunk whose failure still reaches us (its result object lost with a
+node, a worker crash) runs again, up to `MAX_CHUNK_RETRIES` times. An error of the stage's own
+code is not retried (it would fail the same way). Work a dead replica had done is not in the
+report (its records died with it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +27,13 @@ from serve.cost import build_report
 from serve.jobs import JobManifest
 from serve.pipeline import Plan
 from serve.stages import Frames, JobKeys, StageContext, StageRecord
+
+logger = logging.getLogger(__name__)
+
+# A dead replica's calls fail at once; new calls wait in Serve's router until a replacement
+# replica is up (as from zero). 1 + 2 + 4 s covers the controller noticing the death.
+MAX_CHUNK_RETRIES = 3
+RETRY_BACKOFF_S = 1.0  # doubled per retry of the same chunk
 
 
 class StageCalls(Protocol):
@@ -39,6 +51,9 @@ class StageCalls(Protocol):
     async def join(self, segment_keys, plan, result_key, audio) -> StageRecord: ...
     async def has_segment(self, key: str) -> bool: ...
     async def has_generation(self, key: str) -> bool: ...
+    def is_transient(self, error: BaseException) -> bool:
+        """True for an infrastructure failure worth retrying (a dead replica or node)."""
+        ...
 
 
 def chunk_spans(frames: int, chunk_frames: int) -> list[tuple[int, int]]:
@@ -120,6 +135,7 @@ class _ChunkRun:
         self.spans, self.request, self.gen_keys, self.seg_keys = spans, request, gen_keys, seg_keys
         self.generated: dict[int, Any] = {}
         self.cached_generations: set[int] = set()
+        self.retries: dict[int, int] = {}
 
     def _generation(self, chunk: int):
         """One diffusion call per chunk, shared by this chunk and the previous one."""
@@ -162,9 +178,17 @@ class _ChunkRun:
                 continue
             while len(pending) >= window:
                 done += await self._collect(pending, events, total, done)
-            pending[asyncio.ensure_future(_awaited(self._pipeline(chunk)))] = chunk
+            pending[self._start(chunk)] = chunk
         while pending:
             done += await self._collect(pending, events, total, done)
+
+    def _start(self, chunk: int, delay_s: float = 0.0) -> asyncio.Future:
+        async def run():
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            return await self._pipeline(chunk)
+
+        return asyncio.ensure_future(run())
 
     async def _finished_before(self, chunk: int, events) -> bool:
         """True for a chunk checkpointed by an earlier attempt (its records are in the ledger
@@ -179,23 +203,52 @@ class _ChunkRun:
         return False
 
     async def _collect(self, pending: dict, events, total: int, done: int) -> int:
+        """Wait for at least one chunk; record the finished ones, restart the retriable failures.
+        Returns how many chunks finished."""
         finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        succeeded = 0
         for future in finished:
             chunk = pending.pop(future)
             try:
                 key, records = future.result()
+            except Exception as error:
+                if self._may_retry(chunk, error):
+                    delay = RETRY_BACKOFF_S * 2 ** (self.retries[chunk] - 1)
+                    pending[self._start(chunk, delay)] = chunk
+                    continue
+                self._cancel(pending)
+                raise
             except BaseException:
-                for other in pending:
-                    other.cancel()
+                self._cancel(pending)
                 raise
             events.record(records, chunk=chunk, key=key)
-        events.progress("chunks", done + len(finished), total)
+            succeeded += 1
+        events.progress("chunks", done + succeeded, total)
         events.check_cancelled()
-        return len(finished)
+        return succeeded
 
+    def _may_retry(self, chunk: int, error: Exception) -> bool:
+        """Whether to run a failed chunk again; if so, its stage calls are made anew (the
+        generation cache spares the diffusion work that had finished)."""
+        is_transient = getattr(self.calls, "is_transient", None)
+        if is_transient is None or not is_transient(error):
+            return False
+        if self.retries.get(chunk, 0) >= MAX_CHUNK_RETRIES:
+            return False
+        self.retries[chunk] = self.retries.get(chunk, 0) + 1
+        logger.warning(
+            "job %s: chunk %d failed (%s: %s); retry %d of %d",
+            self.manifest.job_id, chunk, type(error).__name__, error,
+            self.retries[chunk], MAX_CHUNK_RETRIES,
+        )  # fmt: skip
+        self.generated.pop(chunk, None)  # a response that failed would fail again
+        self.generated.pop(chunk + 1, None)
+        return True
 
-async def _awaited(handle):
-    return await handle
+    @staticmethod
+    def _cancel(pending: dict) -> None:
+        for other in pending:
+            other.cancel()
 
 
 def _keeps_timing(plan: Plan, manifest: JobManifest) -> bool:
@@ -220,6 +273,9 @@ class LocalStages:
     async def ready(self) -> bool:
         return True
 
+    def is_transient(self, error: BaseException) -> bool:
+        return False  # in one process a failure is the code's own: running again won't help
+
     async def upscaler_identity(self) -> dict[str, Any]:
         return await asyncio.to_thread(_identity, self.upscaler)
 
@@ -236,17 +292,18 @@ class LocalStages:
         return _task(self._generate, maps, request, key, plan)
 
     def _generate(self, maps: Frames | None, fields: dict, key: str, plan) -> Frames:
+        chunk, job_id = fields["chunk_index"], fields["job_id"]
         if plan.cache:
-            hit = stages.cached_generation(self.ctx, key, fields["chunk_index"])
+            hit = stages.cached_generation(self.ctx, key, chunk, job_id)
             if hit is not None:
                 return Frames(hit.frames, (maps.records if maps else []) + hit.records)
         stages.require_maps(maps, key)
         request = stages.chunk_request(fields, maps, plan)
         with stages.MEASURE_LOCK:  # diffusion's CPU time must not land in another stage's bill
             (result,) = self.engine.generate([request])
-        if plan.cache:
-            stages.store_generation(self.ctx, key, result.frames)
         record = stages.generation_record(result, self.gpu_fraction)
+        if plan.cache:
+            stages.store_generation(self.ctx, key, result.frames, job_id, record)
         return Frames(result.frames, maps.records + [record])
 
     def upscale(self, generated, next_generated, plan, chunk):

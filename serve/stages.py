@@ -224,18 +224,32 @@ def render_maps(ctx: StageContext, keys: JobKeys, plan, chunk: int, span: tuple[
     return Frames(maps, [record])
 
 
-def cached_generation(ctx: StageContext, key: str, chunk: int) -> Frames | None:
+def cached_generation(ctx: StageContext, key: str, chunk: int, job_id: str) -> Frames | None:
+    """Generated frames from the cache. Another job's (or request's) frames cost this job
+    nothing; frames this same job generated before cost what they cost then: its first result
+    never reached the ledger (a retried chunk, or a resumed job whose chunk was not
+    checkpointed), so the work is billed here, once."""
     data = ctx.cache.get(key)
     if data is None:
         return None
     frames = np.load(io.BytesIO(data))["frames"]
+    meta = ctx.cache.get_meta(key) or {}
+    if meta.get("job_id") == job_id and meta.get("record"):
+        record = StageRecord.model_validate(meta["record"])
+        note = "generated earlier by this job (its first result was lost): billed once, here"
+        return Frames(frames, [record.model_copy(update={"notes": [*record.notes, note]})])
     return Frames(frames, [StageRecord(stage="diffusion", chunk=chunk, cache_hit=True)])
 
 
-def store_generation(ctx: StageContext, key: str, frames: np.ndarray) -> None:
+def store_generation(
+    ctx: StageContext, key: str, frames: np.ndarray, job_id: str, record: StageRecord
+) -> None:
+    """Cache generated frames with who made them and what it cost (see cached_generation)."""
     buffer = io.BytesIO()
     np.savez(buffer, frames=frames)  # PNG-level compression gains little on noisy frames
-    ctx.cache.put(key, buffer.getvalue(), {"stage": "diffusion", "frames": len(frames)})
+    meta = {"stage": "diffusion", "frames": len(frames), "job_id": job_id,
+            "record": record.model_dump(mode="json")}  # fmt: skip
+    ctx.cache.put(key, buffer.getvalue(), meta)
 
 
 def require_maps(maps: Frames | None, key: str) -> None:

@@ -94,6 +94,19 @@ class Server:
             assert time.monotonic() < deadline, "server processes survived SIGKILL"
             time.sleep(0.2)  # waiting for the kernel to reap them
 
+    def replica_pids(self, deployment: str) -> list[int]:
+        """Processes of this server's session whose title names the deployment's replica
+        (Ray titles a Serve replica's worker `ray::ServeReplica:<app>:<deployment>`)."""
+        out = subprocess.run(["ps", "-e", "-o", "pid=,sid=,args="], capture_output=True,
+                             text=True).stdout  # fmt: skip
+        marker = f"ServeReplica:motionserve:{deployment}"
+        pids = []
+        for line in out.splitlines():
+            pid, sid, args = line.split(None, 2) + [""] * (3 - len(line.split(None, 2)))
+            if sid == str(self.process.pid) and marker in args:
+                pids.append(int(pid))
+        return pids
+
     def client(self, tenant: str = "acme", **kwargs) -> httpx.Client:
         headers = {"X-API-Key": KEYS[tenant]} if tenant else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)

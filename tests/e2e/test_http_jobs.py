@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
 import subprocess
 import time
 
@@ -232,6 +234,23 @@ def test_prometheus_metrics_are_exported(server):
     assert metric_total(text, "ray_motionserve_cache_hits_total", stage="segment") >= 2
     assert metric_total(text, "ray_motionserve_batch_size_count") >= 1
     assert metric_total(text, "ray_motionserve_jobs_rejected_total") >= 1
+
+
+def test_a_diffusion_replica_killed_mid_job_does_not_fail_the_job(server, short_clip):
+    # As a spot GPU node lost under a running job: Serve replaces the replica and re-sends the
+    # requests it held (a chunk whose result is lost anyway is run again by the orchestrator,
+    # see tests/unit/test_orchestrator.py); the job finishes in its first attempt.
+    (victim,) = server.replica_pids("Diffusion")
+    with server.client() as client:
+        job_id = submit(client, short_clip, seed=88, chunk_frames=2, steps=12).json()["job_id"]
+        # After the first checkpoint the next chunks (4 in flight) are in the diffusion stage.
+        wait(client, job_id, until=lambda s: len(s["checkpointed_chunks"]) >= 1)
+        os.kill(victim, signal.SIGKILL)
+        status = wait(client, job_id)
+    assert status["state"] == "done" and status["attempts"] == 1, status["error"]
+    assert server.replica_pids("Diffusion") not in ([], [victim])  # a new replica served it
+    plan = status["report"]["plan"]
+    assert plan["work_units"] == plan["predicted_work_units"]  # every chunk billed once
 
 
 def test_restart_mid_job_resumes_without_recomputing(server, short_clip):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import av
+import numpy as np
 import pytest
 
 from deployments import errors
+from serve import orchestrator
 from serve.config import AppArgs
 from serve.jobs import JobRequest
-from serve.orchestrator import chunk_spans, edit_video
+from serve.orchestrator import MAX_CHUNK_RETRIES, LocalStages, chunk_spans, edit_video
 from serve.pipeline import Plan, make_plan
 from serve.stages import job_keys
 from serve.storage import LocalStore
@@ -69,3 +71,94 @@ def test_bad_input_leaves_nothing_in_storage(tmp_path):
 def test_invalid_style_is_rejected_by_the_plan():
     with pytest.raises(errors.InvalidSettingError, match="exaggerate"):
         Plan(styles=["wobble"])
+
+
+# --- chunks whose replica died ------------------------------------------------------------------
+
+
+class ReplicaDied(Exception):
+    """Stands in for Ray's ActorDiedError: an infrastructure failure."""
+
+
+class FlakyStages(LocalStages):
+    """Diffusion of chunk 1 fails `failures` times with `error`, then works."""
+
+    failures = 1
+    error: type[Exception] = ReplicaDied
+    calls: list[int] = []
+
+    def generate(self, maps, request, key, plan):
+        FlakyStages.calls.append(request["chunk_index"])
+        if request["chunk_index"] == 1 and FlakyStages.failures > 0:
+            FlakyStages.failures -= 1
+
+            async def fail():
+                raise FlakyStages.error("chunk 1 lost its replica")
+
+            return asyncio.ensure_future(fail())
+        return super().generate(maps, request, key, plan)
+
+    def is_transient(self, error):
+        return isinstance(error, ReplicaDied)
+
+
+def run_flaky(tmp_path, monkeypatch, failures: int, error=ReplicaDied):
+    monkeypatch.setattr(orchestrator, "LocalStages", FlakyStages)
+    monkeypatch.setattr(orchestrator, "RETRY_BACKOFF_S", 0.0)
+    FlakyStages.failures, FlakyStages.error, FlakyStages.calls = failures, error, []
+    args = AppArgs(storage_uri=str(tmp_path / "store"), upscaler_model="lanczos")
+    job = JobRequest(prompt="a dancer", preset="draft", seed=1,
+                     overrides={**FAST_OVERRIDES, "chunk_frames": 4})  # fmt: skip
+    return asyncio.run(edit_video(request_clip(tmp_path), tmp_path / "out.mp4", job, args))
+
+
+def request_clip(tmp_path):
+    from deployments.video import EncodeSettings, encode_mp4
+
+    clip = tmp_path / "moving.mp4"  # 1 s: 12 generated frames at 12 fps -> 3 chunks of 4
+    frames = np.zeros((25, 96, 128, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        frame[30:60, 4 * i : 4 * i + 20] = 255
+    encode_mp4(iter(frames), clip, EncodeSettings(fps=25))
+    return clip
+
+
+def test_a_chunk_whose_replica_died_runs_again_and_the_job_completes(tmp_path, monkeypatch):
+    report = run_flaky(tmp_path, monkeypatch, failures=MAX_CHUNK_RETRIES)
+    # chunk 0's pipeline shares chunk 1's generation (its next frames), so both ran again
+    assert FlakyStages.calls.count(1) >= MAX_CHUNK_RETRIES + 1
+    with av.open(str(tmp_path / "out.mp4")) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames == 25  # the 1 s clip at the draft preset's 25 fps: no chunk missing
+    # Each chunk's generation is billed once: a retry that finds the frames this job already
+    # generated bills the first run's record (a cache hit of another job would be free).
+    assert report["plan"]["work_units"] == report["plan"]["predicted_work_units"]
+
+
+def test_a_chunk_that_keeps_failing_fails_the_job(tmp_path, monkeypatch):
+    with pytest.raises(ReplicaDied):
+        run_flaky(tmp_path, monkeypatch, failures=100)
+    # each of the two pipelines that need chunk 1's generation tries at most 1 + retries times
+    assert MAX_CHUNK_RETRIES + 1 <= FlakyStages.calls.count(1) <= 2 * (MAX_CHUNK_RETRIES + 1)
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_an_error_of_the_stage_code_is_not_retried(tmp_path, monkeypatch):
+    with pytest.raises(ValueError):
+        run_flaky(tmp_path, monkeypatch, failures=1, error=ValueError)
+    assert FlakyStages.calls.count(1) == 1
+
+
+def test_frames_this_job_generated_are_billed_once_and_another_jobs_are_free(tmp_path):
+    from serve.factory import stage_context
+    from serve.stages import StageRecord, cached_generation, store_generation
+
+    ctx = stage_context(AppArgs(storage_uri=str(tmp_path / "store")))
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    work = StageRecord(stage="diffusion", chunk=3, cpu_s=1.5, work_units={"total": 7.0})
+    store_generation(ctx, "ab" * 32, frames, job_id="job-a", record=work)
+    (own,) = cached_generation(ctx, "ab" * 32, 3, job_id="job-a").records
+    (other,) = cached_generation(ctx, "ab" * 32, 3, job_id="job-b").records
+    assert (own.cache_hit, own.cpu_s, own.work_units) == (False, 1.5, {"total": 7.0})
+    assert "billed once" in own.notes[-1]
+    assert other.cache_hit and other.cpu_s == 0 and not other.work_units
