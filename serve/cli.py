@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from deployments.errors import InputError, InvalidPoseDataError, InvalidSettingError
 from deployments.pose import PoseSequence
 from serve.config import Settings
+from serve.local_app import DEFAULT_CONFIG
 
 EXIT_USER_ERROR = 2
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 
 
 def _cmd_probe(args: argparse.Namespace) -> None:
@@ -185,30 +185,17 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     never attaches to another cluster on the machine."""
     import signal
 
-    import ray
-    import yaml
-    from ray import serve as ray_serve
+    from serve.local_app import load_config, local_app
 
-    from serve.app import build_app
-
-    config_path = Path(args.config) if args.config else DEFAULT_CONFIG
-    config = yaml.safe_load(config_path.read_text())
-    http = config.get("http_options", {})
-    ray.init(address="local", include_dashboard=False, _metrics_export_port=args.metrics_port)
-    ray_serve.start(http_options=http, proxy_location=config.get("proxy_location", "HeadOnly"))
-    for app in config["applications"]:
-        built = build_app(app.get("args", {}), deployment_overrides=app.get("deployments", []))
-        ray_serve.run(built, name=app["name"], route_prefix=app.get("route_prefix", "/"))
-    print(f"motionserve: http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/docs")
-    print(f"metrics:     http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        ray_serve.shutdown()
-        ray.shutdown()
+    config = load_config(Path(args.config) if args.config else DEFAULT_CONFIG)
+    with local_app(config, metrics_port=args.metrics_port) as url:
+        print(f"motionserve: {url}/docs")
+        print(f"metrics:     http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
 
 
 def _interrupt(*_) -> None:
