@@ -303,7 +303,7 @@ class IngressServer:
         self.service = JobService(
             jobs,
             self.orchestrator,
-            limits=args.limits,
+            limits=args.input_limits(),
             allowed_input_buckets=args.allowed_input_buckets,
             max_active_jobs=args.max_active_jobs,
             probe=lambda path, digest: stages.probe_input(ctx, path, digest),

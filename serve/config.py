@@ -49,14 +49,17 @@ class Settings(BaseSettings):
     )
     s3_region: str = Field(default="us-east-1", description="Region for the S3 client.")
     max_input_bytes: int = Field(
-        default=InputLimits().max_bytes, description="Largest accepted upload, in bytes."
+        default=InputLimits().max_bytes,
+        description="Largest accepted upload, in bytes (CLI, and the app unless its args set "
+        "`limits`).",
     )
     max_duration_s: float = Field(
-        default=InputLimits().max_duration_s, description="Longest accepted video, in seconds."
+        default=InputLimits().max_duration_s,
+        description="Longest accepted video, in seconds (as above).",
     )
     max_pixels: int = Field(
         default=InputLimits().max_pixels,
-        description="Largest accepted frame area (width x height) of an input video.",
+        description="Largest accepted frame area (width x height) of an input video (as above).",
     )
 
     api_keys: list[TenantKey] = Field(
@@ -122,7 +125,12 @@ class AppArgs(BaseModel):
     default_preset: Literal["draft", "standard", "high"] = Field(
         default="standard", description="Preset used when a request names none."
     )
-    limits: InputLimits = Field(default_factory=InputLimits, description="Input video limits.")
+    limits: InputLimits | None = Field(
+        default=None,
+        description="Input video limits; unset takes them from MOTIONSERVE_MAX_INPUT_BYTES, "
+        "MOTIONSERVE_MAX_DURATION_S and MOTIONSERVE_MAX_PIXELS (their defaults otherwise), the "
+        "same limits the command line applies.",
+    )
     api_keys: list[TenantKey] = Field(
         default_factory=list,
         description="Accepted API keys (hashed) and their tenants. Empty disables auth (local).",
@@ -147,3 +155,7 @@ class AppArgs(BaseModel):
     max_chunks_in_flight: int = Field(
         default=4, ge=1, le=64, description="Chunks of one job running through the stages at once."
     )
+
+    def input_limits(self) -> InputLimits:
+        """The configured limits, else the environment's (one source with the command line)."""
+        return self.limits or Settings().input_limits()

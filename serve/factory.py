@@ -22,7 +22,7 @@ def stage_context(args: AppArgs) -> StageContext:
     uri = args.storage_uri or settings.resolved_storage_uri()
     endpoint = args.s3_endpoint_url or settings.s3_endpoint_url
     store = open_store(uri, s3_endpoint_url=endpoint, region=settings.s3_region)
-    return StageContext(ArtifactCache(store), args.limits, s3_endpoint_url=endpoint)
+    return StageContext(ArtifactCache(store), args.input_limits(), s3_endpoint_url=endpoint)
 
 
 def ensure_tiny_models(cache_dir: Path) -> Path:

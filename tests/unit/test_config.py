@@ -22,3 +22,13 @@ def test_environment_overrides_limits(monkeypatch):
 
 def test_every_setting_is_described():
     assert all(field.description for field in Settings.model_fields.values())
+
+
+def test_the_app_takes_the_environments_limits_unless_its_config_sets_them(monkeypatch):
+    from deployments.video import InputLimits
+    from serve.config import AppArgs
+
+    monkeypatch.setenv("MOTIONSERVE_MAX_DURATION_S", "42")
+    assert AppArgs().input_limits().max_duration_s == 42.0  # the same limit as the CLI's
+    configured = AppArgs(limits=InputLimits(max_duration_s=7))
+    assert configured.input_limits().max_duration_s == 7.0
