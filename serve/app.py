@@ -316,6 +316,7 @@ class IngressServer:
         self.auth = Authenticator(args.api_keys + Settings().api_keys)
         self._scan: asyncio.Task | None = None
         self._last_scan = -float("inf")
+        self._handed_back = False
 
     def __serve_build_asgi_app__(self):
         return create_api(self.service, self.auth, on_request=self._adopt_orphans_when_due)
@@ -325,6 +326,16 @@ class IngressServer:
         # jobs whose replica died (or a previous app left), keep the queue-depth gauge fresh.
         self._adopt_orphans_when_due()
         self.service.metrics.queue_depth(self.service.active)
+
+    async def __del__(self) -> None:
+        """Serve calls this when it stops the replica gracefully (a downscale, a new version):
+        hand the running jobs over now rather than after their leases lapse."""
+        if getattr(self, "_handed_back", True):
+            return  # already done, or __init__ never finished
+        self._handed_back = True
+        handed = await self.service.hand_back()
+        if handed:
+            logger.info("handed %d running job(s) to the other replicas: %s", len(handed), handed)
 
     def _adopt_orphans_when_due(self) -> None:
         """Start a scan for orphaned jobs at most every half lease, in the background (it lists

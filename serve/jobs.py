@@ -336,7 +336,8 @@ class JobService:
             fetch_s3,
         )
         self._tasks: dict[str, asyncio.Task] = {}
-        self._lost: set[str] = set()  # jobs whose lease another replica took over
+        self._claims: dict[str, tuple[str, int]] = {}  # job id -> (folder, attempt) held here
+        self._lost: set[str] = set()  # jobs this replica stopped running (lease taken or given)
         self.metrics = metrics or _NoMetrics()
         self.leases = leases or JobLeases(jobs.store, new_owner_id())
 
@@ -454,11 +455,13 @@ class JobService:
     def _launch(self, manifest: JobManifest, attempt: int) -> None:
         task = asyncio.get_running_loop().create_task(self._run(manifest, attempt))
         self._tasks[manifest.job_id] = task
+        self._claims[manifest.job_id] = (self._folder(manifest), attempt)
         self.metrics.queue_depth(self.active)
         task.add_done_callback(lambda _: self._forget(manifest.job_id))
 
     def _forget(self, job_id: str) -> None:
         self._tasks.pop(job_id, None)
+        self._claims.pop(job_id, None)
         self.metrics.queue_depth(self.active)
 
     async def _run(self, manifest: JobManifest, attempt: int) -> None:
@@ -471,8 +474,8 @@ class JobService:
             result_key, report = await self.orchestrator.run(events.manifest, events)
         except (asyncio.CancelledError, JobCancelled):
             if manifest.job_id in self._lost:
-                # Another replica owns the job now: leave its manifest and input to it.
-                logger.warning("job %s: lease lost to another replica; stopped", manifest.job_id)
+                # Another replica owns (or will own) the job: leave its manifest and input.
+                logger.warning("job %s: stopped here; another replica resumes it", manifest.job_id)
                 self._lost.discard(manifest.job_id)
                 return
             self._finish(events.manifest, JobState.CANCELLED)
@@ -488,6 +491,20 @@ class JobService:
             self._finish(events.manifest, JobState.DONE, result_key=result_key, report=report)
         finally:
             keeper.cancel()
+
+    async def hand_back(self) -> list[str]:
+        """Stop every job this replica runs without ending it and release its lease, so
+        another replica resumes it from its checkpoints at its next scan (this replica is
+        shutting down: a downscale or a new version). Returns the job ids handed back."""
+        claims = dict(self._claims)
+        tasks = list(self._tasks.values())
+        self._lost.update(claims)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for folder, attempt in claims.values():
+            await asyncio.to_thread(self.leases.release, folder, attempt)
+        return list(claims)
 
     async def _keep_lease(self, manifest: JobManifest, attempt: int) -> None:
         """Renew the run's claim; if another replica took the job over, stop the run."""

@@ -1,16 +1,18 @@
 """Job leases: exactly one ingress replica runs a job, and a dead replica's jobs are adopted.
 
-Several ingress replicas share one job store (the scale tier runs 2-8), and each looks for
-unfinished jobs to resume. Without a lease every replica that starts (a restart, or the
-autoscaler adding one under load) would resume every running job again: the same chunks on the
-GPU twice and two writers on one manifest. So each attempt at running a job is claimed:
+Several ingress replicas share one job store (the scale tier runs 2), and each looks for
+unfinished jobs to resume. Without a lease every replica that starts (a restart, a new version,
+one added by hand or by an autoscaler) would resume every running job again: the same chunks on
+the GPU twice and two writers on one manifest. So each attempt at running a job is claimed:
 
 - `claims/<attempt>` under the job's folder is created with a conditional write (create only if
   absent: `If-None-Match: *` on S3, a hard link locally), so of two replicas claiming the same
   attempt exactly one wins;
 - the owner rewrites its claim every `lease_s / 3` with the time; a claim not renewed for
   `lease_s` belongs to a dead (or stalled) replica, and any replica may claim the next attempt;
-- an owner that finds a later claim than its own has lost the job and stops running it.
+- an owner that finds a later claim than its own has lost the job and stops running it;
+- a replica that Serve stops gracefully releases its claims (`release`), so the others adopt
+  its jobs at their next scan.
 
 Liveness compares wall clocks of different machines (the time written in the claim with the
 reader's clock), so it assumes clocks synced well within `lease_s` (NTP on every node).
@@ -97,6 +99,14 @@ class JobLeases:
             return False
         self.store.put_bytes(self._key(job_folder, attempt), self._body())
         return True
+
+    def release(self, job_folder: str, attempt: int) -> None:
+        """Give the job up now (this replica is shutting down): the claim reads as lapsed, so
+        another replica adopts the job at its next scan instead of after `lease_s`."""
+        latest = self.latest(job_folder)
+        if latest is not None and latest.attempt == attempt and latest.owner == self.owner:
+            body = json.dumps({"owner": self.owner, "renewed_at": 0.0, "released": True})
+            self.store.put_bytes(self._key(job_folder, attempt), body.encode())
 
     def _key(self, job_folder: str, attempt: int) -> str:
         return f"{job_folder}/claims/{attempt:06d}"

@@ -243,3 +243,25 @@ def test_cancel_through_a_replica_that_does_not_run_the_job(tmp_path):
     assert asked.status_code == 202, asked.text
     assert asked.json()["state"] == "running" and asked.json()["cancel_requested"] is True
     assert after["state"] == "cancelled" and after["cancel_requested"] is False
+
+
+def test_a_replica_shutting_down_hands_its_jobs_over_at_once(tmp_path):
+    async def scenario():
+        store = LocalStore(tmp_path / "store")
+        a_run, b_run = HeldOrchestrator(), HeldOrchestrator()
+        a = replica(store, a_run, JobLeases(store, "a", lease_s=30))
+        b = replica(store, b_run, JobLeases(store, "b", lease_s=30))
+        job = await submit(a, tmp_path)
+        await wait_for(lambda: a_run.started == [1])
+        assert await b.resume_unfinished() == []  # a's lease has 30 s to run
+        assert await a.hand_back() == [job.job_id]
+        assert a_run.stopped == [1] and not a._tasks
+        assert a.jobs.get("local", job.job_id).state == JobState.RUNNING  # not ended, handed
+        adopted = await b.resume_unfinished()  # at b's next scan, not after 30 s
+        b_run.release.set()
+        await wait_for(lambda: not b._tasks)
+        return adopted, b.jobs.get("local", job.job_id)
+
+    adopted, final = asyncio.run(scenario())
+    assert adopted == [final.job_id]
+    assert final.state == JobState.DONE and final.attempts == 2
