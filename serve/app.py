@@ -332,7 +332,9 @@ class IngressServer:
         hand the running jobs over now rather than after their leases lapse."""
         if getattr(self, "_handed_back", True):
             return  # already done, or __init__ never finished
-        self._handed_back = True
+        self._handed_back = True  # no new scans; one under way finishes, so what it adopted
+        if self._scan is not None:  # is handed back below too
+            await asyncio.gather(self._scan, return_exceptions=True)
         handed = await self.service.hand_back()
         if handed:
             logger.info("handed %d running job(s) to the other replicas: %s", len(handed), handed)
@@ -341,7 +343,7 @@ class IngressServer:
         """Start a scan for orphaned jobs at most every half lease, in the background (it lists
         the job store), so neither requests nor health checks wait on it."""
         due = time.monotonic() - self._last_scan >= self.args.job_lease_s / 2
-        if due and (self._scan is None or self._scan.done()):
+        if due and not self._handed_back and (self._scan is None or self._scan.done()):
             self._last_scan = time.monotonic()
             self._scan = asyncio.get_running_loop().create_task(self._adopt_orphans())
 
