@@ -178,6 +178,11 @@ class ArtifactCache:
 
     def get(self, key: str) -> bytes | None:
         """The artifact's bytes, or None on a miss."""
+        found = self.get_with_meta(key)
+        return found[0] if found else None
+
+    def get_with_meta(self, key: str) -> tuple[bytes, dict[str, Any]] | None:
+        """The artifact's bytes and its sidecar (one read of each), or None on a miss."""
         meta = self.get_meta(key)
         data = None
         if meta is not None:
@@ -189,7 +194,7 @@ class ArtifactCache:
             self._count(misses=1)
             return None
         self._count(hits=1, bytes_read=len(data))
-        return data
+        return data, meta
 
     def get_file(self, key: str, dest_path: str | os.PathLike[str]) -> Path | None:
         """Download the artifact to `dest_path` (atomically); None on a miss."""

@@ -229,11 +229,11 @@ def cached_generation(ctx: StageContext, key: str, chunk: int, job_id: str) -> F
     nothing; frames this same job generated before cost what they cost then: its first result
     never reached the ledger (a retried chunk, or a resumed job whose chunk was not
     checkpointed), so the work is billed here, once."""
-    data = ctx.cache.get(key)
-    if data is None:
+    found = ctx.cache.get_with_meta(key)
+    if found is None:
         return None
+    data, meta = found
     frames = np.load(io.BytesIO(data))["frames"]
-    meta = ctx.cache.get_meta(key) or {}
     if meta.get("job_id") == job_id and meta.get("record"):
         record = StageRecord.model_validate(meta["record"])
         note = "generated earlier by this job (its first result was lost): billed once, here"

@@ -159,6 +159,7 @@ META = {"stage": "decode", "settings": DecodeSettings(), "inputs": [VIDEO]}
 
 def test_put_then_get_with_sidecar(cache, store):
     assert cache.get(KEY) is None and not cache.contains(KEY)
+    assert cache.get_with_meta(KEY) is None
     cache.put(KEY, b"frames", META)
     assert cache.contains(KEY)
     assert cache.get(KEY) == b"frames"
@@ -172,6 +173,7 @@ def test_put_then_get_with_sidecar(cache, store):
     assert sidecar["size"] == 6 and sidecar["sha256"] == hash_bytes(b"frames")
     assert sidecar["key"] == KEY and sidecar["created_at"].endswith("+00:00")
     assert cache.get_meta(KEY) == sidecar
+    assert cache.get_with_meta(KEY) == (b"frames", sidecar)
 
 
 def test_get_or_compute_computes_once_then_hits(cache):
