@@ -45,8 +45,6 @@ class KeyedBatcher:
 
     def __init__(self, run_batch: RunBatch, max_batch_size: int = 4, wait_timeout_s: float = 0.05):
         self._run_batch = run_batch
-        self.max_batch_size = 1
-        self.wait_timeout_s = 0.0
         self.configure(max_batch_size, wait_timeout_s)
         self._groups: dict[Hashable, deque[_Waiting]] = {}
         self._arrived = asyncio.Event()
@@ -76,9 +74,7 @@ class KeyedBatcher:
     async def _work(self) -> None:
         while True:
             key = await self._next_key()
-            batch = self._take(key)
-            if batch:
-                await self._run(key, batch)
+            await self._run(key, self._take(key))
 
     async def _next_key(self) -> Hashable:
         """The key of the next batch, waiting for a group to fill or its head to time out."""
@@ -102,11 +98,13 @@ class KeyedBatcher:
                 pass
 
     def _take(self, key: Hashable) -> list[_Waiting]:
+        """Up to max_batch_size of the key's requests; called right after _next_key dropped
+        the cancelled ones, with no await between."""
         group = self._groups[key]
         batch = [group.popleft() for _ in range(min(self.max_batch_size, len(group)))]
         if not group:
             del self._groups[key]
-        return [w for w in batch if not w.future.done()]
+        return batch
 
     def _drop_cancelled(self) -> None:
         for key in list(self._groups):

@@ -211,15 +211,13 @@ class _ChunkRun:
             chunk = pending.pop(future)
             try:
                 key, records = future.result()
-            except Exception as error:
-                if self._may_retry(chunk, error):
+            except BaseException as error:  # a cancellation is never retried
+                if isinstance(error, Exception) and self._may_retry(chunk, error):
                     delay = RETRY_BACKOFF_S * 2 ** (self.retries[chunk] - 1)
                     pending[self._start(chunk, delay)] = chunk
                     continue
-                self._cancel(pending)
-                raise
-            except BaseException:
-                self._cancel(pending)
+                for other in pending:
+                    other.cancel()
                 raise
             events.record(records, chunk=chunk, key=key)
             succeeded += 1
@@ -230,8 +228,7 @@ class _ChunkRun:
     def _may_retry(self, chunk: int, error: Exception) -> bool:
         """Whether to run a failed chunk again; if so, its stage calls are made anew (the
         generation cache spares the diffusion work that had finished)."""
-        is_transient = getattr(self.calls, "is_transient", None)
-        if is_transient is None or not is_transient(error):
+        if not self.calls.is_transient(error):
             return False
         if self.retries.get(chunk, 0) >= MAX_CHUNK_RETRIES:
             return False
@@ -244,11 +241,6 @@ class _ChunkRun:
         self.generated.pop(chunk, None)  # a response that failed would fail again
         self.generated.pop(chunk + 1, None)
         return True
-
-    @staticmethod
-    def _cancel(pending: dict) -> None:
-        for other in pending:
-            other.cancel()
 
 
 def _keeps_timing(plan: Plan, manifest: JobManifest) -> bool:
