@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
 import shutil
@@ -47,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import machine_label, machine_summary, pin_threads, results_dir
+from benchmarks.common import machine_label, machine_summary, pin_threads, results_dir, write_json
 
 BATCHES = (1, 2, 4, 8)
 SERVE_BATCH_SIZES = (1, 4)
@@ -1002,8 +1001,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(args)
     result["total_s"] = round(time.perf_counter() - started, 1)
     print_report(result)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     plot(result, args.plot)
     print(f"\nwrote {args.output} and {args.plot} ({result['total_s']} s)")
     problems = []

@@ -9,6 +9,7 @@ check, the committed results are full runs).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -44,6 +45,13 @@ def results_dir() -> Path:
         directory = RESULTS_ROOT
     directory.mkdir(parents=True, exist_ok=True)
     return directory
+
+
+def write_json(path: Path, result: dict[str, Any], default=None) -> Path:
+    """A benchmark's result as indented JSON (folders created); `default` as in json.dumps."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=default) + "\n")
+    return path
 
 
 def cpu_model() -> str:

@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine_label, results_dir
+from benchmarks.common import machine_label, results_dir, write_json
 
 CLIP_SECONDS = 10.0
 OUTPUT = (1920, 1080, 25.0)
@@ -1037,8 +1037,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
     print_report(result)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     plot(result, args.plot)
     print(f"\nwrote {args.output} and {args.plot} ({result['total_s']} s)")
     failed = [k for k, ok in result["checks"]["counted_equals_predicted"].items() if not ok]

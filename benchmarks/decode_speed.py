@@ -9,7 +9,6 @@ looped to 10 s, encoded with x264 'medium' and B-frames like a camera file) and 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine_summary, results_dir
+from benchmarks.common import machine_summary, results_dir, write_json
 from deployments.video import DecodeSettings, EncodeSettings, decode_all, decode_chunks, encode_mp4
 from serve.config import Settings
 from serve.samples import sample_video_path
@@ -72,8 +71,7 @@ def main() -> None:
         machine=machine_summary(),
         note="decode uses libavcodec frame threads on all cores of the machine",
     )
-    output = results_dir() / "decode_speed.json"
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    output = write_json(results_dir() / "decode_speed.json", result)
     print(f"{'clip':32} {'frames':>6} {'wall s':>7} {'cpu s':>6} {'x realtime':>10}")
     print(
         f"{result['clip']:32} {result['output_frames']:>6} {result['wall_s_best']:>7} "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine_summary, results_dir
+from benchmarks.common import machine_summary, results_dir, write_json
 
 EVERY = (1, 2, 4)
 STEPS = (15, 20, 30)
@@ -148,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     result["total_s"] = round(time.perf_counter() - started, 1)
     print_table(result)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print(f"wrote {args.output} ({result['total_s']} s)")
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.common import machine_summary, results_dir
+from benchmarks.common import machine_summary, results_dir, write_json
 from deployments.interpolate import FlowBackend, FrameRetimer, InterpolationSettings
 from deployments.video import DecodeSettings, decode_all
 from serve.config import Settings
@@ -543,7 +543,7 @@ def main() -> None:
         "run_s": round(time.perf_counter() - started, 1),
     }
     output = results_dir()
-    (output / "interpolation.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(output / "interpolation.json", result)
     plot(result, output / "interpolation.png")
     print_report(result)
 

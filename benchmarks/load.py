@@ -46,7 +46,7 @@ import httpx
 import numpy as np
 import yaml
 
-from benchmarks.common import machine_label, results_dir
+from benchmarks.common import machine_label, results_dir, write_json
 
 TERMINAL = {"done", "failed", "cancelled"}
 # The tests' fast plan (tests/conftest.py FAST_OVERRIDES): every stage runs, in seconds.
@@ -734,8 +734,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
     print(format_report(result))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(args.output, result, default=str)
     plot(result, args.plot)
     print(f"wrote {args.output} and {args.plot} ({result['total_s']} s)")
     unreadable = [

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -50,7 +49,7 @@ import numpy as np
 import psutil
 import yaml
 
-from benchmarks.common import machine_summary, results_dir
+from benchmarks.common import machine_summary, results_dir, write_json
 from serve.config import AppArgs, Settings
 from serve.jobs import JobRequest
 
@@ -545,8 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         options.rounds = 1
     result = run(options)
     print(format_table(result))
-    options.output.parent.mkdir(parents=True, exist_ok=True)
-    options.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(options.output, result)
     plot(result, options.output.with_suffix(".png"))
     print(f"wrote {options.output} and {options.output.with_suffix('.png')}")
 

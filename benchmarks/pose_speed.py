@@ -13,7 +13,6 @@ mediapipe wheel are reported as such (they would need a download, which motionse
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine_summary, results_dir
+from benchmarks.common import machine_summary, results_dir, write_json
 from deployments.pose import PoseExtractor, PoseSettings, bundled_model_complexities
 from deployments.video import DecodeSettings, decode_all
 from serve.config import Settings
@@ -136,8 +135,7 @@ def main() -> None:
         "note": "one pinned core; the machine was shared with other jobs, so numbers are a "
         "lower bound",
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print_table(result)
     print(f"written to {args.output}")
 

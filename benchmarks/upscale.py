@@ -13,7 +13,6 @@ reported (all runs are in the JSON); CPU seconds count every thread.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine_summary, results_dir
+from benchmarks.common import machine_summary, results_dir, write_json
 from deployments.upscale import Upscaler, UpscaleSettings
 from deployments.video import DecodeSettings, decode_all
 from serve.config import Settings
@@ -208,8 +207,7 @@ def main() -> None:
         "s_per_512x288_frame scales them by pixel count",
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     header = (
         f"{'model':16} {'runtime':10} {'dev':4} {'tile':>4} {'ovl':>3} {'input':>8} "
         f"{'output':>9} {'wall s':>7} {'cpu s':>6} {'s/512x288':>9}"

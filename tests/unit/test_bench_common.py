@@ -40,3 +40,13 @@ def test_policy_gains_pairs_rows_by_keys_and_load():
          "device_s_change_pct": -50.0},
     ]  # fmt: skip
     assert batching.policy_gains({"by_policy": mixed["by_policy"][:1]}) == []
+
+
+def test_write_json_creates_folders_and_round_trips(tmp_path):
+    import json
+    from datetime import date
+
+    path = common.write_json(tmp_path / "a" / "b.json", {"x": [1, 2.5]})
+    assert json.loads(path.read_text()) == {"x": [1, 2.5]} and path.read_text().endswith("\n")
+    stamped = common.write_json(tmp_path / "c.json", {"d": date(2026, 11, 25)}, default=str)
+    assert json.loads(stamped.read_text()) == {"d": "2026-11-25"}
