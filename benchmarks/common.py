@@ -65,11 +65,13 @@ def cpu_model() -> str:
 
 
 def machine_summary() -> dict[str, Any]:
-    """The machine a result came from: CPU, cores, load at start, GPU, Python."""
+    """The machine a result came from: CPU, cores, GPU, Python, and the 1-minute load average
+    when the summary is taken (batching and cost take it at their start, the others at their
+    end; benchmarks that need both record their own)."""
     return {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "gpu": gpu_name(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -77,12 +79,10 @@ def machine_summary() -> dict[str, Any]:
 
 
 def machine_label(summary: dict[str, Any]) -> str:
-    """A short line for plot titles: 'NVIDIA L4, 8 cores' or 'Intel Xeon, 2 cores, load 1.3'."""
+    """A short line for plot titles: 'NVIDIA L4, 8 cores, load 0.4'."""
     device = summary.get("gpu") or summary.get("cpu", "?")
-    return (
-        f"{device}, {summary.get('cpu_count', '?')} cores, "
-        f"load {summary.get('load_average_1m_at_start', '?')} at start"
-    )
+    cores, load = summary.get("cpu_count", "?"), summary.get("load_average_1m", "?")
+    return f"{device}, {cores} cores, load {load}"
 
 
 def pin_threads(threads: int) -> None:
