@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,9 +51,9 @@ import yaml
 from benchmarks.common import machine_summary, results_dir, write_json
 from serve.config import AppArgs, Settings
 from serve.jobs import JobRequest
+from serve.local_app import free_port, load_config
 
 REPO = Path(__file__).parents[1]
-LOCAL_CONFIG = REPO / "serve" / "configs" / "local.yaml"
 CLIP_SECONDS, CLIP_FPS, CLIP_WIDTH = 10.0, 25.0, 640
 WARMUP_SECONDS = 2.0
 TARGET_RATIO = 1.15
@@ -148,12 +147,6 @@ def app_args(storage: str, upscaler: str, chunks: int) -> AppArgs:
 # ------------------------------------------------------------------------------ over HTTP
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ServeApp:
     """`motionserve serve` in a session of its own, with a fresh storage directory."""
 
@@ -164,8 +157,7 @@ class ServeApp:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = folder / "server.log"
         self.config = folder / "serve.yaml"
-        config = yaml.safe_load(LOCAL_CONFIG.read_text())
-        config["http_options"]["port"] = self.port
+        config = load_config(port=self.port)
         config["applications"][0]["args"].update(
             storage_uri=str(self.storage), upscaler_model=upscaler, max_chunks_in_flight=chunks
         )

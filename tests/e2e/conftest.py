@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ import pytest
 import yaml
 
 from serve.auth import hash_api_key
+from serve.local_app import free_port, load_config
 
 REPO = Path(__file__).parents[2]
 KEYS = {"acme": "acme-secret-key", "globex": "globex-secret-key"}
 START_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _session_alive(session_id: int) -> bool:
@@ -122,9 +116,8 @@ def server(moto_s3, tmp_path_factory) -> Server:
 
 def make_server(moto_s3, folder: Path, ingress_replicas: int = 1) -> Server:
     """A server on serve/configs/local.yaml with its store in moto S3 (not started)."""
-    config = yaml.safe_load((REPO / "serve" / "configs" / "local.yaml").read_text())
     port = free_port()
-    config["http_options"]["port"] = port
+    config = load_config(port=port)
     args = config["applications"][0]["args"]
     args.update(
         storage_uri=f"s3://{moto_s3.bucket}/e2e-{uuid.uuid4().hex[:8]}",
