@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from deployments.diffusion import (
+from deployments.diffusion.settings import GenerationSettings
+from deployments.diffusion.work_units import (
     SD15_MODEL_WEIGHTS,
-    GenerationSettings,
     ModelWeights,
     WorkUnits,
     latent_area_weight,

@@ -1,0 +1,244 @@
+"""Diffusion stage schemas: the batch key (`GenerationSettings`), the per-chunk request and result,
+and the engine's configuration, with the bounds users are told about.
+
+Decisions (the why):
+- Batch key: every `GenerationSettings` field is a key field (model, size, steps, scheduler,
+  precision, fps, and also guidance scale, controlnet_every, control window and conditioning
+  scale, because they decide the shape of the work: CFG doubles a forward, the keyframes choose
+  which frames reach ControlNet). Only the `ChunkRequest` fields vary within a batch: prompts,
+  seeds, noise sharing and control images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.diffusion.work_units import VAE_FACTOR, WorkUnits, cfg_enabled
+from deployments.errors import InvalidSettingError
+from deployments.model_loading import ModelSource
+
+# Part of every generated chunk's cache key: bump when the same request would give other frames.
+DIFFUSION_CODE_VERSION = "diffusion-1"
+
+SchedulerName = Literal["dpmpp_2m", "unipc", "euler_a", "lcm"]
+Precision = Literal["fp16", "bf16", "fp32"]
+
+MIN_STEPS, MAX_STEPS = 1, 150
+MAX_LCM_STEPS = 50  # LCMScheduler's default original_inference_steps
+# Structural bounds; what a replica can run is bounded by EngineConfig.max_pixels (VRAM).
+MIN_SIDE, MAX_SIDE = 64, 8192
+LATENT_CHANNELS = 4
+MAX_GUIDANCE_SCALE = 30.0
+MAX_CONDITIONING_SCALE = 5.0
+
+
+class GenerationSettings(BaseModel):
+    """The batch key: requests run together only when all of these are equal."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_id: str = Field(
+        min_length=1,
+        max_length=200,
+        description="Name of the base model + ControlNet weights a replica serves.",
+    )
+    width: int = Field(default=512, description="Generated frame width (multiple of 8).")
+    height: int = Field(default=512, description="Generated frame height (multiple of 8).")
+    steps: int = Field(default=20, description=f"Denoising steps ({MIN_STEPS}..{MAX_STEPS}).")
+    scheduler: SchedulerName = Field(
+        default="dpmpp_2m",
+        description="dpmpp_2m (DPM++ 2M), unipc (UniPC), euler_a (Euler ancestral), lcm (LCM).",
+    )
+    precision: Precision = Field(
+        default="fp16", description="Model dtype on CUDA; a CPU always runs fp32."
+    )
+    fps: float = Field(default=12.0, gt=0, le=120, description="Generation frame rate.")
+    guidance_scale: float = Field(
+        default=7.5, description="Classifier-free guidance scale; <= 1 turns CFG off."
+    )
+    controlnet_every: int = Field(
+        default=4,
+        description="ControlNet runs on every K-th frame (and the chunk's last frame); the "
+        "frames between get interpolated residuals. 1 = every frame.",
+    )
+    control_guidance_start: float = Field(
+        default=0.0, description="Fraction of the steps after which ControlNet starts to apply."
+    )
+    control_guidance_end: float = Field(
+        default=1.0, description="Fraction of the steps after which ControlNet stops applying."
+    )
+    controlnet_conditioning_scale: float = Field(
+        default=1.0, description="Multiplier of the ControlNet residuals."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerationSettings:
+        check_settings(self)
+        return self
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // VAE_FACTOR
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // VAE_FACTOR
+
+    @property
+    def cfg(self) -> bool:
+        return cfg_enabled(self.guidance_scale)
+
+    def batch_key(self) -> str:
+        """A stable id for this key, usable as a Ray Serve multiplexed model id.
+
+        A readable prefix (model, size, steps, scheduler, precision) and a hash of all fields.
+        """
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+        model = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_id)[:48]
+        size = f"{self.width}x{self.height}"
+        return f"{model}-{size}-{self.steps}-{self.scheduler}-{self.precision}-{digest}"
+
+
+def check_settings(settings: GenerationSettings) -> None:
+    """Raise InvalidSettingError, in words a user understands, for out-of-range settings."""
+    for name in ("width", "height"):
+        side = getattr(settings, name)
+        if side % VAE_FACTOR or not MIN_SIDE <= side <= MAX_SIDE:
+            raise InvalidSettingError(
+                f"{name} must be a multiple of {VAE_FACTOR} between {MIN_SIDE} and {MAX_SIDE}, "
+                f"got {side}"
+            )
+    if not MIN_STEPS <= settings.steps <= MAX_STEPS:
+        raise InvalidSettingError(
+            f"steps must be between {MIN_STEPS} and {MAX_STEPS}, got {settings.steps}"
+        )
+    if settings.scheduler == "lcm" and settings.steps > MAX_LCM_STEPS:
+        raise InvalidSettingError(
+            f"the lcm scheduler supports at most {MAX_LCM_STEPS} steps, got {settings.steps}"
+        )
+    if not 0.0 <= settings.guidance_scale <= MAX_GUIDANCE_SCALE:
+        raise InvalidSettingError(
+            f"guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE}, "
+            f"got {settings.guidance_scale}"
+        )
+    if settings.controlnet_every < 1:
+        raise InvalidSettingError(
+            f"controlnet_every must be 1 or more, got {settings.controlnet_every}"
+        )
+    start, end = settings.control_guidance_start, settings.control_guidance_end
+    if not 0.0 <= start < end <= 1.0:
+        raise InvalidSettingError(
+            "control_guidance_start and control_guidance_end must satisfy "
+            f"0 <= start < end <= 1, got start={start}, end={end}"
+        )
+    if not 0.0 <= settings.controlnet_conditioning_scale <= MAX_CONDITIONING_SCALE:
+        raise InvalidSettingError(
+            f"controlnet_conditioning_scale must be between 0 and {MAX_CONDITIONING_SCALE}, "
+            f"got {settings.controlnet_conditioning_scale}"
+        )
+
+
+class ChunkRequest(BaseModel):
+    """One chunk of a job's frames: its own prompts, seed and pose maps; settings = batch key."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    job_id: str = Field(description="The job this chunk belongs to.")
+    chunk_index: int = Field(ge=0, description="Position of the chunk in its job.")
+    prompt: str = Field(description="What the frames should show.")
+    negative_prompt: str = Field(default="", description="What to steer away from (with CFG).")
+    seed: int = Field(
+        ge=0,
+        lt=2**63,
+        description="The job's seed: the same for all chunks, so their shared noise is the same.",
+    )
+    noise_sharing: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of the initial noise common to all frames (1 = identical noise, the "
+        "most temporally stable; 0 = independent noise per frame).",
+    )
+    control_images: np.ndarray = Field(
+        description="Pose maps for ControlNet: uint8 RGB, shape (frames, height, width, 3)."
+    )
+    settings: GenerationSettings = Field(description="The batch key fields.")
+
+    @property
+    def frames(self) -> int:
+        return int(self.control_images.shape[0])
+
+
+class ChunkResult(BaseModel):
+    """Frames of one chunk with what they cost."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    job_id: str = Field(description="The request's job.")
+    chunk_index: int = Field(description="The request's chunk index.")
+    frames: np.ndarray = Field(
+        description="uint8 RGB (frames, height, width, 3); float32 in [0, 1] on request."
+    )
+    work_units: WorkUnits = Field(description="Work counted in the loop for this chunk's frames.")
+    wall_seconds: float = Field(description="Wall time of the whole batch call.")
+    device_seconds: float = Field(
+        description="This chunk's share (by work units) of the batch's model compute time."
+    )
+    load_seconds: float = Field(
+        default=0.0,
+        description="This chunk's share (by work units) of the model load time its batch paid "
+        "(cold start), else 0: the shares of a batch sum to the load time once.",
+    )
+    device: str = Field(description="Device that ran the models, e.g. 'cuda:0' or 'cpu'.")
+    precision: Precision = Field(description="Precision actually used.")
+    batch_requests: int = Field(description="Requests in the batch this chunk ran in.")
+    batch_frames: int = Field(description="Frames in the batch this chunk ran in.")
+    notes: list[str] = Field(default_factory=list, description="E.g. precision overrides.")
+
+
+class EngineConfig(BaseModel):
+    """One diffusion engine: which weights, where, and how much goes through one forward."""
+
+    model_id: str = Field(
+        min_length=1, description="The name requests use for these weights (GenerationSettings)."
+    )
+    base: ModelSource = Field(description="SD 1.x base model (UNet, VAE, text encoder, ...).")
+    controlnet: ModelSource = Field(description="ControlNet (e.g. OpenPose) weights.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="'auto' takes CUDA when available, else the CPU."
+    )
+    precision: Precision = Field(
+        default="fp16",
+        description="dtype the weights are loaded in on CUDA; a batch asking for another "
+        "precision casts the models (fp32 from fp16 weights is only an upcast).",
+    )
+    max_frames_per_forward: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Frames per UNet/ControlNet/VAE forward (the tensor holds twice as many with "
+        "CFG); bounds activation memory.",
+    )
+    max_frames_per_request: int = Field(
+        default=64, ge=1, le=4096, description="Largest chunk a request may carry."
+    )
+    max_pixels: int = Field(
+        default=1024 * 1024,
+        ge=64 * 64,
+        description="Largest frame (width x height) this engine generates; bounds VRAM.",
+    )
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "motionserve" / "models",
+        description="Where s3:// model sources are downloaded (once).",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint for s3:// sources (MinIO, moto); None = AWS."
+    )
