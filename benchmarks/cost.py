@@ -173,9 +173,9 @@ def full_plan(preset: str, overrides: dict | None = None):
 
 
 def generated_frames(plan, seconds: float = CLIP_SECONDS) -> int:
-    from deployments.video import output_frame_count
+    from deployments.video import decoded_frame_count
 
-    return output_frame_count(seconds, plan.generation.fps)
+    return decoded_frame_count(seconds, plan.generation.fps)
 
 
 def full_size_prediction(preset: str) -> dict[str, Any]:

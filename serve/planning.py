@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deployments.video import output_frame_count
+from deployments.video import decoded_frame_count
 from serve.config import AppArgs
 from serve.cost import estimate_plan
 from serve.pipeline import Plan, make_plan
@@ -27,7 +27,7 @@ def plan_for(args: AppArgs, request, info) -> dict[str, Any]:
 
 def estimate(args: AppArgs, request, duration_s: float, width: int, height: int) -> dict:
     plan = Plan.model_validate(plan_for(args, request, _Info(width, height)))
-    frames = output_frame_count(duration_s, plan.generation.fps)
+    frames = decoded_frame_count(duration_s, plan.generation.fps)
     return {
         "plan_explained": plan.explain(),
         **estimate_plan(plan, frames, tier=args.tier).model_dump(mode="json"),

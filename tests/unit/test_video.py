@@ -18,8 +18,8 @@ from deployments.video import (
     concat_mp4,
     decode_all,
     decode_chunks,
+    decoded_frame_count,
     encode_mp4,
-    output_frame_count,
     probe,
 )
 from tests.media import barcode_frame, make_clip, read_barcode
@@ -97,7 +97,7 @@ def test_decode_picks_frames_by_timestamp(tmp_path, source_fps):
     clip = make_clip(tmp_path / "cfr.mp4", fps=source_fps, frames=frames)
     out = decode_all(clip, DecodeSettings(fps=12, width=320, height=240))
     times = [i / source_fps for i in range(frames)]
-    assert len(out) == output_frame_count(frames / source_fps, 12)
+    assert len(out) == decoded_frame_count(frames / source_fps, 12)
     assert [read_barcode(f) for f in out] == expected_picks(times, 12, len(out))
 
 
@@ -120,7 +120,7 @@ def test_decode_yields_bounded_chunks(sample_video):
     chunks = list(decode_chunks(sample_video, DecodeSettings(fps=12, width=512, chunk_frames=16)))
     sizes = [len(c.frames) for c in chunks]
     assert sizes[:-1] == [16] * (len(sizes) - 1) and 0 < sizes[-1] <= 16
-    assert sum(sizes) == output_frame_count(230 / 30, 12)
+    assert sum(sizes) == decoded_frame_count(230 / 30, 12)
     assert chunks[0].frames.shape[1:] == (288, 512, 3)  # 1768x994 -> 512 wide, height /8
     assert chunks[1].start == 16
     assert chunks[1].times_s[0] == pytest.approx(16 / 12)
