@@ -1,9 +1,10 @@
-"""Motion stage: smoothing with gap filling, motion styles, and ControlNet pose-map rendering.
+"""Motion stage: motion styles (smooth, exaggerate, mirror, stabilize, retime) on pose sequences.
 
 Pure numpy/scipy on `PoseSequence`s (landmarks in pixels). Styles are small pydantic models with a
 `name` discriminator, composed in order by `MotionEditor`; their canonical JSON is part of the
 motion artifact's cache key. Missing landmarks are NaN throughout; no style invents a joint,
-except gap filling, which interpolates short gaps only.
+except smoothing's gap filling (`deployments.smoothing`), which interpolates short gaps only.
+Pose-map rendering for ControlNet lives in `deployments.pose_maps`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
-import cv2
 import numpy as np
 from pydantic import (
     BaseModel,
@@ -21,13 +21,12 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
-    model_validator,
 )
-from scipy.interpolate import PchipInterpolator
 from scipy.signal import savgol_filter
 
 from deployments.errors import InvalidPoseDataError, InvalidSettingError
 from deployments.pose import LANDMARK_INDEX, MEDIAPIPE_LANDMARK_NAMES, PoseSequence
+from deployments.smoothing import SmoothingSettings, smooth_sequence
 
 # Bump when an edit of the same poses with the same styles would give different landmarks.
 MOTION_CODE_VERSION = "motion-1"
@@ -49,212 +48,6 @@ def _mirror_name(name: str) -> str:
 MIRROR_PERMUTATION = np.array(
     [LANDMARK_INDEX[_mirror_name(name)] for name in MEDIAPIPE_LANDMARK_NAMES], dtype=np.intp
 )
-
-
-# --------------------------------------------------------------------------------------------
-# Smoothing and gap filling
-# --------------------------------------------------------------------------------------------
-
-
-class SmoothingSettings(BaseModel):
-    """Temporal smoothing of landmarks, after filling short gaps."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    method: Literal["one_euro", "savgol"] = Field(
-        default="one_euro",
-        description="one_euro: adaptive low-pass (smooths slow motion hard, follows fast "
-        "motion), run forward and backward so it has no lag; savgol: Savitzky-Golay polynomial "
-        "fit (no lag, fixed window).",
-    )
-    min_cutoff: float = Field(
-        default=1.0, gt=0, description="One-Euro cutoff frequency at rest, in Hz."
-    )
-    beta: float = Field(
-        default=10.0,
-        ge=0,
-        description="One-Euro speed coefficient: the cutoff rises by beta Hz per frame width per "
-        "second of landmark speed (coordinates are normalised by the frame width, so the "
-        "settings work at any resolution).",
-    )
-    d_cutoff: float = Field(
-        default=1.0, gt=0, description="One-Euro cutoff of the speed estimate, in Hz."
-    )
-    window: int = Field(default=7, ge=3, description="Savitzky-Golay window in frames (odd).")
-    polyorder: int = Field(
-        default=2, ge=0, description="Savitzky-Golay polynomial order (below window)."
-    )
-    min_visibility: float = Field(
-        default=0.5,
-        ge=0.0,
-        le=1.0,
-        description="Landmarks with a lower visibility are treated as missing (0.5 is "
-        "MediaPipe's own drawing threshold).",
-    )
-    max_gap: int = Field(
-        default=10,
-        ge=0,
-        description="Longest run of missing frames (per landmark) filled by interpolation; "
-        "longer gaps, and gaps at the start or end, stay missing.",
-    )
-    gap_fill: Literal["linear", "pchip"] = Field(
-        default="pchip",
-        description="Gap interpolation: linear, or PCHIP (smooth, never overshoots).",
-    )
-
-    @model_validator(mode="after")
-    def _check_savgol(self) -> SmoothingSettings:
-        if self.window % 2 == 0:
-            raise ValueError(f"window must be odd, got {self.window}")
-        if self.polyorder >= self.window:
-            raise ValueError(f"polyorder ({self.polyorder}) must be below window ({self.window})")
-        return self
-
-
-def missing_mask(landmarks: np.ndarray, min_visibility: float) -> np.ndarray:
-    """(T, 33) True where a landmark is unusable: NaN coordinates or visibility too low."""
-    finite = np.isfinite(landmarks[..., :2]).all(axis=-1)
-    with np.errstate(invalid="ignore"):
-        visible = landmarks[..., 3] >= min_visibility
-    return ~(finite & visible)
-
-
-def _neighbour_valid_indices(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per (t, j): index of the last valid frame <= t (-1 if none) and first valid >= t (T)."""
-    frames = valid.shape[0]
-    times = np.arange(frames)[:, None]
-    previous = np.maximum.accumulate(np.where(valid, times, -1), axis=0)
-    following = np.minimum.accumulate(np.where(valid, times, frames)[::-1], axis=0)[::-1]
-    return previous, following
-
-
-def fill_gaps(
-    landmarks: np.ndarray, missing: np.ndarray, max_gap: int, method: str = "linear"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Interpolate interior gaps of at most `max_gap` frames, per landmark.
-
-    `landmarks` (T, 33, C) must hold NaN where `missing`. Returns the filled copy and the mask of
-    what is still missing (long gaps and gaps touching either end).
-    """
-    frames = landmarks.shape[0]
-    previous, following = _neighbour_valid_indices(~missing)
-    gap_length = following - previous - 1
-    fillable = missing & (previous >= 0) & (following < frames) & (gap_length <= max_gap)
-    filled = landmarks.copy()
-    if not fillable.any():
-        return filled, missing
-    if method == "linear":
-        t_idx, j_idx = np.nonzero(fillable)
-        before, after = previous[t_idx, j_idx], following[t_idx, j_idx]
-        weight = ((t_idx - before) / (after - before))[:, None]
-        filled[t_idx, j_idx] = (
-            landmarks[before, j_idx] * (1 - weight) + landmarks[after, j_idx] * weight
-        )
-    elif method == "pchip":
-        times = np.arange(frames)
-        for j in np.nonzero(fillable.any(axis=0))[0]:
-            known = ~missing[:, j]
-            curve = PchipInterpolator(times[known], landmarks[known, j], axis=0)
-            targets = fillable[:, j]
-            filled[targets, j] = curve(times[targets])
-    else:
-        raise ValueError(f"unknown gap fill method {method!r}")
-    return filled, missing & ~fillable
-
-
-def _smoothing_factor(cutoff: np.ndarray | float, fps: float) -> np.ndarray | float:
-    # Exponential smoothing factor of a first-order low-pass at `cutoff` Hz sampled at `fps`.
-    return 1.0 / (1.0 + fps / (2.0 * math.pi * cutoff))
-
-
-def one_euro(
-    values: np.ndarray,
-    valid: np.ndarray,
-    fps: float,
-    min_cutoff: float,
-    beta: float,
-    d_cutoff: float,
-) -> np.ndarray:
-    """One-Euro filter along axis 0 of `values` (T, D), vectorised over D; NaN where invalid.
-
-    The filter restarts after every invalid sample, so a gap never drags stale state along.
-    """
-    frames, dims = values.shape
-    out = np.full_like(values, np.nan)
-    x_prev = np.zeros(dims)
-    dx_prev = np.zeros(dims)
-    started = np.zeros(dims, dtype=bool)
-    alpha_d = _smoothing_factor(d_cutoff, fps)
-    for t in range(frames):
-        x, ok = values[t], valid[t]
-        dx = alpha_d * (x - x_prev) * fps + (1 - alpha_d) * dx_prev
-        alpha = _smoothing_factor(min_cutoff + beta * np.abs(dx), fps)
-        x_hat = alpha * x + (1 - alpha) * x_prev
-        update = ok & started
-        fresh = ok & ~started
-        x_prev = np.where(update, x_hat, np.where(fresh, x, x_prev))
-        dx_prev = np.where(update, dx, np.where(fresh, 0.0, dx_prev))
-        started = ok
-        out[t] = np.where(ok, x_prev, np.nan)
-    return out
-
-
-def one_euro_zero_lag(values: np.ndarray, valid: np.ndarray, fps: float, *params) -> np.ndarray:
-    """Mean of a forward and a backward One-Euro pass: their lags cancel.
-
-    The causal filter lags the motion by about 1 / (2 pi cutoff) (2 frames at 2.5 Hz, 30 fps);
-    the whole sequence is known here, and a pose map late by 2 frames would misalign the
-    generated body with the video's timing.
-    """
-    forward = one_euro(values, valid, fps, *params)
-    backward = one_euro(values[::-1], valid[::-1], fps, *params)[::-1]
-    return (forward + backward) / 2
-
-
-def _valid_runs(valid: np.ndarray) -> list[tuple[int, int]]:
-    """[start, stop) of each run of True in a 1-D bool array."""
-    edges = np.diff(np.concatenate([[0], valid.astype(np.int8), [0]]))
-    return list(zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0], strict=True))
-
-
-def savgol_runs(values: np.ndarray, valid: np.ndarray, window: int, polyorder: int) -> np.ndarray:
-    """Savitzky-Golay along axis 0 of `values` (T, J, C) within each valid run of each landmark.
-
-    Runs shorter than `window` use the largest odd window that fits; runs too short for the
-    polynomial are left as they are.
-    """
-    out = values.copy()
-    for j in range(values.shape[1]):
-        for start, stop in _valid_runs(valid[:, j]):
-            length = stop - start
-            size = min(window, length if length % 2 else length - 1)
-            if size > polyorder and size >= 3:
-                out[start:stop, j] = savgol_filter(
-                    values[start:stop, j], size, polyorder, axis=0, mode="interp"
-                )
-    return out
-
-
-def smooth_sequence(seq: PoseSequence, settings: SmoothingSettings) -> PoseSequence:
-    """Mark low-visibility landmarks missing, fill short gaps, smooth x, y, z."""
-    landmarks = seq.landmarks.astype(np.float64)
-    missing = missing_mask(landmarks, settings.min_visibility)
-    landmarks[missing] = np.nan
-    landmarks, missing = fill_gaps(landmarks, missing, settings.max_gap, settings.gap_fill)
-    if len(seq) > 1 and seq.fps > 0:
-        scale = float(seq.width)
-        coords = landmarks[..., :3] / scale
-        if settings.method == "one_euro":
-            flat = coords.reshape(len(seq), -1)
-            valid = np.repeat(~missing, 3, axis=1)
-            smoothed = one_euro_zero_lag(
-                flat, valid, seq.fps, settings.min_cutoff, settings.beta, settings.d_cutoff
-            ).reshape(coords.shape)
-        else:
-            smoothed = savgol_runs(coords, ~missing, settings.window, settings.polyorder)
-        landmarks[..., :3] = smoothed * scale
-    landmarks[missing] = np.nan
-    return seq.replace(landmarks.astype(np.float32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,7 +355,7 @@ class MotionEditor:
             seq = style.apply(seq)
         return seq
 
-    def output_frame_count(self, frames: int) -> int:
+    def edited_frame_count(self, frames: int) -> int:
         """Frames `edit` returns for `frames` input frames (only retime changes the count)."""
         for style in self.styles:
             if isinstance(style, RetimeStyle) and frames:
@@ -579,155 +372,3 @@ class MotionEditor:
             sort_keys=True,
             separators=(",", ":"),
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Pose maps for ControlNet (OpenPose convention of control_v11p_sd15_openpose)
-# --------------------------------------------------------------------------------------------
-
-OPENPOSE18_NAMES: tuple[str, ...] = (
-    "nose",
-    "neck",
-    "right_shoulder",
-    "right_elbow",
-    "right_wrist",
-    "left_shoulder",
-    "left_elbow",
-    "left_wrist",
-    "right_hip",
-    "right_knee",
-    "right_ankle",
-    "left_hip",
-    "left_knee",
-    "left_ankle",
-    "right_eye",
-    "left_eye",
-    "right_ear",
-    "left_ear",
-)
-# OpenPose's colour per keypoint; limb i is drawn in colour i too.
-OPENPOSE_COLORS = np.array(
-    [
-        [255, 0, 0],
-        [255, 85, 0],
-        [255, 170, 0],
-        [255, 255, 0],
-        [170, 255, 0],
-        [85, 255, 0],
-        [0, 255, 0],
-        [0, 255, 85],
-        [0, 255, 170],
-        [0, 255, 255],
-        [0, 170, 255],
-        [0, 85, 255],
-        [0, 0, 255],
-        [85, 0, 255],
-        [170, 0, 255],
-        [255, 0, 255],
-        [255, 0, 170],
-        [255, 0, 85],
-    ],
-    dtype=np.uint8,
-)
-# The 17 limbs drawn, as pairs of OPENPOSE18_NAMES indices, in drawing (and colour) order.
-OPENPOSE_LIMBS = np.array(
-    [
-        (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),
-        (1, 11), (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17),
-    ],
-    dtype=np.intp,
-)  # fmt: skip
-_NECK = 1
-_OPENPOSE_FROM_MEDIAPIPE = np.array(
-    [LANDMARK_INDEX[name] if name != "neck" else 0 for name in OPENPOSE18_NAMES], dtype=np.intp
-)
-# Limbs are drawn opaque and the whole limb layer is then dimmed to 60%, joints drawn on top.
-_LIMB_DIMMING = (np.arange(256) * 0.6).astype(np.uint8)
-_SUBPIXEL_BITS = 4
-_ELLIPSE_POINTS = 36
-
-
-def openpose18_keypoints(landmarks: np.ndarray, min_visibility: float = 0.0) -> np.ndarray:
-    """(T, 18, 2) OpenPose body keypoints from MediaPipe landmarks; NaN where missing.
-
-    The neck is the midpoint of the shoulders and exists only when both shoulders do.
-    """
-    landmarks = np.asarray(landmarks, dtype=np.float64)
-    points = landmarks[:, _OPENPOSE_FROM_MEDIAPIPE, :2].copy()
-    visibility = landmarks[:, _OPENPOSE_FROM_MEDIAPIPE, 3].copy()
-    shoulders = landmarks[:, [_LEFT_SHOULDER, _RIGHT_SHOULDER]]
-    points[:, _NECK] = shoulders[..., :2].mean(axis=1)
-    visibility[:, _NECK] = shoulders[..., 3].min(axis=1)
-    with np.errstate(invalid="ignore"):
-        hidden = ~(visibility >= min_visibility) | ~np.isfinite(points).all(axis=-1)
-    points[hidden] = np.nan
-    return points
-
-
-def _limb_polygons(keypoints: np.ndarray, stick_width: float) -> tuple[np.ndarray, np.ndarray]:
-    """Ellipse polygons (T, 17, P, 2) in fixed point, and (T, 17) which limbs can be drawn."""
-    start = keypoints[:, OPENPOSE_LIMBS[:, 0]]
-    end = keypoints[:, OPENPOSE_LIMBS[:, 1]]
-    centre = (start + end) / 2
-    delta = end - start
-    half_length = np.hypot(delta[..., 0], delta[..., 1]) / 2
-    angle = np.arctan2(delta[..., 1], delta[..., 0])
-    theta = np.linspace(0, 2 * np.pi, _ELLIPSE_POINTS, endpoint=False)
-    local_x = half_length[..., None] * np.cos(theta)
-    local_y = stick_width * np.sin(theta)
-    cos, sin = np.cos(angle)[..., None], np.sin(angle)[..., None]
-    x = centre[..., 0:1] + local_x * cos - local_y * sin
-    y = centre[..., 1:2] + local_x * sin + local_y * cos
-    drawable = np.isfinite(start).all(axis=-1) & np.isfinite(end).all(axis=-1)
-    polygons = np.stack([x, y], axis=-1)
-    polygons = np.where(drawable[..., None, None], polygons, 0.0)
-    return np.round(polygons * (1 << _SUBPIXEL_BITS)).astype(np.int32), drawable
-
-
-def render_pose_maps(
-    pose: PoseSequence | np.ndarray,
-    width: int,
-    height: int,
-    frames: slice | None = None,
-    *,
-    source_size: tuple[int, int] | None = None,
-    min_visibility: float = 0.0,
-    stick_width: int = 4,
-    joint_radius: int = 4,
-) -> np.ndarray:
-    """OpenPose-style pose maps (N, height, width, 3) uint8 RGB for ControlNet.
-
-    `pose` is a PoseSequence or a landmarks array (T, 33, 4) in pixels of `source_size`
-    (default: the render size). Coordinates are scaled to `width` x `height`. Missing joints,
-    and limbs touching them, are not drawn; `smooth` has already made low-visibility joints
-    missing, `min_visibility` can hide more.
-    """
-    if isinstance(pose, PoseSequence):
-        landmarks, source = pose.landmarks, (pose.width, pose.height)
-    else:
-        landmarks, source = np.asarray(pose), source_size or (width, height)
-    if frames is not None:
-        landmarks = landmarks[frames]
-    keypoints = openpose18_keypoints(landmarks, min_visibility)
-    keypoints *= np.array([width / source[0], height / source[1]])
-    polygons, drawable = _limb_polygons(keypoints, stick_width)
-    joints_visible = np.isfinite(keypoints).all(axis=-1)
-    joints = np.round(np.nan_to_num(keypoints) * (1 << _SUBPIXEL_BITS)).astype(np.int32)
-    limb_colors = [tuple(int(c) for c in color) for color in OPENPOSE_COLORS]
-
-    maps = np.zeros((len(keypoints), height, width, 3), dtype=np.uint8)
-    for i, canvas in enumerate(maps):
-        for limb in np.nonzero(drawable[i])[0]:
-            cv2.fillConvexPoly(canvas, polygons[i, limb], limb_colors[limb], shift=_SUBPIXEL_BITS)
-        canvas[:] = _LIMB_DIMMING[canvas]
-        for joint in np.nonzero(joints_visible[i])[0]:
-            center = (int(joints[i, joint, 0]), int(joints[i, joint, 1]))
-            cv2.circle(
-                canvas,
-                center,
-                joint_radius << _SUBPIXEL_BITS,
-                limb_colors[joint],
-                thickness=-1,
-                shift=_SUBPIXEL_BITS,
-            )
-    return maps

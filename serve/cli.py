@@ -89,7 +89,8 @@ def _images_document(paths: list[str], sequences: list, fps: float) -> dict:
 
 
 def _cmd_motion(args: argparse.Namespace) -> None:
-    from deployments.motion import MotionEditor, render_pose_maps
+    from deployments.motion import MotionEditor
+    from deployments.pose_maps import render_pose_maps
     from deployments.video import EncodeSettings, encode_mp4
 
     try:

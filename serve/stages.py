@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from deployments import diffusion, interpolate, motion, pose, upscale, video
+from deployments import diffusion, interpolate, motion, pose, pose_maps, upscale, video
 from serve.cache import ArtifactCache, content_key
 from serve.storage import ObjectStore, open_store, parse_s3_uri
 
@@ -219,7 +219,7 @@ def render_maps(ctx: StageContext, keys: JobKeys, plan, chunk: int, span: tuple[
     with measured(record):
         edited = load_edited_poses(ctx, keys)
         g = plan.generation
-        maps = motion.render_pose_maps(edited, g.width, g.height, frames=slice(*span))
+        maps = pose_maps.render_pose_maps(edited, g.width, g.height, frames=slice(*span))
         record.frames = len(maps)
     return Frames(maps, [record])
 

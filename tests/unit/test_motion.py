@@ -10,25 +10,24 @@ import pytest
 from deployments.errors import InvalidPoseDataError, InvalidSettingError
 from deployments.motion import (
     MOTION_CODE_VERSION,
-    OPENPOSE18_NAMES,
-    OPENPOSE_COLORS,
-    OPENPOSE_LIMBS,
     ExaggerateStyle,
     MirrorStyle,
     MotionEditor,
     RetimeStyle,
-    SmoothingSettings,
     SmoothStyle,
     StabilizeStyle,
-    fill_gaps,
-    missing_mask,
     parse_style,
     parse_styles,
-    render_pose_maps,
     root_trajectory,
-    smooth_sequence,
 )
 from deployments.pose import LANDMARK_INDEX, NUM_LANDMARKS, PoseSequence
+from deployments.pose_maps import (
+    OPENPOSE18_NAMES,
+    OPENPOSE_COLORS,
+    OPENPOSE_LIMBS,
+    render_pose_maps,
+)
+from deployments.smoothing import SmoothingSettings, fill_gaps, missing_mask, smooth_sequence
 
 WIDTH, HEIGHT, FPS = 640, 480, 30.0
 LEFT_HIP, RIGHT_HIP = LANDMARK_INDEX["left_hip"], LANDMARK_INDEX["right_hip"]
@@ -204,7 +203,7 @@ def test_retime_changes_the_frame_count_and_interpolates():
     np.testing.assert_allclose(slow.landmarks[::2][:60], seq.landmarks, atol=1e-4)
     midpoint = (seq.landmarks[10] + seq.landmarks[11]) / 2
     np.testing.assert_allclose(slow.landmarks[21], midpoint, atol=1e-4)
-    assert MotionEditor(["retime=0.5"]).output_frame_count(60) == 120
+    assert MotionEditor(["retime=0.5"]).edited_frame_count(60) == 120
 
 
 def test_retime_keeps_absent_frames_absent():
