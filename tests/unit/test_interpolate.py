@@ -17,7 +17,6 @@ from deployments.interpolate import (
     InterpolationBackend,
     InterpolationSettings,
     exact_fps,
-    interpolate_clip,
     interpolate_pair_files,
     interpolate_video_file,
     interpolate_with_flow_from,
@@ -26,9 +25,16 @@ from deployments.interpolate import (
     output_frame_count,
     output_positions,
     register_backend,
-    retime_chunk,
 )
 from deployments.video import DecodeSettings, EncodeSettings, decode_all, encode_mp4
+
+
+def interpolate_clip(frames, in_fps, out_fps, settings=None, backend=None) -> np.ndarray:
+    """All frames of a short clip retimed to `out_fps`, as one array (the stage streams)."""
+    out = list(FrameRetimer(in_fps, out_fps, settings, backend).run([frames]))
+    if not out:
+        raise errors.InvalidSettingError("there are no frames to interpolate")
+    return np.stack(out)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -260,17 +266,6 @@ def test_streaming_chunks_equal_the_whole_clip():
     assert all(np.array_equal(a, b) for a, b in zip(streamed, whole, strict=True))
 
 
-def test_independent_chunks_concatenate_to_the_whole_clip():
-    frames = moving_clip(10)
-    whole = interpolate_clip(frames, 8, 30)
-    parts = []
-    for start in range(0, 10, 4):
-        following = frames[start + 4] if start + 4 < 10 else None
-        parts.extend(retime_chunk(frames[start : start + 4], start, following, 8, 30))
-    assert len(parts) == len(whole)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, whole, strict=True))
-
-
 def test_push_after_finish_is_an_error():
     retimer = FrameRetimer(12, 25)
     list(retimer.run([moving_clip(2)]))
@@ -302,7 +297,7 @@ def test_a_registered_backend_plugs_in(tmp_path, monkeypatch):
         def interpolate(self, frame0, frame1, times):
             return [frame0 if t < 0.5 else frame1 for t in times]
 
-    monkeypatch.setattr("deployments.interpolate._REGISTRY", {})  # undone after the test
+    monkeypatch.setattr("deployments.interpolate.registry._REGISTRY", {})  # undone after the test
     register_backend("rife", lambda settings: Nearest())
     weights = tmp_path / "rife.pkl"
     weights.write_bytes(b"weights")
