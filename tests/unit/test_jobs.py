@@ -12,12 +12,12 @@ from serve.jobs import (
     InvalidTransition,
     JobManifest,
     JobNotFound,
-    JobRequest,
     JobState,
     JobStore,
     check_input_uri,
     new_job_id,
 )
+from serve.schemas import JobRequest
 from serve.storage import LocalStore
 
 
