@@ -79,12 +79,6 @@ class JobStore:
             raise JobNotFound(job_id) from None
         return JobManifest.model_validate(json.loads(data))
 
-    def list(self, tenant: str) -> list[JobManifest]:
-        prefix = f"{self.prefix}/{validate_tenant(tenant)}/"
-        return [
-            self._load(key) for key in self.store.list(prefix) if key.endswith("/manifest.json")
-        ]
-
     def unfinished(self) -> list[JobManifest]:
         """Jobs of every tenant that are queued or running (on this replica, another, or one
         that died: their leases tell which), found through their active markers."""
@@ -112,6 +106,3 @@ class JobStore:
     def delete_work(self, tenant: str, job_id: str) -> None:
         """Free a cancelled or failed job's input; the manifest stays to report the outcome."""
         self.store.delete(self.input_key(tenant, job_id))
-
-    def _load(self, key: str) -> JobManifest:
-        return JobManifest.model_validate(json.loads(self.store.get_bytes(key)))
