@@ -226,7 +226,7 @@ def _units(units) -> dict[str, float]:
 
 
 def bench_request(preset: str, long_side: int, seed: int = 1):
-    from serve.jobs import JobRequest, OutputSpec
+    from serve.schemas import JobRequest, OutputSpec
 
     width, height, fps = OUTPUT
     return JobRequest(

@@ -50,8 +50,8 @@ import yaml
 
 from benchmarks.common import machine_summary, results_dir, write_json
 from serve.config import AppArgs, Settings
-from serve.jobs import JobRequest
 from serve.local_app import free_port, load_config
+from serve.schemas import JobRequest
 
 REPO = Path(__file__).parents[1]
 CLIP_SECONDS, CLIP_FPS, CLIP_WIDTH = 10.0, 25.0, 640

@@ -1,4 +1,4 @@
-"""HTTP API (FastAPI): routes and request/response schemas only; the work is in `JobService`.
+"""HTTP API (FastAPI): routes only; the bodies are in serve/schemas.py, the work in `JobService`.
 
 Every error is JSON ``{"error": {"code", "message"}}``. Another tenant's job answers 404, the
 same as a job that does not exist, so ids reveal nothing.
@@ -10,25 +10,18 @@ import asyncio
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import InputError
 from serve.auth import Authenticator
-from serve.jobs import (
-    JobManifest,
-    JobNotFound,
-    JobRequest,
-    JobState,
-    Overloaded,
-    StageProgress,
-)
+from serve.jobs import JobManifest, JobNotFound, Overloaded
+from serve.schemas import EstimateRequest, JobAccepted, JobRequest, JobState, JobStatus
 
 API_VERSION = "v1"
 
@@ -37,45 +30,6 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
-
-
-class JobAccepted(BaseModel):
-    job_id: str = Field(description="Id to poll with GET /v1/jobs/{job_id}.")
-    state: JobState = Field(description="queued, or done when served entirely from cache.")
-    status_url: str = Field(description="Where to poll.")
-    result_url: str = Field(description="Where the MP4 will be.")
-
-
-class JobStatus(BaseModel):
-    job_id: str
-    state: JobState
-    created_at: str
-    updated_at: str
-    progress: dict[str, StageProgress] = Field(description="Per stage: units done of total.")
-    attempts: int = Field(description="1, plus one per resume (after a restart or lost replica).")
-    cancel_requested: bool = Field(
-        default=False,
-        description="A cancel was asked for and the job's replica has not stopped it yet (it "
-        "does between chunks).",
-    )
-    error: dict[str, str] | None = Field(default=None, description="code and message if failed.")
-    report: dict[str, Any] | None = Field(default=None, description="Cost report when done.")
-    result_url: str | None = Field(default=None, description="The MP4, when done.")
-    checkpointed_chunks: list[int] = Field(
-        default_factory=list, description="Chunks finished and stored (a resume skips them)."
-    )
-    ledger: list[dict[str, Any]] = Field(
-        default_factory=list, description="Cost records of the work done so far, per stage call."
-    )
-
-
-class EstimateRequest(BaseModel):
-    model_config = {"extra": "forbid"}
-
-    duration_s: float = Field(gt=0, le=3600, description="Input video duration in seconds.")
-    width: int = Field(gt=0, le=16384, description="Input video width.")
-    height: int = Field(gt=0, le=16384, description="Input video height.")
-    request: JobRequest = Field(description="The edit request to estimate.")
 
 
 def _status(manifest: JobManifest, cancel_requested: bool = False) -> JobStatus:
@@ -135,7 +89,7 @@ def _describe(errors: list[dict]) -> str:
 
 
 def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
-    """The FastAPI app over a `JobService` (see serve/jobs.py).
+    """The FastAPI app over a `JobService` (see serve/jobs/service.py).
 
     `on_request`, if given, runs before every request (the ingress starts a scan for orphaned
     jobs when one is due).

@@ -136,7 +136,7 @@ def _write_json(path: str, doc: dict) -> None:
 
 
 def _job_request(args: argparse.Namespace):
-    from serve.jobs import JobRequest, OutputSpec
+    from serve.schemas import JobRequest, OutputSpec
 
     return JobRequest(
         prompt=args.prompt,
@@ -242,8 +242,8 @@ def _parse_output(text: str | None) -> tuple[int | None, int | None, float | Non
 
 def _cmd_estimate(args: argparse.Namespace) -> None:
     from deployments.video import probe
-    from serve.jobs import JobRequest, OutputSpec
     from serve.planning import estimate
+    from serve.schemas import JobRequest, OutputSpec
 
     info = probe(args.video, Settings().input_limits())
     width, height, fps = _parse_output(args.output)

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from serve.jobs import JobRequest
+from serve.schemas import JobRequest
 
 TERMINAL = {"done", "failed", "cancelled"}
 

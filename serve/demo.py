@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from serve.config import Settings
-from serve.jobs import JobRequest
 from serve.samples import sample_video_path
+from serve.schemas import JobRequest
 
 DEMO_REQUEST = JobRequest(
     prompt="a robot dancing in a park, cinematic lighting",

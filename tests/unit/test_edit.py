@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from serve.config import AppArgs
-from serve.jobs import JobRequest
 from serve.orchestrator import edit_video
+from serve.schemas import JobRequest
 from tests.conftest import FAST_OVERRIDES
 
 

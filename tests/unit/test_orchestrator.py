@@ -12,9 +12,9 @@ import pytest
 from deployments import errors
 from serve import orchestrator
 from serve.config import AppArgs
-from serve.jobs import JobRequest
 from serve.orchestrator import MAX_CHUNK_RETRIES, LocalStages, chunk_spans, edit_video
 from serve.pipeline import Plan, make_plan
+from serve.schemas import JobRequest
 from serve.stages import job_keys
 from serve.storage import LocalStore
 from tests.conftest import FAST_OVERRIDES

@@ -1,268 +1,85 @@
-"""Jobs: the request, the state machine and the durable manifest.
-
-A job's manifest lives in the object store under ``jobs/<tenant>/<job_id>/``, so any ingress
-replica, or the same app after a restart, can report on it and resume it. Looking a job up always
-goes through its tenant's prefix: another tenant's job id is simply not found.
-"""
+"""The job lifecycle on one ingress replica: admission, state, leases, failures and resumes,
+and the typed dependencies the service is built from."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
-import secrets
 import tempfile
 from collections.abc import Callable
-from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel, Field, field_validator
-
-from deployments.errors import InputError, InvalidSettingError
-from deployments.motion import parse_styles
+from deployments.errors import InputError
 from serve.cache import hash_file
+from serve.jobs.inputs import check_input_uri
+from serve.jobs.manifest import JobError, JobManifest, new_job_id, now
+from serve.jobs.store import JobStore
 from serve.leases import JobLeases, new_owner_id
-from serve.storage import ObjectNotFound, ObjectStore, parse_s3_uri
+from serve.schemas import JobRequest, JobState, StageProgress
+
+if TYPE_CHECKING:  # deployments.video loads PyAV; the service only passes these values along
+    from deployments.video import InputLimits, VideoInfo
 
 logger = logging.getLogger(__name__)
 
-_TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+# The service's dependencies, given by the app (serve/app.py) or by tests.
+ProbeInput = Callable[[Path, str], "VideoInfo"]
+"""(local input file, its sha256) -> the input's video info; raises InputError if unusable."""
+PlanFor = Callable[[JobRequest, "VideoInfo"], dict[str, Any]]
+"""(request, probed input) -> the job's plan as JSON (serve/planning.plan_for)."""
+EstimateCost = Callable[[JobRequest, float, int, int], dict[str, Any]]
+"""(request, duration_s, width, height) -> the estimate of POST /v1/estimate."""
+FetchInput = Callable[[str, Path], object]
+"""(s3:// URI, local destination) -> anything (ignored); copies the input there."""
 
 
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+class JobRunner(Protocol):
+    """Turns a manifest into a result and a cost report (serve/orchestrator.Orchestrator)."""
+
+    async def ready(self) -> bool: ...
+
+    async def run(
+        self, manifest: JobManifest, events: ManifestEvents
+    ) -> tuple[str, dict[str, Any]]:
+        """Returns (storage key of the result MP4, cost report)."""
+        ...
 
 
-TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
-_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
-    # running -> queued: its replica died mid-job; another (or the restarted app) resumes it.
-    JobState.RUNNING: frozenset(
-        {JobState.QUEUED, JobState.DONE, JobState.FAILED, JobState.CANCELLED}
-    ),
-    JobState.DONE: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
-}
+class MetricCounter(Protocol):
+    def inc(self) -> None: ...
 
 
-class InvalidTransition(RuntimeError):
-    pass
-
-
-class JobNotFound(KeyError):
-    pass
-
-
-class OutputSpec(BaseModel):
-    """What the user gets back; None fields come from the preset."""
-
-    model_config = {"extra": "forbid"}
-
-    fps: float | None = Field(default=None, gt=0, le=60, description="Output frame rate.")
-    width: int | None = Field(default=None, ge=64, le=3840, description="Output width.")
-    height: int | None = Field(default=None, ge=64, le=2160, description="Output height.")
-    keep_audio: bool = Field(
-        default=True, description="Carry the source's audio over (when timing is unchanged)."
-    )
-
-
-class JobRequest(BaseModel):
-    """A user's edit request (the JSON part of POST /v1/jobs)."""
-
-    model_config = {"extra": "forbid"}
-
-    prompt: str = Field(min_length=1, max_length=1000, description="What the person looks like.")
-    negative_prompt: str = Field(default="", max_length=1000, description="What to avoid.")
-    styles: list[str] = Field(
-        default_factory=lambda: ["smooth"],
-        max_length=16,
-        description="Motion styles applied in order, e.g. ['smooth', 'exaggerate=1.3'].",
-    )
-    preset: str | None = Field(
-        default=None, description="draft, standard or high; None uses the app's default."
-    )
-    seed: int | None = Field(
-        default=None, ge=0, lt=2**32, description="Noise seed; None picks one (recorded)."
-    )
-    output: OutputSpec = Field(default_factory=OutputSpec, description="Output size and rate.")
-    overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Plan fields to override (see POST /v1/estimate)."
-    )
-
-    @field_validator("styles")
-    @classmethod
-    def _styles_parse(cls, styles: list[str]) -> list[str]:
-        parse_styles(styles)  # raises InvalidSettingError listing the valid styles
-        return styles
-
-
-class StageProgress(BaseModel):
-    done: int = Field(default=0, ge=0, description="Units (chunks or frames) finished.")
-    total: int = Field(default=0, ge=0, description="Units planned; 0 while unknown.")
-
-
-class JobError(BaseModel):
-    code: str = Field(description="Machine-readable error code.")
-    message: str = Field(description="What went wrong, for the user.")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-class JobManifest(BaseModel):
-    """Everything known about a job; the single source of truth, kept in the object store."""
-
-    job_id: str = Field(description="32 hex characters.")
-    tenant: str = Field(description="Owner of the job.")
-    state: JobState = Field(default=JobState.QUEUED, description="Where the job is.")
-    created_at: str = Field(default_factory=_now, description="UTC, ISO 8601.")
-    updated_at: str = Field(default_factory=_now, description="UTC, ISO 8601.")
-    request: JobRequest = Field(description="The request as accepted.")
-    input_key: str = Field(description="Storage key (or s3:// URI) of the input video.")
-    input_sha256: str = Field(default="", description="Content hash of the input video.")
-    plan: dict[str, Any] | None = Field(default=None, description="The resolved plan.")
-    progress: dict[str, StageProgress] = Field(
-        default_factory=dict, description="Per stage: units done of total."
-    )
-    checkpoints: dict[str, str] = Field(
-        default_factory=dict,
-        description="Chunk index -> content key of its finished output; a resumed job skips "
-        "these chunks.",
-    )
-    attempts: int = Field(
-        default=0,
-        ge=0,
-        description="Number of the latest attempt (1 = first run; each resume claims the next, "
-        "so a number skips when a replica died between its claim and its start).",
-    )
-    ledger: list[dict[str, Any]] = Field(
-        default_factory=list,
-        description="Cost records of finished work (stage records of checkpointed chunks), kept "
-        "across restarts so the report also counts what earlier attempts spent.",
-    )
-    result_key: str | None = Field(default=None, description="Storage key of the result MP4.")
-    report: dict[str, Any] | None = Field(default=None, description="Cost report when done.")
-    error: JobError | None = Field(default=None, description="Why the job failed.")
+class JobMetricsSink(Protocol):
+    """What the service counts: serve/metrics.JobMetrics on Serve, `NoJobMetrics` elsewhere."""
 
     @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
+    def rejected(self) -> MetricCounter: ...
 
-    def transition(self, new_state: JobState, **updates: Any) -> JobManifest:
-        """A copy in `new_state`; raises InvalidTransition for a move the state machine forbids."""
-        if new_state not in _TRANSITIONS[self.state]:
-            raise InvalidTransition(f"job {self.job_id}: {self.state} -> {new_state} not allowed")
-        return self.model_copy(update={"state": new_state, "updated_at": _now(), **updates})
+    def state(self, state: str) -> None: ...
 
+    def queue_depth(self, active: int) -> None: ...
 
-def new_job_id() -> str:
-    return secrets.token_hex(16)
+    def finished(self, ledger: list[dict[str, Any]], report: dict[str, Any] | None) -> None: ...
 
 
-def validate_tenant(tenant: str) -> str:
-    if not _TENANT.match(tenant):
-        raise ValueError(f"invalid tenant name {tenant!r}")
-    return tenant
+class NoJobMetrics:
+    """Metrics sink when none is configured (in-process use and unit tests)."""
 
+    class _Counter:
+        def inc(self, *args, **kwargs) -> None:
+            pass
 
-class JobStore:
-    """Manifests, inputs and results of jobs in an object store, partitioned by tenant.
+    rejected = _Counter()
 
-    Unfinished jobs also have an empty marker under `<prefix>/_active/` (no tenant name starts
-    with `_`), so the ingress replicas' periodic scan for orphaned jobs lists only the jobs in
-    flight, not every object of every job ever run (a LIST per 1000 keys, every few seconds,
-    per replica, would grow without bound with the history)."""
+    def state(self, state: str) -> None:
+        pass
 
-    def __init__(self, store: ObjectStore, prefix: str = "jobs"):
-        self.store = store
-        self.prefix = prefix
+    def queue_depth(self, active: int) -> None:
+        pass
 
-    def folder(self, tenant: str, job_id: str) -> str:
-        validate_tenant(tenant)
-        if not _JOB_ID.match(job_id):
-            raise JobNotFound(job_id)  # malformed ids cannot exist; same answer as unknown ones
-        return f"{self.prefix}/{tenant}/{job_id}"
-
-    def manifest_key(self, tenant: str, job_id: str) -> str:
-        return f"{self.folder(tenant, job_id)}/manifest.json"
-
-    def input_key(self, tenant: str, job_id: str) -> str:
-        return f"{self.folder(tenant, job_id)}/input"
-
-    def result_key(self, tenant: str, job_id: str) -> str:
-        return f"{self.folder(tenant, job_id)}/result.mp4"
-
-    def cancel_key(self, tenant: str, job_id: str) -> str:
-        return f"{self.folder(tenant, job_id)}/cancel"
-
-    def active_key(self, tenant: str, job_id: str) -> str:
-        self.folder(tenant, job_id)  # validates both
-        return f"{self.prefix}/_active/{tenant}/{job_id}"
-
-    def mark_active(self, manifest: JobManifest) -> None:
-        self.store.put_bytes(self.active_key(manifest.tenant, manifest.job_id), b"")
-
-    def unmark_active(self, manifest: JobManifest) -> None:
-        self.store.delete(self.active_key(manifest.tenant, manifest.job_id))
-
-    def save(self, manifest: JobManifest) -> None:
-        body = manifest.model_dump_json(indent=1).encode()
-        key = self.manifest_key(manifest.tenant, manifest.job_id)
-        self.store.put_bytes(key, body, content_type="application/json")
-
-    def get(self, tenant: str, job_id: str) -> JobManifest:
-        try:
-            data = self.store.get_bytes(self.manifest_key(tenant, job_id))
-        except ObjectNotFound:
-            raise JobNotFound(job_id) from None
-        return JobManifest.model_validate(json.loads(data))
-
-    def list(self, tenant: str) -> list[JobManifest]:
-        prefix = f"{self.prefix}/{validate_tenant(tenant)}/"
-        return [
-            self._load(key) for key in self.store.list(prefix) if key.endswith("/manifest.json")
-        ]
-
-    def unfinished(self) -> list[JobManifest]:
-        """Jobs of every tenant that are queued or running (on this replica, another, or one
-        that died: their leases tell which), found through their active markers."""
-        jobs = []
-        for key in self.store.list(f"{self.prefix}/_active/"):
-            tenant, job_id = key.rsplit("/", 2)[-2:]
-            try:
-                manifest = self.get(tenant, job_id)
-            except JobNotFound:  # marked, then its manifest write failed: nothing to resume
-                self.store.delete(key)
-                continue
-            if manifest.terminal:  # finished, but the replica died before unmarking it
-                self.store.delete(key)
-                continue
-            jobs.append(manifest)
-        return jobs
-
-    def request_cancel(self, tenant: str, job_id: str) -> None:
-        """Mark a job for cancellation; its runner (on any replica) sees the mark between chunks."""
-        self.store.put_bytes(self.cancel_key(tenant, job_id), b"1")
-
-    def cancel_requested(self, tenant: str, job_id: str) -> bool:
-        return self.store.exists(self.cancel_key(tenant, job_id))
-
-    def delete_work(self, tenant: str, job_id: str) -> None:
-        """Free a cancelled or failed job's input; the manifest stays to report the outcome."""
-        self.store.delete(self.input_key(tenant, job_id))
-
-    def _load(self, key: str) -> JobManifest:
-        return JobManifest.model_validate(json.loads(self.store.get_bytes(key)))
+    def finished(self, ledger: list[dict[str, Any]], report: dict[str, Any] | None) -> None:
+        pass
 
 
 class Overloaded(Exception):
@@ -275,26 +92,6 @@ class Overloaded(Exception):
 
 class JobCancelled(Exception):
     pass
-
-
-class ForbiddenInputError(InputError):
-    """An s3:// input outside the configured buckets: we never fetch arbitrary locations."""
-
-    code = "forbidden_input"
-    http_status = 403
-
-
-def check_input_uri(uri: str, allowed_buckets: list[str]) -> str:
-    """Accept only s3:// URIs in the allowed buckets (no http(s), no file paths)."""
-    if not uri.startswith("s3://"):
-        raise ForbiddenInputError("inputs by reference must be s3:// URIs in an allowed bucket")
-    try:
-        bucket, key = parse_s3_uri(uri)
-    except ValueError as exc:
-        raise InvalidSettingError(f"malformed s3 URI: {exc}") from None
-    if bucket not in allowed_buckets or not key:
-        raise ForbiddenInputError(f"bucket {bucket!r} is not an allowed input bucket")
-    return uri
 
 
 class JobService:
@@ -310,17 +107,17 @@ class JobService:
     def __init__(
         self,
         jobs: JobStore,
-        orchestrator: Any,
+        orchestrator: JobRunner,
         *,
-        limits: Any,
+        limits: InputLimits,
         allowed_input_buckets: list[str],
         max_active_jobs: int,
         retry_after_s: int = 5,
-        probe: Callable[[Path, str], Any],
-        plan_for: Callable[[JobRequest, Any], dict[str, Any]],
-        estimate: Callable[[JobRequest, float, int, int], dict[str, Any]],
-        fetch_s3: Callable[[str, Path], None],
-        metrics: Any = None,
+        probe: ProbeInput,
+        plan_for: PlanFor,
+        estimate: EstimateCost,
+        fetch_s3: FetchInput,
+        metrics: JobMetricsSink | None = None,
         leases: JobLeases | None = None,
     ):
         self.jobs = jobs
@@ -338,7 +135,7 @@ class JobService:
         self._tasks: dict[str, asyncio.Task] = {}
         self._claims: dict[str, tuple[str, int]] = {}  # job id -> (folder, attempt) held here
         self._lost: set[str] = set()  # jobs this replica stopped running (lease taken or given)
-        self.metrics = metrics or _NoMetrics()
+        self.metrics: JobMetricsSink = metrics or NoJobMetrics()
         self.leases = leases or JobLeases(jobs.store, new_owner_id())
 
     # ----------------------------------------------------------------------- admission
@@ -378,7 +175,15 @@ class JobService:
         plan = self._plan_for(request, info)
         return self._start(tenant, new_job_id(), request, uri, digest, plan)
 
-    def _start(self, tenant, job_id, request, input_key, digest, plan) -> JobManifest:
+    def _start(
+        self,
+        tenant: str,
+        job_id: str,
+        request: JobRequest,
+        input_key: str,
+        digest: str,
+        plan: dict[str, Any],
+    ) -> JobManifest:
         manifest = JobManifest(
             job_id=job_id,
             tenant=tenant,
@@ -468,7 +273,7 @@ class JobService:
         manifest = manifest.transition(JobState.RUNNING, attempts=attempt)
         self.jobs.save(manifest)
         self.metrics.state(JobState.RUNNING)
-        events = _JobEvents(self.jobs, manifest)
+        events = ManifestEvents(self.jobs, manifest)
         keeper = asyncio.get_running_loop().create_task(self._keep_lease(manifest, attempt))
         try:
             result_key, report = await self.orchestrator.run(events.manifest, events)
@@ -540,25 +345,6 @@ class JobService:
             self.jobs.delete_work(manifest.tenant, manifest.job_id)
 
 
-class _NoMetrics:
-    """Metrics sink when none is configured (in-process use and unit tests)."""
-
-    class _Counter:
-        def inc(self, *args, **kwargs) -> None:
-            pass
-
-    rejected = _Counter()
-
-    def state(self, state) -> None:
-        pass
-
-    def queue_depth(self, active: int) -> None:
-        pass
-
-    def finished(self, ledger, report) -> None:
-        pass
-
-
 def _record_dict(record: Any, attempt: int) -> dict[str, Any]:
     data = record.model_dump() if hasattr(record, "model_dump") else dict(record)
     return {**data, "attempt": data.get("attempt") or attempt}
@@ -568,7 +354,7 @@ def _error_of(exc: InputError) -> dict[str, str]:
     return {"code": exc.code, "message": exc.message}
 
 
-class _JobEvents:
+class ManifestEvents:
     """The orchestrator's window on the manifest: progress, checkpoints and the cancel mark."""
 
     def __init__(self, jobs: JobStore, manifest: JobManifest):
@@ -595,5 +381,5 @@ class _JobEvents:
             raise JobCancelled(self.manifest.job_id)
 
     def _update(self, **fields: Any) -> None:
-        self.manifest = self.manifest.model_copy(update={**fields, "updated_at": _now()})
+        self.manifest = self.manifest.model_copy(update={**fields, "updated_at": now()})
         self.jobs.save(self.manifest)

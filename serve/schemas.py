@@ -1,0 +1,110 @@
+"""Request and response bodies of the HTTP API (every model its OpenAPI document shows).
+
+The job's states and per-stage progress are here too: the manifest stores them and the API
+reports them, with the same schema. Nothing here imports the rest of the app, so the client, the
+CLI and the benchmarks can build requests without the service's machinery.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from deployments.motion import parse_styles
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class OutputSpec(BaseModel):
+    """What the user gets back; None fields come from the preset."""
+
+    model_config = {"extra": "forbid"}
+
+    fps: float | None = Field(default=None, gt=0, le=60, description="Output frame rate.")
+    width: int | None = Field(default=None, ge=64, le=3840, description="Output width.")
+    height: int | None = Field(default=None, ge=64, le=2160, description="Output height.")
+    keep_audio: bool = Field(
+        default=True, description="Carry the source's audio over (when timing is unchanged)."
+    )
+
+
+class JobRequest(BaseModel):
+    """A user's edit request (the JSON part of POST /v1/jobs)."""
+
+    model_config = {"extra": "forbid"}
+
+    prompt: str = Field(min_length=1, max_length=1000, description="What the person looks like.")
+    negative_prompt: str = Field(default="", max_length=1000, description="What to avoid.")
+    styles: list[str] = Field(
+        default_factory=lambda: ["smooth"],
+        max_length=16,
+        description="Motion styles applied in order, e.g. ['smooth', 'exaggerate=1.3'].",
+    )
+    preset: str | None = Field(
+        default=None, description="draft, standard or high; None uses the app's default."
+    )
+    seed: int | None = Field(
+        default=None, ge=0, lt=2**32, description="Noise seed; None picks one (recorded)."
+    )
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Output size and rate.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Plan fields to override (see POST /v1/estimate)."
+    )
+
+    @field_validator("styles")
+    @classmethod
+    def _styles_parse(cls, styles: list[str]) -> list[str]:
+        parse_styles(styles)  # raises InvalidSettingError listing the valid styles
+        return styles
+
+
+class StageProgress(BaseModel):
+    done: int = Field(default=0, ge=0, description="Units (chunks or frames) finished.")
+    total: int = Field(default=0, ge=0, description="Units planned; 0 while unknown.")
+
+
+class JobAccepted(BaseModel):
+    job_id: str = Field(description="Id to poll with GET /v1/jobs/{job_id}.")
+    state: JobState = Field(description="queued, or done when served entirely from cache.")
+    status_url: str = Field(description="Where to poll.")
+    result_url: str = Field(description="Where the MP4 will be.")
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    state: JobState
+    created_at: str
+    updated_at: str
+    progress: dict[str, StageProgress] = Field(description="Per stage: units done of total.")
+    attempts: int = Field(description="1, plus one per resume (after a restart or lost replica).")
+    cancel_requested: bool = Field(
+        default=False,
+        description="A cancel was asked for and the job's replica has not stopped it yet (it "
+        "does between chunks).",
+    )
+    error: dict[str, str] | None = Field(default=None, description="code and message if failed.")
+    report: dict[str, Any] | None = Field(default=None, description="Cost report when done.")
+    result_url: str | None = Field(default=None, description="The MP4, when done.")
+    checkpointed_chunks: list[int] = Field(
+        default_factory=list, description="Chunks finished and stored (a resume skips them)."
+    )
+    ledger: list[dict[str, Any]] = Field(
+        default_factory=list, description="Cost records of the work done so far, per stage call."
+    )
+
+
+class EstimateRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    duration_s: float = Field(gt=0, le=3600, description="Input video duration in seconds.")
+    width: int = Field(gt=0, le=16384, description="Input video width.")
+    height: int = Field(gt=0, le=16384, description="Input video height.")
+    request: JobRequest = Field(description="The edit request to estimate.")
