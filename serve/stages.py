@@ -21,8 +21,9 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from deployments import diffusion, interpolate, motion, pose, upscale, video
+from deployments.model_loading import fetch_s3_file
 from serve.cache import ArtifactCache, content_key
-from serve.storage import ObjectStore, open_store, parse_s3_uri
+from serve.storage import DEFAULT_S3_REGION, ObjectStore
 
 SEGMENT_CODE_VERSION = "segment-1"
 RENDER_CODE_VERSION = "render-1"
@@ -97,8 +98,7 @@ class StageContext:
         if Path(ref).is_absolute():
             return Path(ref)
         if ref.startswith("s3://"):
-            bucket, key = parse_s3_uri(ref)
-            open_store(f"s3://{bucket}", s3_endpoint_url=self.s3_endpoint_url).get_file(key, dest)
+            fetch_s3_file(ref, dest, endpoint_url=self.s3_endpoint_url, region=DEFAULT_S3_REGION)
         else:
             self.store.get_file(ref, dest)
         return dest

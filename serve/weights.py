@@ -278,6 +278,20 @@ def resolve_upscaler_model(name_or_path: str, cache_dir: str | os.PathLike) -> P
     )
 
 
+LANCZOS = "lanczos"
+"""Model name meaning no model: Lanczos resampling (give a scale or a size with it)."""
+
+
+def upscaler_weights_source(model: str, cache_dir: str | os.PathLike) -> str | None:
+    """`UpscaleSettings.weights` for a model: None for "lanczos" (no model), an s3:// URI as it
+    is (the upscaler downloads it), else the local file `resolve_upscaler_model` gives."""
+    if model == LANCZOS:
+        return None
+    if model.startswith("s3://"):
+        return model
+    return str(resolve_upscaler_model(model, cache_dir))
+
+
 def upscaler_output_scale(name_or_path: str) -> int | None:
     """The scale a named model produces (2 for realesr-animevideov3-x2); None for paths."""
     if name_or_path in UPSCALER_ALIASES:
