@@ -49,13 +49,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_label, results_dir, write_json
+from serve.cost import savings_ratio
+from serve.presets import NAIVE_SKIPS
 
 CLIP_SECONDS = 10.0
 OUTPUT = (1920, 1080, 25.0)
 PLANS = ("draft", "standard", "high")
 RUN_LONG_SIDE = 128  # generation size of the runs (16:9 -> 128x72); full size is predicted
 PROMPT = "a robot dancing in a park"
-CPU_STAGES_SKIPPED_BY_NAIVE = ("upscale", "interpolate")
 BATCH_FOR_GAIN = 4  # max_batch_size of serve/configs/local.yaml's Diffusion
 GPU_CHUNK_FRAMES = 16
 GPU_STEPS = 4
@@ -391,7 +392,7 @@ def cpu_side_seconds(preset: str, run: dict, calibration: dict | None) -> dict[s
     basis = "measured" if scale == 1 else f"measured on {run['seconds_of_clip']:g} s, x{scale:g}"
     seconds: dict[str, dict] = {}
     for stage, entry in run["stages"].items():
-        if stage == "diffusion" or (preset == "naive" and stage in CPU_STAGES_SKIPPED_BY_NAIVE):
+        if stage == "diffusion" or (preset == "naive" and stage in NAIVE_SKIPS):
             continue
         seconds[stage] = {"seconds": round(entry["seconds"] * scale, 3), "basis": basis}
     size = f"{plan.generation.width}x{plan.generation.height}"
@@ -473,7 +474,8 @@ def price_plans(plans: dict[str, dict]) -> None:
 
 
 def _ratio(naive: float, plan: float) -> float | None:
-    return round(naive / plan, 2) if plan > 0 else None
+    # JSON has no infinity: a side that costs nothing has no ratio here.
+    return round(savings_ratio(naive, plan), 2) if plan > 0 else None
 
 
 # --- levers -------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ injectable client (tests pass one for a moto server).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -96,6 +98,44 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise ValueError(f"s3 URI without a bucket: {uri}")
     return bucket, prefix
+
+
+def s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
+    """A boto3 S3 client: the usual credential chain, standard retries, and path-style URLs on
+    a custom endpoint (MinIO and moto serve only those)."""
+    import boto3
+    from botocore.config import Config
+
+    addressing = {"addressing_style": "path"} if endpoint_url else {}
+    config = Config(signature_version="s3v4", s3=addressing, retries={"mode": "standard"})
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+def fetch_s3_file(
+    uri: str,
+    destination: str | Path,
+    *,
+    client: Any = None,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+) -> Path:
+    """Download the one object at ``s3://bucket/key`` to `destination` (its folder must exist).
+
+    The one way motionserve reads a single S3 object (job inputs, upscaler weights); `client`
+    defaults to `s3_client(endpoint_url, region)`.
+    """
+    bucket, key = parse_s3_uri(uri)
+    if not key or key.endswith("/"):
+        raise ValueError(f"not an s3://bucket/key URI of one object: {uri}")
+    (client or s3_client(endpoint_url, region)).download_file(bucket, key, str(destination))
+    return Path(destination)
+
+
+def s3_fetcher(
+    client: Any = None, *, endpoint_url: str | None = None, region: str | None = None
+) -> Callable[[str, Path], Path]:
+    """`fetch_s3_file` with its client settings bound: a ``fetch(uri, destination)``."""
+    return functools.partial(fetch_s3_file, client=client, endpoint_url=endpoint_url, region=region)
 
 
 def _s3_objects(client: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ from deployments.errors import (
     LimitExceededError,
     NotAnImageError,
 )
+from deployments.model_loading import s3_fetcher
 from deployments.video import (
     DecodeSettings,
     EncodeSettings,
@@ -74,8 +75,8 @@ MAX_OUTPUT_SIDE = 16384
 MAX_OUTPUT_PIXELS = 7680 * 4320  # 8K UHD
 
 WeightsFetch = Callable[[str, Path], None]
-"""Downloads an ``s3://bucket/key`` URI to a local path (injected so the stage imports no
-storage layer; `s3_fetcher` is the plain boto3 one)."""
+"""Downloads an ``s3://bucket/key`` URI to a local path (injected so callers choose the
+endpoint and client; the default is `model_loading.s3_fetcher()`)."""
 
 
 class UpscaleSettings(BaseModel):
@@ -154,19 +155,6 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://") or not bucket or not key or key.endswith("/"):
         raise InvalidWeightsError(f"not an s3://bucket/key URI of a weights file: {uri}")
     return bucket, key
-
-
-def s3_fetcher(client: Any = None) -> WeightsFetch:
-    """A `WeightsFetch` using boto3 (`client`, or a default one: the usual credential chain,
-    and ``AWS_ENDPOINT_URL_S3`` for MinIO-style endpoints)."""
-
-    def fetch(uri: str, destination: Path) -> None:
-        import boto3
-
-        bucket, key = split_s3_uri(uri)
-        (client or boto3.client("s3")).download_file(bucket, key, str(destination))
-
-    return fetch
 
 
 def local_weights_path(source: str, cache_dir: Path, fetch: WeightsFetch | None = None) -> Path:

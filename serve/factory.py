@@ -14,7 +14,7 @@ from deployments import diffusion, model_loading, tiny_models, upscale
 from serve.cache import ArtifactCache
 from serve.config import AppArgs, Settings
 from serve.stages import StageContext
-from serve.storage import open_store, parse_s3_uri
+from serve.storage import DEFAULT_S3_REGION, open_store
 
 
 def stage_context(args: AppArgs) -> StageContext:
@@ -60,29 +60,16 @@ def engine_config(args: AppArgs, model_id: str) -> diffusion.EngineConfig:
 
 
 def upscale_settings(args: AppArgs) -> upscale.UpscaleSettings:
-    from serve.weights import resolve_upscaler_model
+    from serve.weights import upscaler_weights_source
 
-    if args.upscaler_model == "lanczos":
-        return upscale.UpscaleSettings(weights=None)
-    if args.upscaler_model.startswith("s3://"):
-        return upscale.UpscaleSettings(weights=args.upscaler_model)
-    path = resolve_upscaler_model(args.upscaler_model, Settings().cache_dir)
-    return upscale.UpscaleSettings(weights=str(path))
-
-
-def s3_fetch(args: AppArgs):
-    """A weights fetcher for s3:// URIs (the upscaler's `fetch`)."""
-    endpoint = args.s3_endpoint_url or Settings().s3_endpoint_url
-
-    def fetch(uri: str, dest: Path) -> None:
-        bucket, key = parse_s3_uri(uri)
-        open_store(f"s3://{bucket}", s3_endpoint_url=endpoint).get_file(key, dest)
-
-    return fetch
+    weights = upscaler_weights_source(args.upscaler_model, Settings().cache_dir)
+    return upscale.UpscaleSettings(weights=weights)
 
 
 def make_upscaler(args: AppArgs) -> upscale.Upscaler:
-    return upscale.Upscaler(upscale_settings(args), fetch=s3_fetch(args))
+    endpoint = args.s3_endpoint_url or Settings().s3_endpoint_url
+    fetch = model_loading.s3_fetcher(endpoint_url=endpoint, region=DEFAULT_S3_REGION)
+    return upscale.Upscaler(upscale_settings(args), fetch=fetch)
 
 
 def make_engine(args: AppArgs) -> diffusion.DiffusionEngine:

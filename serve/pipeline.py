@@ -1,14 +1,13 @@
-"""The plan: which stages run, where, with which settings (pure; no Ray, no I/O).
+"""The plan: which stages run, with which settings (pure; no Ray, no I/O).
 
 Every setting that changes an output is in the plan, because the plan's parts are what the
-content keys hash. Presets are the cheap defaults; `naive` is the baseline every cost report
-compares against (generate every output frame at output size, 30 steps, fp32, ControlNet on every
-frame, batch 1, no cache, everything on the GPU).
+content keys hash. Presets (`serve.presets`) are the cheap defaults; `naive` is the baseline
+every cost report compares against.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -18,61 +17,8 @@ from deployments.interpolate import InterpolationSettings
 from deployments.motion import parse_styles
 from deployments.pose import PoseSettings
 from deployments.video import DecodeSettings, EncodeSettings
-
-PresetName = Literal["draft", "standard", "high", "naive"]
-Device = Literal["cpu", "gpu"]
-
-
-class Preset(BaseModel):
-    """The levers a preset sets; a request may override any of them."""
-
-    generation_long_side: int | None = Field(
-        description="Long side of generated frames, pixels; None picks 512 or 768 by aspect."
-    )
-    generation_fps: float = Field(description="Frames the diffusion model generates per second.")
-    steps: int = Field(description="Denoising steps.")
-    scheduler: str = Field(default="dpmpp_2m", description="Diffusion scheduler.")
-    precision: Literal["fp16", "bf16", "fp32"] = Field(description="Model dtype on CUDA.")
-    controlnet_every: int = Field(description="ControlNet on every K-th frame.")
-    output_long_side: int = Field(description="Long side of the delivered video, pixels.")
-    output_fps: float = Field(default=25.0, description="Delivered frame rate.")
-    batching: bool = Field(default=True, description="Micro-batch chunks across jobs.")
-    cache: bool = Field(default=True, description="Reuse cached stage outputs.")
-
-
-PRESETS: dict[str, Preset] = {
-    # Cheapest acceptable: SD 1.5 at its native 512, 15 DPM++ 2M steps (the scheduler's
-    # quality plateaus around 15-20), ControlNet on every 4th frame, 720p-class output.
-    "draft": Preset(
-        generation_long_side=512, generation_fps=12, steps=15, precision="fp16",
-        controlnet_every=4, output_long_side=1280,
-    ),
-    # The default: 512 or 768 by aspect (wide frames get 768 so the short side stays near the
-    # 512 SD 1.5 was trained at), 12 fps (half of 25: interpolation fills the rest on CPU),
-    # 18 steps, fp16 (half the VRAM, no visible loss), ControlNet every 4th frame (poses move
-    # little in 1/3 s; residuals are interpolated), upscaled to 1080p.
-    "standard": Preset(
-        generation_long_side=None, generation_fps=12, steps=18, precision="fp16",
-        controlnet_every=4, output_long_side=1920,
-    ),
-    # For fast motion: 768, 20 steps and ControlNet every 2nd frame.
-    "high": Preset(
-        generation_long_side=768, generation_fps=12, steps=20, precision="fp16",
-        controlnet_every=2, output_long_side=1920,
-    ),
-    # The baseline: what a straightforward implementation would run for the same output.
-    "naive": Preset(
-        generation_long_side=1920, generation_fps=25, steps=30, precision="fp32",
-        controlnet_every=1, output_long_side=1920, batching=False, cache=False,
-    ),
-}  # fmt: skip
-
-# Which device each stage runs on: the point of the product is that only diffusion needs a GPU.
-OPTIMIZED_PLACEMENT: dict[str, Device] = {
-    "pose": "cpu", "motion": "cpu", "diffusion": "gpu", "upscale": "cpu",
-    "interpolate": "cpu", "encode": "cpu",
-}  # fmt: skip
-NAIVE_PLACEMENT: dict[str, Device] = {stage: "gpu" for stage in OPTIMIZED_PLACEMENT}
+from serve.cost import naive_settings
+from serve.presets import NAIVE, PRESETS, Preset, PresetName
 
 
 class Plan(BaseModel):
@@ -103,13 +49,7 @@ class Plan(BaseModel):
     )
     batching: bool = Field(default=True, description="Micro-batch chunks across jobs.")
     cache: bool = Field(default=True, description="Reuse cached stage outputs.")
-    placement: dict[str, Device] = Field(
-        default_factory=lambda: dict(OPTIMIZED_PLACEMENT), description="Device per stage."
-    )
     output_crf: int = Field(default=18, ge=0, le=51, description="x264 quality of the result.")
-    pose_map_crf: int = Field(
-        default=18, ge=0, le=51, description="x264 quality of the pose-map video (demo, CLI)."
-    )
 
     @field_validator("styles")
     @classmethod
@@ -124,9 +64,6 @@ class Plan(BaseModel):
     @property
     def upscale_factor(self) -> float:
         return max(self.output_width / self.generation.width, 1.0)
-
-    def pose_map_encoding(self) -> EncodeSettings:
-        return EncodeSettings(fps=self.decode.fps, crf=self.pose_map_crf)
 
     def output_encoding(self) -> EncodeSettings:
         return EncodeSettings(fps=self.output_fps, crf=self.output_crf)
@@ -190,7 +127,6 @@ def make_plan(
         "output_height": out_h,
         "batching": preset.batching,
         "cache": preset.cache,
-        "placement": dict(NAIVE_PLACEMENT if preset_name == "naive" else OPTIMIZED_PLACEMENT),
     }
     if styles is not None:
         fields["styles"] = styles
@@ -202,18 +138,9 @@ def make_plan(
 
 
 def naive_plan(plan: Plan) -> Plan:
-    """The baseline for the same input and output as `plan`."""
-    g = plan.generation
-    naive = PRESETS["naive"]
-    generation = g.model_copy(
-        update={
-            "width": plan.output_width - plan.output_width % 8,
-            "height": plan.output_height - plan.output_height % 8,
-            "fps": plan.output_fps,
-            "steps": naive.steps,
-            "precision": naive.precision,
-            "controlnet_every": naive.controlnet_every,
-        }
+    """The baseline for the same input and output as `plan` (the cost model's naive side)."""
+    generation = naive_settings(
+        plan.generation, plan.output_width, plan.output_height, plan.output_fps
     )
     return plan.model_copy(
         update={
@@ -222,9 +149,8 @@ def naive_plan(plan: Plan) -> Plan:
             "decode": plan.decode.model_copy(
                 update={"fps": plan.output_fps, "width": generation.width, "height": None}
             ),
-            "batching": False,
-            "cache": False,
-            "placement": dict(NAIVE_PLACEMENT),
+            "batching": NAIVE.batching,
+            "cache": NAIVE.cache,
         }
     )
 

@@ -6,13 +6,12 @@ install, its dependencies are heavy) and the clip is read out of the zip into th
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 from serve.cache import hash_file
+from serve.wheels import download_wheel
 
 SPORTS2D_VERSION = "0.8.34"
 SAMPLE_MEMBER = "Sports2D/Demo/demo.mp4"
@@ -27,21 +26,7 @@ def sample_video_path(cache_dir: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                f"sports2d=={SPORTS2D_VERSION}",
-                "-d",
-                tmp,
-            ],
-            check=True,
-        )
-        wheel = next(Path(tmp).glob("sports2d-*.whl"))
+        wheel = download_wheel("sports2d", SPORTS2D_VERSION, Path(tmp))
         partial = target.with_suffix(".part")
         with zipfile.ZipFile(wheel) as archive, partial.open("wb") as out:
             out.write(archive.read(SAMPLE_MEMBER))

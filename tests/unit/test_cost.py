@@ -10,6 +10,7 @@ import pytest
 from deployments.diffusion import SD15_MODEL_WEIGHTS, ModelWeights, predict_chunk_units
 from serve import cost
 from serve.pipeline import make_plan, naive_plan
+from serve.presets import PRESETS
 from serve.stages import StageRecord
 
 FRAMES = 92  # the 7.7 s sample clip at 12 fps
@@ -125,7 +126,17 @@ def test_naive_settings_follow_the_design_and_the_pipeline(plan):
     )
     assert (naive.width, naive.height, naive.fps) == (1920, 1080, 25.0)
     assert (naive.steps, naive.precision, naive.controlnet_every) == (30, "fp32", 1)
-    assert naive == naive_plan(plan).generation  # one definition of "naive" in two places
+    # One definition: the naive preset's levers, applied to the plan's output by naive_settings,
+    # which the naive plan uses too.
+    preset = PRESETS["naive"]
+    assert (naive.steps, naive.precision, naive.controlnet_every) == (
+        preset.steps,
+        preset.precision,
+        preset.controlnet_every,
+    )
+    naive_side = naive_plan(plan)
+    assert naive == naive_side.generation
+    assert (naive_side.batching, naive_side.cache) == (preset.batching, preset.cache)
     assert cost.naive_frame_count(FRAMES, 12.0, 25.0) == 192
     assert cost.naive_frame_count(24, 12.0, 24.0) == 48
 

@@ -390,3 +390,23 @@ def test_open_store_picks_the_backend(tmp_path, moto_s3):
     for bad in ("", "http://example.com/x", "file://otherhost/x"):
         with pytest.raises(ValueError):
             open_store(bad)
+
+
+def test_job_inputs_and_weights_are_fetched_from_s3_by_uri(moto_s3, tmp_path):
+    from deployments.model_loading import fetch_s3_file
+    from deployments.video import InputLimits
+    from serve.cache import ArtifactCache
+    from serve.stages import StageContext
+
+    moto_s3.client().put_object(Bucket=moto_s3.bucket, Key="inputs/clip.mp4", Body=b"video")
+    uri = f"s3://{moto_s3.bucket}/inputs/clip.mp4"
+    ctx = StageContext(
+        ArtifactCache(LocalStore(tmp_path / "store")),
+        InputLimits(),
+        s3_endpoint_url=moto_s3.endpoint_url,
+    )
+    assert ctx.fetch_input(uri, tmp_path / "input").read_bytes() == b"video"
+    fetched = fetch_s3_file(uri, tmp_path / "w", endpoint_url=moto_s3.endpoint_url)
+    assert fetched.read_bytes() == b"video"
+    with pytest.raises(ValueError, match="one object"):
+        fetch_s3_file(f"s3://{moto_s3.bucket}/inputs/", tmp_path / "x")

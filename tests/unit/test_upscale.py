@@ -20,6 +20,7 @@ from deployments.errors import (
     InvalidWeightsError,
     NotAnImageError,
 )
+from deployments.model_loading import s3_fetcher
 from deployments.ncnn_convert import NcnnConversionError, convert_ncnn, parse_param
 from deployments.tiny_models import build_tiny_compact, build_tiny_rrdb
 from deployments.upscale import (
@@ -27,7 +28,6 @@ from deployments.upscale import (
     RRDB_TILE_OVERLAP,
     Upscaler,
     UpscaleSettings,
-    s3_fetcher,
     target_size,
     tile_spans,
 )
