@@ -4,7 +4,7 @@ The clip: the real sample video scaled to 1920x1080 and played forward then back
 (`benchmarks.decode_speed.make_1080p_clip`, cached outside git), edited to a 1920x1080 25 fps
 output. What is measured and what is predicted:
 
-- Runs (measured): each plan goes through the real pipeline (`serve.orchestrator.edit_video`,
+- Runs (measured): each plan goes through the real pipeline (`serve.local_run.edit_video`,
   tiny random-weight SD 1.5 + ControlNet, Real-ESRGAN Compact, all on this CPU) with the
   plan's fps, steps, scheduler, ControlNet interval and output, but generating at 128 px long
   side (override `generation_long_side`) to stay bounded on 2 cores. Each run gives the
@@ -242,7 +242,7 @@ def bench_request(preset: str, long_side: int, seed: int = 1):
 
 def run_plan(clip: Path, request, args, seconds: float, label: str) -> dict[str, Any]:
     """One `edit_video` job; its measured stages and its counted vs predicted work."""
-    from serve.orchestrator import edit_video
+    from serve.local_run import edit_video
 
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-cost-out-") as folder:

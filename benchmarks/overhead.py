@@ -6,7 +6,7 @@ random-weight models, the draft preset with generation at 128 px, output at 256 
 (`FAST_OVERRIDES` of the tests), the same plan and the same `max_chunks_in_flight` on both
 sides; the upscaler is the app's default (Compact, realesr-animevideov3) unless `--upscaler`.
 
-- in process: `serve.orchestrator.edit_video`, with the models loaded once before timing (as
+- in process: `serve.local_run.edit_video`, with the models loaded once before timing (as
   they are in a warm replica) and one untimed warm-up job on a 2 s clip; each timed job gets a
   fresh storage directory.
 - over HTTP: `motionserve serve` as a subprocess (a local Ray of its own, the app from
@@ -128,7 +128,7 @@ def warm_models(args: AppArgs) -> Iterator[None]:
 
 
 def run_in_process(clip: Path, seed: int, upscaler: str, chunks: int) -> dict[str, Any]:
-    from serve.orchestrator import edit_video
+    from serve.local_run import edit_video
 
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="overhead-inproc-") as folder:

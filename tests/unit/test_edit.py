@@ -10,7 +10,7 @@ import pytest
 
 from serve.config import AppArgs
 from serve.jobs import JobRequest
-from serve.orchestrator import edit_video
+from serve.local_run import edit_video
 from tests.conftest import FAST_OVERRIDES
 
 
