@@ -1,7 +1,7 @@
 """Cost of a 10 s clip at 1080p25: the draft, standard and high plans against the naive one.
 
 The clip: the real sample video scaled to 1920x1080 and played forward then backward to 10 s
-(`benchmarks.decode_speed.make_1080p_clip`, cached outside git), edited to a 1920x1080 25 fps
+(`benchmarks.fixtures.make_1080p_clip`, cached outside git), edited to a 1920x1080 25 fps
 output. What is measured and what is predicted:
 
 - Runs (measured): each plan goes through the real pipeline (`serve.local_run.edit_video`,
@@ -286,7 +286,7 @@ def summarize_run(report: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 def run_plans(clip: Path, args, app_args) -> dict[str, Any]:
     """Every asked plan (scaled generation size), the cache repeat and the scaled naive run."""
-    from benchmarks.overhead import warm_models
+    from benchmarks.fixtures import warm_models
     from serve.config import AppArgs
 
     runs: dict[str, Any] = {}
@@ -673,7 +673,7 @@ def fp16_part(args) -> dict[str, Any]:
             "basis": f"not measured: no GPU ({reason}); expected ~45% less VRAM and faster "
             "steps on tensor cores; taken as x1.0 in the sums",
         }
-    from benchmarks.batching import build_sd15_random
+    from benchmarks.fixtures import build_sd15_random
     from serve.config import Settings
     from serve.factory import ensure_tiny_models
 
@@ -718,9 +718,8 @@ def fp16_part(args) -> dict[str, Any]:
 def run(args) -> dict[str, Any]:
     import torch
 
-    from benchmarks.batching import machine_info, quiet_progress_bars
     from benchmarks.common import pin_threads
-    from benchmarks.decode_speed import make_1080p_clip
+    from benchmarks.fixtures import machine_info, make_1080p_clip, quiet_progress_bars
     from serve.config import AppArgs, Settings
 
     pin_threads(args.threads)
