@@ -182,6 +182,7 @@ class DiffusionServer(StageServer):
         """One chunk: from the cache when its frames exist, else through a micro-batch.
 
         `maps` is None when the orchestrator found the frames cached (no pose maps rendered).
+        `chunk` may also be a dict of ChunkSpec's fields (what callers sent before the model).
         """
         self._start_reaper()
         await self._key(serve.get_multiplexed_model_id())
