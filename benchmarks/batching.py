@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import logging
 import math
-import shutil
 import tempfile
 import time
 import warnings
@@ -46,7 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import machine_label, machine_summary, pin_threads, results_dir, write_json
+from benchmarks.common import machine_label, pin_threads, results_dir, write_json
+from benchmarks.fixtures import build_sd15_random, machine_info, quiet_progress_bars
 
 BATCHES = (1, 2, 4, 8)
 SERVE_BATCH_SIZES = (1, 4)
@@ -112,20 +112,6 @@ def load_profile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- shared helpers --------------------------------------------------------------------------
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    import diffusers
-    import torch
-
-    return {
-        **machine_summary(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "torch_threads": threads,
-        "shared": "other jobs may run on the machine (see the load average): timings are the "
-        "best of repeats",
-    }
 
 
 def control_maps(frames: int, height: int, width: int, seed: int) -> np.ndarray:
@@ -304,49 +290,32 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
 # --- 2: through Ray Serve ---------------------------------------------------------------------
 
 
-def pinned_server_class(policy: str = "keyed"):
-    """DiffusionServer with torch's thread count fixed in the replica (and a probe for it);
-    with policy "serve.batch" its batches come from Ray Serve's `@serve.batch` instead.
+def pinned_server_class():
+    """DiffusionServer with torch's thread count fixed in the replica (and a probe for it); the
+    batching policy is the server's own constructor argument (see `deploy`).
 
     Self-contained (no module globals), so it pickles by value whichever way this module runs.
     """
-    from ray import serve
-
     from serve.app import DiffusionServer
 
     class PinnedDiffusionServer(DiffusionServer):
-        def __init__(self, app_args, torch_threads: int):
+        def __init__(self, app_args, torch_threads: int, batching: str = "keyed"):
             import torch
 
             torch.set_num_threads(torch_threads)
-            super().__init__(app_args)
+            super().__init__(app_args, batching=batching)
 
         def torch_threads(self) -> int:
             import torch
 
             return torch.get_num_threads()
 
-    class ServeBatchDiffusionServer(PinnedDiffusionServer):
-        """The baseline: Serve seals a batch batch_wait_timeout_s after its first request and
-        splits it by multiplexed model id (the batch key); sub-batches share the engine lock."""
-
-        def reconfigure(self, config):
-            super().reconfigure(config)
-            self._serve_batched.set_max_batch_size(self.batcher.max_batch_size)
-            self._serve_batched.set_batch_wait_timeout_s(self.batcher.wait_timeout_s)
-
-        async def _batched(self, request):
-            return await self._serve_batched(request)
-
-        @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-        async def _serve_batched(self, requests):
-            return await self._run_batch(requests[0].settings.batch_key(), requests)
-
-    return PinnedDiffusionServer if policy == "keyed" else ServeBatchDiffusionServer
+    return PinnedDiffusionServer
 
 
-def deploy(server_cls, app_args, threads: int, user_config: dict):
-    """(Re)deploy the diffusion server; a changed user_config only reconfigures the replica."""
+def deploy(server_cls, app_args, threads: int, user_config: dict, policy: str = "keyed"):
+    """(Re)deploy the diffusion server with batching `policy` (one of POLICIES); a changed
+    user_config only reconfigures the replica."""
     from ray import serve
 
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -357,7 +326,8 @@ def deploy(server_cls, app_args, threads: int, user_config: dict):
         max_ongoing_requests=MAX_ONGOING_REQUESTS,
         user_config=user_config,
     )
-    return serve.run(deployment.bind(app_args, threads), name="bench", route_prefix=None)
+    app = deployment.bind(app_args, threads, policy)
+    return serve.run(app, name="bench", route_prefix=None)
 
 
 async def submit(handle, plan, index: int, frames: int, at: float, t0: float) -> dict:
@@ -449,8 +419,9 @@ def run_mixed(handle, plans, profile, frames: int, max_batch: int, chunk_s: floa
 
 
 def start_replica(
-    server_cls, app_args, args, plans: list, max_batch: int, timeout: float = BATCH_WAIT_TIMEOUT_S
-) -> tuple[Any, float]:
+    server_cls, app_args, args, plans: list, max_batch: int, timeout: float = BATCH_WAIT_TIMEOUT_S,
+    policy: str = "keyed",
+) -> tuple[Any, float]:  # fmt: skip
     """Deploy with this batch size and wait timeout and warm the replica up with one chunk per
     key; returns (handle, seconds the warm-up spent loading weights).
 
@@ -458,7 +429,7 @@ def start_replica(
     fresh replica (a cold start), which the warm-up absorbs before anything is measured.
     """
     config = {"max_batch_size": max_batch, "batch_wait_timeout_s": timeout, "idle_unload_s": 3600}
-    handle = deploy(server_cls, app_args, args.threads, config)
+    handle = deploy(server_cls, app_args, args.threads, config, policy)
     warm = asyncio.run(send_load(handle, plans, [0.0] * len(plans), args.chunk_frames))
     return handle, max(o["load_s"] for o in warm)
 
@@ -506,10 +477,10 @@ def run_serve(
         mixed = []
         for policy in profile["policies"]:
             if policy != "keyed":  # the last burst's replica is the deployed policy at batch 4
-                server_cls = pinned_server_class(policy)
                 handle, load_s = start_replica(
-                    server_cls, app_args, args, plans, SERVE_BATCH_SIZES[-1]
-                )
+                    pinned_server_class(), app_args, args, plans, SERVE_BATCH_SIZES[-1],
+                    policy=policy,
+                )  # fmt: skip
                 loads.append(round(load_s, 3))
             rows = run_mixed(
                 handle, plans, profile, args.chunk_frames, SERVE_BATCH_SIZES[-1], chunk_s
@@ -579,49 +550,6 @@ def run_estimate() -> dict[str, Any]:
 
 
 # --- 5: SD 1.5-size random weights in fp16 on a GPU -------------------------------------------
-
-
-def build_sd15_random(directory: Path, tiny_dir: Path, dtype) -> Path:
-    """An SD 1.5-shaped diffusers directory with random weights (tokenizer and scheduler config
-    from the tiny models; token ids fit the full vocabulary). Never committed."""
-    import torch
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    shutil.copytree(tiny_dir, directory)
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
-    models = {
-        "unet": unet,
-        "controlnet": ControlNetModel.from_unet(unet, load_weights_from_unet=False),
-        "vae": AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            sample_size=512,
-        ),
-        "text_encoder": CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        ),
-    }
-    for name, model in models.items():
-        shutil.rmtree(directory / name)
-        model.to(dtype).save_pretrained(directory / name)
-    return directory
 
 
 def measure_sd15(
@@ -929,14 +857,6 @@ def plot_mixed(fill_ax, seconds_ax, serve_result: dict) -> None:
     )
     fill_ax.legend(fontsize=6)
     seconds_ax.legend(fontsize=6, ncol=2)
-
-
-def quiet_progress_bars() -> None:
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

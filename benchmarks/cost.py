@@ -1,10 +1,10 @@
 """Cost of a 10 s clip at 1080p25: the draft, standard and high plans against the naive one.
 
 The clip: the real sample video scaled to 1920x1080 and played forward then backward to 10 s
-(`benchmarks.decode_speed.make_1080p_clip`, cached outside git), edited to a 1920x1080 25 fps
+(`benchmarks.fixtures.make_1080p_clip`, cached outside git), edited to a 1920x1080 25 fps
 output. What is measured and what is predicted:
 
-- Runs (measured): each plan goes through the real pipeline (`serve.orchestrator.edit_video`,
+- Runs (measured): each plan goes through the real pipeline (`serve.local_run.edit_video`,
   tiny random-weight SD 1.5 + ControlNet, Real-ESRGAN Compact, all on this CPU) with the
   plan's fps, steps, scheduler, ControlNet interval and output, but generating at 128 px long
   side (override `generation_long_side`) to stay bounded on 2 cores. Each run gives the
@@ -243,7 +243,7 @@ def bench_request(preset: str, long_side: int, seed: int = 1):
 
 def run_plan(clip: Path, request, args, seconds: float, label: str) -> dict[str, Any]:
     """One `edit_video` job; its measured stages and its counted vs predicted work."""
-    from serve.orchestrator import edit_video
+    from serve.local_run import edit_video
 
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-cost-out-") as folder:
@@ -287,7 +287,7 @@ def summarize_run(report: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 def run_plans(clip: Path, args, app_args) -> dict[str, Any]:
     """Every asked plan (scaled generation size), the cache repeat and the scaled naive run."""
-    from benchmarks.overhead import warm_models
+    from benchmarks.fixtures import warm_models
     from serve.config import AppArgs
 
     runs: dict[str, Any] = {}
@@ -675,7 +675,7 @@ def fp16_part(args) -> dict[str, Any]:
             "basis": f"not measured: no GPU ({reason}); expected ~45% less VRAM and faster "
             "steps on tensor cores; taken as x1.0 in the sums",
         }
-    from benchmarks.batching import build_sd15_random
+    from benchmarks.fixtures import build_sd15_random
     from serve.config import Settings
     from serve.factory import ensure_tiny_models
 
@@ -720,9 +720,8 @@ def fp16_part(args) -> dict[str, Any]:
 def run(args) -> dict[str, Any]:
     import torch
 
-    from benchmarks.batching import machine_info, quiet_progress_bars
     from benchmarks.common import pin_threads
-    from benchmarks.decode_speed import make_1080p_clip
+    from benchmarks.fixtures import machine_info, make_1080p_clip, quiet_progress_bars
     from serve.config import AppArgs, Settings
 
     pin_threads(args.threads)

@@ -14,25 +14,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import machine_summary, results_dir, write_json
-from deployments.video import DecodeSettings, EncodeSettings, decode_all, decode_chunks, encode_mp4
+from benchmarks.fixtures import make_1080p_clip
+from deployments.video import DecodeSettings, decode_chunks
 from serve.config import Settings
-from serve.samples import sample_video_path
-
-
-def make_1080p_clip(cache_dir: Path, seconds: float = 10.0) -> Path:
-    target = cache_dir / "bench" / f"sports2d-1080p30-{seconds:g}s.mp4"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    source = sample_video_path(cache_dir)
-    frames = decode_all(source, DecodeSettings(fps=30, width=1920, height=1080, fit="crop"))
-    needed = int(seconds * 30)
-    looped = np.concatenate([frames, frames[::-1]] * (needed // (2 * len(frames)) + 1))[:needed]
-    encode_mp4(iter(looped), target, EncodeSettings(fps=30, crf=20, preset="medium"))
-    return target
 
 
 def cpu_seconds() -> float:

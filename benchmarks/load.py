@@ -519,9 +519,9 @@ def settled_histogram(
 
 @contextlib.contextmanager
 def started_app(args, folder: Path):
-    """`motionserve serve` on loopback (benchmarks.overhead.ServeApp) with this benchmark's
+    """`motionserve serve` on loopback (benchmarks.fixtures.ServeApp) with this benchmark's
     max_active_jobs; yields (url, metrics url)."""
-    from benchmarks.overhead import ServeApp
+    from benchmarks.fixtures import ServeApp
     from serve.config import AppArgs
 
     defaults = AppArgs()
@@ -544,7 +544,7 @@ def started_app(args, folder: Path):
 
 def load_clip() -> Path:
     """2 s of the sample at 640 px, 25 fps (benchmarks.overhead's warm-up clip, cached)."""
-    from benchmarks.overhead import bench_clips
+    from benchmarks.fixtures import bench_clips
     from serve.config import Settings
 
     return bench_clips(Settings().cache_dir)[1]

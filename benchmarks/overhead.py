@@ -6,7 +6,7 @@ random-weight models, the draft preset with generation at 128 px, output at 256 
 (`FAST_OVERRIDES` of the tests), the same plan and the same `max_chunks_in_flight` on both
 sides; the upscaler is the app's default (Compact, realesr-animevideov3) unless `--upscaler`.
 
-- in process: `serve.orchestrator.edit_video`, with the models loaded once before timing (as
+- in process: `serve.local_run.edit_video`, with the models loaded once before timing (as
   they are in a warm replica) and one untimed warm-up job on a 2 s clip; each timed job gets a
   fresh storage directory.
 - over HTTP: `motionserve serve` as a subprocess (a local Ray of its own, the app from
@@ -30,37 +30,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
-import psutil
-import yaml
-
 from benchmarks.common import machine_summary, results_dir, write_json
+from benchmarks.fixtures import (
+    CLIP_FPS,
+    CLIP_SECONDS,
+    CLIP_WIDTH,
+    WARMUP_SECONDS,
+    ServeApp,
+    bench_clips,
+    warm_models,
+)
 from serve.config import AppArgs, Settings
-from serve.local_app import free_port, load_config
 from serve.schemas import JobRequest
 
-REPO = Path(__file__).parents[1]
-CLIP_SECONDS, CLIP_FPS, CLIP_WIDTH = 10.0, 25.0, 640
-WARMUP_SECONDS = 2.0
 TARGET_RATIO = 1.15
 POLL_S = 0.25
-START_TIMEOUT_S = 300.0
 JOB_TIMEOUT_S = 600.0
-STOP_TIMEOUT_S = 30.0
 IDLE_WINDOW_S = 5.0
 # The tests' fast plan: every lever of the pipeline runs, with a bounded run time on 2 cores.
 OVERRIDES = {"generation_long_side": 128, "output_long_side": 256, "steps": 4}
@@ -80,55 +74,11 @@ def bench_request(seed: int) -> JobRequest:
 # ---------------------------------------------------------------------------------- the clip
 
 
-def bench_clips(cache_dir: Path) -> tuple[Path, Path]:
-    """The 10 s clip and its first 2 s (for the warm-up), built once and cached."""
-    from deployments.video import DecodeSettings, EncodeSettings, decode_all, encode_mp4
-    from serve.samples import sample_video_path
-
-    folder = cache_dir / "bench"
-    clip = folder / f"overhead-sports2d-{CLIP_WIDTH}w-{CLIP_FPS:g}fps-{CLIP_SECONDS:g}s.mp4"
-    warmup = clip.with_name(clip.stem + f"-first{WARMUP_SECONDS:g}s.mp4")
-    if clip.exists() and warmup.exists():
-        return clip, warmup
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = DecodeSettings(fps=CLIP_FPS, width=CLIP_WIDTH)
-    source = decode_all(sample_video_path(cache_dir), settings)
-    frames = ping_pong(source, round(CLIP_SECONDS * CLIP_FPS))
-    encode_mp4(frames, clip, EncodeSettings(fps=CLIP_FPS))
-    encode_mp4(frames[: round(WARMUP_SECONDS * CLIP_FPS)], warmup, EncodeSettings(fps=CLIP_FPS))
-    return clip, warmup
-
-
-def ping_pong(frames: np.ndarray, count: int) -> np.ndarray:
-    """Forward, backward, forward... without repeating the turning frames: smooth motion."""
-    cycle = np.concatenate([frames, frames[-2:0:-1]])
-    repeats = -(-count // len(cycle))
-    return np.concatenate([cycle] * repeats)[:count]
-
-
 # ------------------------------------------------------------------------------- in process
 
 
-@contextlib.contextmanager
-def warm_models(args: AppArgs) -> Iterator[None]:
-    """Load the diffusion engine and upscaler once and let every `edit_video` reuse them, as a
-    warm replica does (`edit_video` builds its own through serve.factory otherwise)."""
-    from serve import factory
-
-    engine, upscaler = factory.make_engine(args), factory.make_upscaler(args)
-    engine.load()
-    upscaler.load()
-    saved = factory.make_engine, factory.make_upscaler
-    factory.make_engine = lambda _args: engine
-    factory.make_upscaler = lambda _args: upscaler
-    try:
-        yield
-    finally:
-        factory.make_engine, factory.make_upscaler = saved
-
-
 def run_in_process(clip: Path, seed: int, upscaler: str, chunks: int) -> dict[str, Any]:
-    from serve.orchestrator import edit_video
+    from serve.local_run import edit_video
 
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="overhead-inproc-") as folder:
@@ -145,102 +95,6 @@ def app_args(storage: str, upscaler: str, chunks: int) -> AppArgs:
 
 
 # ------------------------------------------------------------------------------ over HTTP
-
-
-class ServeApp:
-    """`motionserve serve` in a session of its own, with a fresh storage directory."""
-
-    def __init__(self, folder: Path, upscaler: str, chunks: int):
-        self.folder = folder
-        self.storage = folder / "store"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = folder / "server.log"
-        self.config = folder / "serve.yaml"
-        config = load_config(port=self.port)
-        config["applications"][0]["args"].update(
-            storage_uri=str(self.storage), upscaler_model=upscaler, max_chunks_in_flight=chunks
-        )
-        self.config.write_text(yaml.safe_dump(config))
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> float:
-        """Launch and wait for /readyz 200; returns the seconds it took (the cold start)."""
-        # RAY_TMPDIR: Ray's session files (logs, sockets) in our folder, removed afterwards.
-        env = {**os.environ, "RAY_TMPDIR": str(self.folder / "ray"),
-               "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}  # fmt: skip
-        command = [sys.executable, "-m", "serve.cli", "serve", "--config", str(self.config),
-                   "--metrics-port", str(free_port())]  # fmt: skip
-        started = time.perf_counter()
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,
-            )  # fmt: skip
-        self._wait_ready()
-        return time.perf_counter() - started
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited ({self.process.returncode}); see {self.log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)  # waiting for another process to come up: poll its readiness
-        raise TimeoutError(f"server not ready after {START_TIMEOUT_S:.0f} s; see {self.log}")
-
-    def processes(self) -> list[psutil.Process]:
-        """Every process of the app: the server's descendants and its session (Ray's daemons
-        and workers)."""
-        if self.process is None:
-            return []
-        found: dict[int, psutil.Process] = {}
-        with contextlib.suppress(psutil.NoSuchProcess):
-            root = psutil.Process(self.process.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                found[proc.pid] = proc
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error, OSError):
-                if os.getsid(proc.pid) == self.process.pid:
-                    found[proc.pid] = proc
-        return list(found.values())
-
-    def cpu_seconds(self) -> dict[int, float]:
-        times = {}
-        for proc in self.processes():
-            with contextlib.suppress(psutil.Error):
-                cpu = proc.cpu_times()
-                times[proc.pid] = cpu.user + cpu.system
-        return times
-
-    def clear_cache(self) -> None:
-        """Forget every artifact (decode, pose, generations, segments): the next job redoes all.
-        Job manifests and uploads stay."""
-        shutil.rmtree(self.storage / "cache", ignore_errors=True)
-
-    def stop(self) -> None:
-        """SIGTERM (the CLI shuts the app and its own Ray down), then kill what is left of the
-        app's processes, by pid."""
-        if self.process is None:
-            return
-        leftovers = self.processes()
-        if self.process.poll() is None:
-            self.process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-        for proc in leftovers:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(leftovers, timeout=STOP_TIMEOUT_S)
-        if self.process.poll() is None:
-            self.process.wait()
-
-    def log_tail(self, lines: int = 40) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
 
 
 def run_over_http(app: ServeApp, clip: Path, seed: int) -> dict[str, Any]:

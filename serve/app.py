@@ -13,7 +13,7 @@ import gc
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 import ray
 from ray import serve
@@ -25,11 +25,13 @@ from ray.exceptions import (
 )
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ServeStatus
 
 from deployments import diffusion, interpolate
 from serve import stages
 from serve.api import create_api
 from serve.auth import Authenticator
+from serve.chunks import CacheLookup, ChunkSpec, generate_or_reuse
 from serve.config import AppArgs, Settings
 from serve.factory import engine_config, make_upscaler, stage_context
 from serve.jobs import JobService, JobStore
@@ -39,7 +41,7 @@ from serve.metrics import JobMetrics, batch_metrics
 from serve.orchestrator import Orchestrator
 from serve.pipeline import Plan
 from serve.planning import estimate, plan_for
-from serve.stages import Frames, StageContext, StageRecord
+from serve.stages import Frames, JobKeys, StageContext, StageRecord
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,7 +67,15 @@ def assigned_gpu_fraction() -> float:
 # ------------------------------------------------------------------------------- CPU stages
 
 
-class PoseServer:
+class StageServer:
+    """What every stage deployment answers besides its work."""
+
+    def ready(self) -> bool:
+        """The ingress's readiness probe: an answer means the replica is up and serving."""
+        return True
+
+
+class PoseServer(StageServer):
     """Decode + pose per job (frames never leave this replica: only poses are stored)."""
 
     def __init__(self, args: AppArgs):
@@ -75,7 +85,7 @@ class PoseServer:
         return stages.extract_pose(self.ctx, input_ref, keys, plan)
 
 
-class MotionServer:
+class MotionServer(StageServer):
     """Motion editing per job and pose-map rendering per chunk."""
 
     def __init__(self, args: AppArgs):
@@ -88,7 +98,7 @@ class MotionServer:
         return stages.render_maps(self.ctx, keys, plan, chunk, span)
 
 
-class UpscaleServer:
+class UpscaleServer(StageServer):
     def __init__(self, args: AppArgs):
         self.upscaler = make_upscaler(args)
 
@@ -101,13 +111,13 @@ class UpscaleServer:
         return stages.upscale_chunk(self.upscaler, generated, next_generated, size, chunk)
 
 
-class InterpolateServer:
+class InterpolateServer(StageServer):
     def run(self, upscaled: Frames, first: int, count: int, total: int, plan: Plan, chunk: int):
         backend = interpolate.make_backend(plan.interpolation)
         return stages.interpolate_chunk(backend, upscaled, first, count, total, plan, chunk)
 
 
-class VideoServer:
+class VideoServer(StageServer):
     """Encodes chunk segments and joins them into the result (stream copy + audio)."""
 
     def __init__(self, args: AppArgs):
@@ -123,18 +133,24 @@ class VideoServer:
 # ------------------------------------------------------------------------------- diffusion
 
 
-class DiffusionServer:
+# "keyed": the deployed `KeyedBatcher`; "serve.batch": Ray Serve's `@serve.batch` split by
+# multiplexed model id, what motionserve used before (benchmarks/batching.py's baseline).
+BatchingPolicy = Literal["keyed", "serve.batch"]
+
+
+class DiffusionServer(StageServer):
     """The GPU stage: keyed micro-batches, one engine per weights, unloaded when idle.
 
     Callers send the batch key as the multiplexed model id, so the router sends a key to the
     replicas that already serve it. Inside the replica a `KeyedBatcher` queues chunks per key and
     takes the next batch only when the previous one has finished (see serve/keyed_batcher.py for
-    why not `@serve.batch`). Engines are cached by weights, not by key, so a new size or step
-    count on the same weights loads nothing.
+    why not `@serve.batch`, which `batching="serve.batch"` selects for comparison). Engines are
+    cached by weights, not by key, so a new size or step count on the same weights loads nothing.
     """
 
-    def __init__(self, args: AppArgs):
+    def __init__(self, args: AppArgs, batching: BatchingPolicy = "keyed"):
         self.args = args
+        self.batching = batching
         self.ctx = stage_context(args)
         self.engines: dict[str, diffusion.DiffusionEngine] = {}
         self.idle_unload_s = 600.0
@@ -150,6 +166,9 @@ class DiffusionServer:
         self.batcher.configure(
             int(config.get("max_batch_size", 4)), float(config.get("batch_wait_timeout_s", 0.05))
         )
+        if self.batching == "serve.batch":
+            self._serve_batched.set_max_batch_size(self.batcher.max_batch_size)
+            self._serve_batched.set_batch_wait_timeout_s(self.batcher.wait_timeout_s)
         self.idle_unload_s = float(config.get("idle_unload_s", 600))
 
     @serve.multiplexed(max_num_models_per_replica=32)
@@ -157,32 +176,31 @@ class DiffusionServer:
         # Registering the key gives the router its replica affinity; nothing heavy loads here.
         return batch_key
 
-    async def generate(self, maps: Frames | None, fields: dict, key: str, plan: Plan) -> Frames:
-        """One chunk: from the cache when its frames exist, else through a keyed micro-batch.
+    async def generate(
+        self, maps: Frames | None, chunk: ChunkSpec | dict, key: str, plan: Plan
+    ) -> Frames:
+        """One chunk: from the cache when its frames exist, else through a micro-batch.
 
         `maps` is None when the orchestrator found the frames cached (no pose maps rendered).
+        `chunk` may also be a dict of ChunkSpec's fields (what callers sent before the model).
         """
         self._start_reaper()
         await self._key(serve.get_multiplexed_model_id())
-        upstream = maps.records if maps else []
-        chunk, job_id = fields["chunk_index"], fields["job_id"]
-        if plan.cache:
-            hit = await asyncio.to_thread(stages.cached_generation, self.ctx, key, chunk, job_id)
-            if hit is not None:
-                return Frames(hit.frames, upstream + hit.records)
-        stages.require_maps(maps, key)
-        request = stages.chunk_request(fields, maps, plan)
-        result = await self._batched(request)
-        record = stages.generation_record(result, self.gpu_fraction)
-        if plan.cache:
-            await asyncio.to_thread(
-                stages.store_generation, self.ctx, key, result.frames, job_id, record
-            )
-        return Frames(result.frames, upstream + [record])
+        chunk = ChunkSpec.model_validate(chunk)
+        return await generate_or_reuse(
+            self.ctx, maps, chunk, key, plan, self._batched, self.gpu_fraction
+        )
 
     async def _batched(self, request: diffusion.ChunkRequest) -> diffusion.ChunkResult:
         """This request's result, from a batch of requests with its key."""
+        if self.batching == "serve.batch":
+            return await self._serve_batched(request)
         return await self.batcher.submit(request.settings.batch_key(), request)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def _serve_batched(self, requests: list[diffusion.ChunkRequest]) -> list:
+        # Ray Serve splits its batches by multiplexed model id (the batch key).
+        return await self._run_batch(requests[0].settings.batch_key(), requests)
 
     async def _run_batch(self, key: str, requests: list[diffusion.ChunkRequest]) -> list:
         keys = {r.settings.batch_key() for r in requests}
@@ -231,15 +249,37 @@ class DiffusionServer:
 # ---------------------------------------------------------------------------------- ingress
 
 
-class ServeStages:
+# Readiness: a stage replica that has not answered by then is not ready; a positive answer is
+# reused for a few seconds, so frequent probes cost one controller call and a ping per stage
+# at most every READY_CACHE_S.
+READY_TIMEOUT_S = 2.0
+READY_CACHE_S = 5.0
+# A deployment with no running replica is ready in these states: scaled to zero on purpose (the
+# GPU stage between jobs), or starting one on demand; a request waits in the router meanwhile.
+SCALED_TO_ZERO_READY = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
+
+
+class ServeStages(CacheLookup):
     """`StageCalls` over deployment handles (see serve/orchestrator.py)."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], ctx: StageContext):
         self.h = handles
         self.ctx = ctx
+        self._ready_until = -float("inf")
 
     async def ready(self) -> bool:
-        return True
+        """Every stage deployment is deployed and each one with running replicas answers."""
+        if time.monotonic() < self._ready_until:
+            return True
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), READY_TIMEOUT_S)
+        except Exception:  # the controller is down or slow: nothing can be deployed now
+            logger.warning("readiness: no answer from the Serve controller", exc_info=True)
+            return False
+        answers = await asyncio.gather(*(_stage_ready(h, status) for h in self.h.values()))
+        if all(answers):
+            self._ready_until = time.monotonic() + READY_CACHE_S
+        return all(answers)
 
     def is_transient(self, error: BaseException) -> bool:
         """A replica, worker or node that died (or a queue that was full), also when it
@@ -255,36 +295,50 @@ class ServeStages:
     async def upscaler_identity(self) -> dict[str, Any]:
         return await self.h["upscale"].identity.remote()
 
-    async def pose(self, input_ref, keys, plan) -> StageRecord:
+    async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> StageRecord:
         return await self.h["pose"].extract.remote(input_ref, keys, plan)
 
-    async def motion(self, keys, plan) -> StageRecord:
+    async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
         return await self.h["motion"].edit.remote(keys, plan)
 
-    def render(self, keys, plan, chunk, span):
+    def render(self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int]):
         return self.h["motion"].render.remote(keys, plan, chunk, span)
 
-    def generate(self, maps, fields, key, plan):
+    def generate(self, maps, chunk: ChunkSpec, key: str, plan: Plan):
         handle = self.h["diffusion"].options(multiplexed_model_id=plan.generation.batch_key())
-        return handle.generate.remote(maps, fields, key, plan)
+        return handle.generate.remote(maps, chunk, key, plan)
 
-    def upscale(self, generated, next_generated, plan, chunk):
+    def upscale(self, generated, next_generated, plan: Plan, chunk: int):
         return self.h["upscale"].run.remote(generated, next_generated, plan, chunk)
 
-    def interpolate(self, upscaled, first, count, total, plan, chunk):
+    def interpolate(self, upscaled, first: int, count: int, total: int, plan: Plan, chunk: int):
         return self.h["interpolate"].run.remote(upscaled, first, count, total, plan, chunk)
 
-    def encode(self, frames, key, plan, chunk):
+    def encode(self, frames, key: str, plan: Plan, chunk: int):
         return self.h["video"].encode.remote(frames, key, plan, chunk)
 
-    async def join(self, segment_keys, plan, result_key, audio) -> StageRecord:
+    async def join(self, segment_keys: list[str], plan: Plan, result_key: str,
+                   audio: tuple[str, str] | None) -> StageRecord:  # fmt: skip
         return await self.h["video"].join.remote(segment_keys, plan, result_key, audio)
 
-    async def has_segment(self, key: str) -> bool:
-        return await asyncio.to_thread(self.ctx.cache.contains, key)
 
-    async def has_generation(self, key: str) -> bool:
-        return await asyncio.to_thread(self.ctx.cache.contains, key)
+async def _stage_ready(handle: DeploymentHandle, status: ServeStatus) -> bool:
+    """Whether one stage deployment can take work now (see READY_* above)."""
+    app = status.applications.get(handle.app_name)
+    deployment = app.deployments.get(handle.deployment_name) if app else None
+    if deployment is None:
+        return False  # not deployed (yet, or any more)
+    if deployment.replica_states.get("RUNNING", 0) == 0:
+        # No probe: it would wake a stage that scaled to zero, and keep it awake.
+        return deployment.status in SCALED_TO_ZERO_READY
+    response = handle.ready.remote()
+    try:
+        return bool(await asyncio.wait_for(response, READY_TIMEOUT_S))
+    except TimeoutError:
+        response.cancel()
+        return False
+    except Exception:  # the replica died under the probe
+        return False
 
 
 class IngressServer:

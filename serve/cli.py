@@ -164,7 +164,7 @@ def _cmd_edit(args: argparse.Namespace) -> None:
     import asyncio
 
     from serve.demo import format_report
-    from serve.orchestrator import edit_video
+    from serve.local_run import edit_video
 
     def show(stage: str, done: int, total: int) -> None:
         print(f"\r  {stage:8} {done}/{total}", end="", file=sys.stderr, flush=True)

@@ -259,35 +259,6 @@ def store_generation(
     ctx.cache.put(key, buffer.getvalue(), meta)
 
 
-def require_maps(maps: Frames | None, key: str) -> None:
-    """Pose maps are skipped only for chunks found in the cache; if the artifact vanished
-    in between (evicted), the chunk must be run again by the orchestrator."""
-    if maps is None:
-        raise RuntimeError(f"generated frames {key} left the cache before they were read")
-
-
-def chunk_request(fields: dict, maps: Frames, plan) -> diffusion.ChunkRequest:
-    """The diffusion request for a chunk, once its pose maps exist (where the call runs)."""
-    return diffusion.ChunkRequest(**fields, control_images=maps.frames, settings=plan.generation)
-
-
-def generation_record(result: diffusion.ChunkResult, gpu_fraction: float) -> StageRecord:
-    """A diffusion result as a cost record; GPU seconds are scaled by the replica's share."""
-    on_gpu = result.device.startswith("cuda")
-    return StageRecord(
-        stage="diffusion",
-        chunk=result.chunk_index,
-        wall_s=result.wall_seconds,
-        cpu_s=0.0 if on_gpu else result.device_seconds,
-        device=result.device,
-        gpu_s=result.device_seconds * gpu_fraction if on_gpu else 0.0,
-        load_s=result.load_seconds,
-        frames=len(result.frames),
-        work_units={**result.work_units.model_dump(), "total": result.work_units.total},
-        notes=result.notes + [f"batch of {result.batch_requests} chunk(s)"],
-    )
-
-
 def upscale_chunk(
     upscaler: upscale.Upscaler,
     generated: Frames,

@@ -1,7 +1,6 @@
 """Jobs: the manifest and its state machine, their store, the input rule and the service.
 
-The request and response bodies are in serve/schemas.py; the names callers used from here
-before are re-exported.
+The request and response bodies (JobRequest, JobState, ...) are in serve/schemas.py.
 """
 
 from serve.jobs.inputs import ForbiddenInputError, check_input_uri
@@ -26,7 +25,6 @@ from serve.jobs.service import (
     ProbeInput,
 )
 from serve.jobs.store import JobNotFound, JobStore, validate_tenant
-from serve.schemas import JobRequest, JobState, OutputSpec, StageProgress
 
 __all__ = [
     "TERMINAL_STATES",
@@ -39,18 +37,14 @@ __all__ = [
     "JobManifest",
     "JobMetricsSink",
     "JobNotFound",
-    "JobRequest",
     "JobRunner",
     "JobService",
-    "JobState",
     "JobStore",
     "ManifestEvents",
     "NoJobMetrics",
-    "OutputSpec",
     "Overloaded",
     "PlanFor",
     "ProbeInput",
-    "StageProgress",
     "check_input_uri",
     "new_job_id",
     "validate_tenant",

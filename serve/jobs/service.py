@@ -20,6 +20,7 @@ from serve.schemas import JobRequest, JobState, StageProgress
 
 if TYPE_CHECKING:  # deployments.video loads PyAV; the service only passes these values along
     from deployments.video import InputLimits, VideoInfo
+    from serve.events import JobEvents
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,7 @@ class JobRunner(Protocol):
 
     async def ready(self) -> bool: ...
 
-    async def run(
-        self, manifest: JobManifest, events: ManifestEvents
-    ) -> tuple[str, dict[str, Any]]:
+    async def run(self, manifest: JobManifest, events: JobEvents) -> tuple[str, dict[str, Any]]:
         """Returns (storage key of the result MP4, cost report)."""
         ...
 

@@ -7,8 +7,9 @@ import time
 
 import httpx
 
-from serve.jobs import JobState, JobStore
+from serve.jobs import JobStore
 from serve.local_app import free_port, load_config, local_app
+from serve.schemas import JobState
 from serve.storage import LocalStore
 from tests.conftest import FAST_OVERRIDES
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks import overhead
+from benchmarks import fixtures, overhead
 
 
 def _report(cache_hits: int = 0, diffusion_calls: int = 8) -> dict:
@@ -25,7 +25,7 @@ def _round(seconds: float, **extra) -> dict:
 
 def test_ping_pong_plays_back_and_forth_without_repeating_the_turns():
     frames = np.arange(5)[:, None]
-    looped = overhead.ping_pong(frames, 12)
+    looped = fixtures.ping_pong(frames, 12)
     assert looped[:, 0].tolist() == [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3]
 
 

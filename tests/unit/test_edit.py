@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from serve.config import AppArgs
-from serve.orchestrator import edit_video
+from serve.local_run import edit_video
 from serve.schemas import JobRequest
 from tests.conftest import FAST_OVERRIDES
 

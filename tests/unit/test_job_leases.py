@@ -11,9 +11,9 @@ import pytest
 
 from serve.api import create_api
 from serve.auth import Authenticator
-from serve.jobs import JobService, JobState, JobStore
+from serve.jobs import JobService, JobStore
 from serve.leases import JobLeases
-from serve.schemas import JobRequest
+from serve.schemas import JobRequest, JobState
 from serve.storage import LocalStore
 
 FOLDER = "jobs/acme/" + "ab" * 16

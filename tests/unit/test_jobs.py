@@ -12,12 +12,11 @@ from serve.jobs import (
     InvalidTransition,
     JobManifest,
     JobNotFound,
-    JobState,
     JobStore,
     check_input_uri,
     new_job_id,
 )
-from serve.schemas import JobRequest
+from serve.schemas import JobRequest, JobState
 from serve.storage import LocalStore
 
 

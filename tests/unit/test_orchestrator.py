@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from deployments import errors
-from serve import orchestrator
+from serve import local_run, orchestrator
 from serve.config import AppArgs
-from serve.orchestrator import MAX_CHUNK_RETRIES, LocalStages, chunk_spans, edit_video
+from serve.local_run import LocalStages, edit_video
+from serve.orchestrator import MAX_CHUNK_RETRIES, chunk_spans
 from serve.pipeline import Plan, make_plan
 from serve.schemas import JobRequest
 from serve.stages import job_keys
@@ -88,8 +89,8 @@ class FlakyStages(LocalStages):
     calls: list[int] = []
 
     def generate(self, maps, request, key, plan):
-        FlakyStages.calls.append(request["chunk_index"])
-        if request["chunk_index"] == 1 and FlakyStages.failures > 0:
+        FlakyStages.calls.append(request.chunk_index)
+        if request.chunk_index == 1 and FlakyStages.failures > 0:
             FlakyStages.failures -= 1
 
             async def fail():
@@ -103,7 +104,7 @@ class FlakyStages(LocalStages):
 
 
 def run_flaky(tmp_path, monkeypatch, failures: int, error=ReplicaDied):
-    monkeypatch.setattr(orchestrator, "LocalStages", FlakyStages)
+    monkeypatch.setattr(local_run, "LocalStages", FlakyStages)
     monkeypatch.setattr(orchestrator, "RETRY_BACKOFF_S", 0.0)
     FlakyStages.failures, FlakyStages.error, FlakyStages.calls = failures, error, []
     args = AppArgs(storage_uri=str(tmp_path / "store"), upscaler_model="lanczos")

@@ -1,0 +1,158 @@
+"""The whole pipeline in this process (no Ray, no HTTP): `motionserve edit`, `demo` and the
+benchmarks' in-process reference. Same stages, keys, cache and cost report as the service."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from deployments import diffusion, interpolate, upscale
+from serve import stages
+from serve.cache import hash_file
+from serve.chunks import CacheLookup, ChunkSpec, generate_or_reuse
+from serve.jobs import JobManifest
+from serve.orchestrator import Orchestrator
+from serve.pipeline import Plan
+from serve.stages import Frames, JobKeys, StageContext, StageRecord
+
+
+class LocalStages(CacheLookup):
+    """`StageCalls` on core objects in this process. Calls run in worker threads; awaitable
+    arguments are awaited first."""
+
+    def __init__(self, ctx: StageContext, engine: diffusion.DiffusionEngine,
+                 upscaler: upscale.Upscaler, gpu_fraction: float = 1.0):  # fmt: skip
+        self.ctx, self.engine, self.upscaler = ctx, engine, upscaler
+        self.gpu_fraction = gpu_fraction
+
+    async def ready(self) -> bool:
+        return True
+
+    def is_transient(self, error: BaseException) -> bool:
+        return False  # in one process a failure is the code's own: running again won't help
+
+    async def upscaler_identity(self) -> dict[str, Any]:
+        return await asyncio.to_thread(_identity, self.upscaler)
+
+    async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> StageRecord:
+        return await asyncio.to_thread(stages.extract_pose, self.ctx, input_ref, keys, plan)
+
+    async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
+        return await asyncio.to_thread(stages.edit_motion, self.ctx, keys, plan)
+
+    def render(self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int]):
+        return _task(stages.render_maps, self.ctx, keys, plan, chunk, span)
+
+    def generate(self, maps: Awaitable[Frames] | None, chunk: ChunkSpec, key: str, plan: Plan):
+        return _task(self._generate, maps, chunk, key, plan)
+
+    async def _generate(self, maps: Frames | None, chunk: ChunkSpec, key: str, plan: Plan):
+        return await generate_or_reuse(
+            self.ctx, maps, chunk, key, plan, self._run_engine, self.gpu_fraction
+        )
+
+    async def _run_engine(self, request: diffusion.ChunkRequest) -> diffusion.ChunkResult:
+        return await asyncio.to_thread(self._run_engine_measured, request)
+
+    def _run_engine_measured(self, request: diffusion.ChunkRequest) -> diffusion.ChunkResult:
+        with stages.MEASURE_LOCK:  # diffusion's CPU time must not land in another stage's bill
+            (result,) = self.engine.generate([request])
+        return result
+
+    def upscale(self, generated, next_generated, plan: Plan, chunk: int):
+        size = (plan.output_width, plan.output_height)
+        return _task(stages.upscale_chunk, self.upscaler, generated, next_generated, size, chunk)
+
+    def interpolate(self, upscaled, first: int, count: int, total: int, plan: Plan, chunk: int):
+        backend = interpolate.make_backend(plan.interpolation)
+        return _task(stages.interpolate_chunk, backend, upscaled, first, count, total, plan, chunk)
+
+    def encode(self, frames, key: str, plan: Plan, chunk: int):
+        return _task(stages.encode_segment, self.ctx, frames, key, plan, chunk, plan.cache)
+
+    async def join(self, segment_keys: list[str], plan: Plan, result_key: str,
+                   audio: tuple[str, str] | None) -> StageRecord:  # fmt: skip
+        return await asyncio.to_thread(
+            stages.join_segments, self.ctx, segment_keys, plan, result_key, audio, plan.cache
+        )
+
+
+def _identity(upscaler: upscale.Upscaler) -> dict[str, Any]:
+    upscaler.load()
+    return upscaler.cache_identity()
+
+
+def _task(function: Callable[..., Any], *args: Any) -> asyncio.Task:
+    """`function` on the arguments once the awaitable ones are done: a coroutine function on
+    this loop, a plain one in a worker thread."""
+
+    async def run():
+        resolved = [await arg if isinstance(arg, Awaitable) else arg for arg in args]
+        if inspect.iscoroutinefunction(function):
+            return await function(*resolved)
+        return await asyncio.to_thread(function, *resolved)
+
+    return asyncio.ensure_future(run())
+
+
+class LocalEvents:
+    """`JobEvents` for an in-process run: progress to a callback, checkpoints in memory."""
+
+    def __init__(self, manifest: JobManifest, on_progress=None):
+        self.manifest = manifest
+        self.on_progress = on_progress
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if self.on_progress:
+            self.on_progress(stage, done, total)
+
+    def record(
+        self, records: Sequence[StageRecord], chunk: int | None = None, key: str | None = None
+    ) -> None:
+        update: dict[str, Any] = {
+            "ledger": self.manifest.ledger + [{**r.model_dump(), "attempt": 1} for r in records]
+        }
+        if chunk is not None:
+            update["checkpoints"] = {**self.manifest.checkpoints, str(chunk): key}
+        self.manifest = self.manifest.model_copy(update=update)
+
+    def check_cancelled(self) -> None:
+        return None
+
+
+async def edit_video(
+    video_path: Path, output: Path, request, args, on_progress=None
+) -> dict[str, Any]:
+    """The whole pipeline in this process (no Ray, no HTTP): `motionserve edit` and `demo`.
+
+    Same stages, keys, cache and cost report as the service; returns the report.
+    """
+    from serve.factory import make_engine, make_upscaler, stage_context
+    from serve.jobs import new_job_id
+    from serve.planning import plan_for
+
+    video_path = Path(video_path).resolve()
+    ctx = stage_context(args)
+    digest = await asyncio.to_thread(hash_file, video_path)
+    info = await asyncio.to_thread(stages.probe_input, ctx, video_path, digest)
+    manifest = JobManifest(
+        job_id=new_job_id(),
+        tenant="local",
+        request=request,
+        input_key=str(video_path),
+        input_sha256=digest,
+        plan=plan_for(args, request, info),
+        attempts=1,
+    )
+    calls = LocalStages(ctx, make_engine(args), make_upscaler(args))
+    orchestrator = Orchestrator(
+        calls, lambda m: f"local-results/{m.job_id}.mp4", tier=args.tier,
+        max_chunks_in_flight=args.max_chunks_in_flight,
+    )  # fmt: skip
+    result_key, report = await orchestrator.run(manifest, LocalEvents(manifest, on_progress))
+    ctx.store.get_file(result_key, output)
+    ctx.store.delete(result_key)
+    return report
