@@ -332,21 +332,16 @@ def deploy(server_cls, app_args, threads: int, user_config: dict, policy: str = 
 
 async def submit(handle, plan, index: int, frames: int, at: float, t0: float) -> dict:
     """One chunk request sent at `t0 + at` (perf_counter); returns its timings and record."""
+    from serve.chunks import ChunkSpec
     from serve.stages import Frames, StageRecord
 
     g = plan.generation
     maps = Frames(control_maps(frames, g.height, g.width, index), [StageRecord(stage="render")])
-    fields = {
-        "job_id": f"job{index}",
-        "chunk_index": index,
-        "prompt": f"take {index}",
-        "negative_prompt": "",
-        "seed": index,
-    }
+    chunk = ChunkSpec(job_id=f"job{index}", chunk_index=index, prompt=f"take {index}", seed=index)
     await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
     sent = time.perf_counter()
     keyed = handle.options(multiplexed_model_id=g.batch_key())
-    result = await keyed.generate.remote(maps, fields, f"{index:064d}", plan)
+    result = await keyed.generate.remote(maps, chunk, f"{index:064d}", plan)
     record = result.records[-1]
     return {
         "sent": sent,

@@ -176,17 +176,13 @@ class DiffusionServer(StageServer):
         # Registering the key gives the router its replica affinity; nothing heavy loads here.
         return batch_key
 
-    async def generate(
-        self, maps: Frames | None, chunk: ChunkSpec | dict, key: str, plan: Plan
-    ) -> Frames:
+    async def generate(self, maps: Frames | None, chunk: ChunkSpec, key: str, plan: Plan) -> Frames:
         """One chunk: from the cache when its frames exist, else through a micro-batch.
 
         `maps` is None when the orchestrator found the frames cached (no pose maps rendered).
-        `chunk` may also be a dict of ChunkSpec's fields (what callers sent before the model).
         """
         self._start_reaper()
         await self._key(serve.get_multiplexed_model_id())
-        chunk = ChunkSpec.model_validate(chunk)
         return await generate_or_reuse(
             self.ctx, maps, chunk, key, plan, self._batched, self.gpu_fraction
         )

@@ -13,6 +13,7 @@ import ray
 from ray import serve
 
 from serve.app import DiffusionServer
+from serve.chunks import ChunkSpec
 from serve.config import AppArgs
 from serve.pipeline import Plan, make_plan
 from serve.stages import Frames, StageRecord
@@ -52,19 +53,18 @@ def deploy(tmp_path, user_config: dict, name: str):
     return serve.run(deployment.bind(args), name=name, route_prefix=None)
 
 
-async def generate_all(handle, calls: list[tuple[Plan, Frames, dict]]):
+async def generate_all(handle, calls: list[tuple[Plan, Frames, ChunkSpec]]):
     responses = [
         handle.options(multiplexed_model_id=plan.generation.batch_key()).generate.remote(
-            frames, fields, f"{'0' * 63}{i % 10}", plan.model_copy(update={"cache": False})
+            frames, spec, f"{'0' * 63}{i % 10}", plan.model_copy(update={"cache": False})
         )
-        for i, (plan, frames, fields) in enumerate(calls)
+        for i, (plan, frames, spec) in enumerate(calls)
     ]
     return await asyncio.gather(*responses)
 
 
-def fields(job: str, chunk: int, seed: int) -> dict:
-    return {"job_id": job, "chunk_index": chunk, "prompt": f"p{seed}", "negative_prompt": "",
-            "seed": seed}  # fmt: skip
+def fields(job: str, chunk: int, seed: int) -> ChunkSpec:
+    return ChunkSpec(job_id=job, chunk_index=chunk, prompt=f"p{seed}", seed=seed)
 
 
 def test_batches_hold_one_key_and_callers_get_their_own_frames(ray_cluster, tmp_path):
