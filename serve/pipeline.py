@@ -17,8 +17,7 @@ from deployments.interpolate import InterpolationSettings
 from deployments.motion import parse_styles
 from deployments.pose import PoseSettings
 from deployments.video import DecodeSettings, EncodeSettings
-from serve.cost import naive_settings
-from serve.presets import NAIVE, PRESETS, Preset, PresetName
+from serve.presets import PRESETS, Preset, PresetName
 
 
 class Plan(BaseModel):
@@ -135,24 +134,6 @@ def make_plan(
         return Plan(**fields)
     except ValidationError as exc:
         raise InvalidSettingError(f"invalid plan: {exc.errors()[0]['msg']}") from None
-
-
-def naive_plan(plan: Plan) -> Plan:
-    """The baseline for the same input and output as `plan` (the cost model's naive side)."""
-    generation = naive_settings(
-        plan.generation, plan.output_width, plan.output_height, plan.output_fps
-    )
-    return plan.model_copy(
-        update={
-            "preset": "naive",
-            "generation": generation,
-            "decode": plan.decode.model_copy(
-                update={"fps": plan.output_fps, "width": generation.width, "height": None}
-            ),
-            "batching": NAIVE.batching,
-            "cache": NAIVE.cache,
-        }
-    )
 
 
 _PRESET_FIELDS = set(Preset.model_fields)

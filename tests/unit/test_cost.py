@@ -9,11 +9,30 @@ import pytest
 
 from deployments.diffusion import SD15_MODEL_WEIGHTS, ModelWeights, predict_chunk_units
 from serve import cost
-from serve.pipeline import make_plan, naive_plan
-from serve.presets import PRESETS
+from serve.pipeline import Plan, make_plan
+from serve.presets import NAIVE, PRESETS
 from serve.stages import StageRecord
 
 FRAMES = 92  # the 7.7 s sample clip at 12 fps
+
+
+def naive_plan(plan: Plan) -> Plan:
+    """The naive plan for the same input and output as `plan`, built from the one naive preset
+    (the cost model's naive side, as a plan a test can compare)."""
+    generation = cost.naive_settings(
+        plan.generation, plan.output_width, plan.output_height, plan.output_fps
+    )
+    return plan.model_copy(
+        update={
+            "preset": "naive",
+            "generation": generation,
+            "decode": plan.decode.model_copy(
+                update={"fps": plan.output_fps, "width": generation.width, "height": None}
+            ),
+            "batching": NAIVE.batching,
+            "cache": NAIVE.cache,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
