@@ -215,7 +215,8 @@ def _run_server(config: dict, metrics_port: int) -> int:
 
     from serve.local_app import local_app
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     with local_app(config, metrics_port=metrics_port) as url:
         print(f"motionserve: {url}/docs")
         print(f"metrics:     http://127.0.0.1:{metrics_port}/metrics", flush=True)
@@ -227,11 +228,12 @@ def _run_server(config: dict, metrics_port: int) -> int:
 
 
 def _interrupt(*_) -> None:
-    """SIGTERM stops like Ctrl-C, once: a second one must not cut the stop short (the
-    supervisor forces it when it takes too long)."""
+    """SIGINT (from the supervisor) or SIGTERM stops the server, once: a second signal must
+    not cut the stop short (the supervisor forces it when it takes too long)."""
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

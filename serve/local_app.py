@@ -84,8 +84,12 @@ def stop(app_names) -> None:
     import ray
     from ray import serve as ray_serve
 
-    with contextlib.suppress(Exception):  # Serve may not have started
+    if not ray.is_initialized():  # ray.init failed: nothing to stop
+        return
+    try:
         hand_back_jobs(list(app_names), INGRESS_HAND_BACK_S)
+    except Exception:  # Serve or Ray never started, or died: nothing to hand back then
+        logger.warning("could not stop the ingress replicas first", exc_info=True)
     stopping = threading.Thread(target=_quietly(ray_serve.shutdown), daemon=True)
     stopping.start()
     stopping.join(SERVE_STOP_GRACE_S)

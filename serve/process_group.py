@@ -10,7 +10,8 @@ a session does (nothing Ray starts calls setsid). So:
 - the supervisor (the `motionserve serve` process, what users and orchestrators signal) starts
   the server in a new session, or in its own when it already leads one (started by `setsid`
   or a test harness: everything in that session is then ours);
-- SIGTERM, SIGINT or SIGHUP to the supervisor is passed on to the server as SIGTERM; the
+- SIGTERM, SIGINT or SIGHUP to the supervisor is passed on to the server as SIGINT (Ray's
+  crash handler in the driver prints a stack trace on SIGTERM, not on SIGINT); the
   server hands its jobs back and stops Serve (serve/local_app.py); after `STOP_BOUND_S` the
   supervisor kills whatever of the session is left (a second signal does that at once);
 - a watchdog process polls the supervisor; when it dies (kill -9) the watchdog kills the
@@ -137,7 +138,7 @@ class Supervisor:
             process_group=0,
         )
         if self.stop_deadline is not None:  # a signal came before the server could get it
-            self.server.send_signal(signal.SIGTERM)
+            self.server.send_signal(signal.SIGINT)
         try:
             code = self._wait()
         finally:
@@ -177,7 +178,7 @@ class Supervisor:
             flush=True,
         )
         if self.server is not None:
-            self.server.send_signal(signal.SIGTERM)  # no-op once it has exited
+            self.server.send_signal(signal.SIGINT)  # no-op once it has exited
 
 
 if __name__ == "__main__":  # the watchdog: python -m serve.process_group PARENT_PID SESSION_ID

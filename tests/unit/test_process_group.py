@@ -17,16 +17,17 @@ from serve.process_group import busy_ports, port_in_use, session_members
 REPO = Path(__file__).parents[2]
 
 # A "server": starts a grandchild in its own process group (as the raylet does for workers),
-# writes both pids, then waits; on SIGTERM it exits at once, or never when told to hang.
+# writes both pids, then waits; asked to stop, it exits at once, or never when told to hang.
 SERVER = textwrap.dedent(
     """
     import os, signal, subprocess, sys, time
     child = subprocess.Popen(["sleep", "600"], process_group=0)
     open(sys.argv[1], "w").write(f"{os.getpid()} {child.pid}")
-    if sys.argv[2] == "hang":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    else:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if sys.argv[2] == "hang":
+            signal.signal(signum, signal.SIG_IGN)
+        else:
+            signal.signal(signum, lambda *_: sys.exit(0))
     time.sleep(600)
     """
 )
