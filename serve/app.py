@@ -387,7 +387,8 @@ class IngressServer:
             await asyncio.gather(self._scan, return_exceptions=True)
         handed = await self.service.hand_back()
         if handed:
-            logger.info("handed %d running job(s) to the other replicas: %s", len(handed), handed)
+            # Another replica, or the next start of the app, resumes them from their checkpoints.
+            logger.info("handed back %d running job(s): %s", len(handed), handed)
 
     def _adopt_orphans_when_due(self) -> None:
         """Start a scan for orphaned jobs at most every half lease, in the background (it lists

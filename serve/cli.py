@@ -180,27 +180,61 @@ def _cmd_edit(args: argparse.Namespace) -> None:
         _write_json(args.report, report)
 
 
-def _cmd_serve(args: argparse.Namespace) -> None:
-    """Start a local Ray cluster owned by this process (it stops when we do) and run the app
-    from a Serve config on it. `serve run CONFIG` works too; this adds the metrics port and
-    never attaches to another cluster on the machine."""
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Start a local Ray cluster owned by this command and run the app from a Serve config on
+    it. `serve run CONFIG` works too; this adds the metrics port, never attaches to another
+    cluster on the machine, and stops cleanly: SIGTERM or Ctrl-C hands the running jobs back
+    and leaves no Ray process behind within `STOP_BOUND_S`, even after a kill -9
+    (serve/process_group.py)."""
+    from serve.local_app import load_config
+    from serve.process_group import Supervisor, busy_ports
+
+    config_path = Path(args.config) if args.config else DEFAULT_CONFIG
+    config = load_config(config_path)
+    if args.server_process:
+        return _run_server(config, args.metrics_port)
+    ports = {
+        "HTTP": config.get("http_options", {}).get("port", 8000),
+        "metrics": args.metrics_port,
+    }
+    busy = busy_ports(ports)
+    if busy:
+        taken = ", ".join(f"{name} port {ports[name]}" for name in busy)
+        raise InvalidSettingError(
+            f"{taken} in use (another server still running?); stop it or pick other ports "
+            "(--metrics-port, http_options.port in --config)"
+        )
+    command = [sys.executable, "-m", "serve.cli", "serve", "--config", str(config_path),
+               "--metrics-port", str(args.metrics_port), "--server-process"]  # fmt: skip
+    return Supervisor(command).run()
+
+
+def _run_server(config: dict, metrics_port: int) -> int:
+    """The server itself, in the session `motionserve serve` supervises."""
     import signal
 
-    from serve.local_app import load_config, local_app
+    from serve.local_app import local_app
 
-    config = load_config(Path(args.config) if args.config else DEFAULT_CONFIG)
-    with local_app(config, metrics_port=args.metrics_port) as url:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    with local_app(config, metrics_port=metrics_port) as url:
         print(f"motionserve: {url}/docs")
-        print(f"metrics:     http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
-        signal.signal(signal.SIGTERM, _interrupt)
+        print(f"metrics:     http://127.0.0.1:{metrics_port}/metrics", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:
             pass
+    return 0
 
 
 def _interrupt(*_) -> None:
-    raise KeyboardInterrupt  # SIGTERM shuts down like Ctrl-C
+    """SIGINT (from the supervisor) or SIGTERM stops the server, once: a second signal must
+    not cut the stop short (the supervisor forces it when it takes too long)."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _cmd_submit(args: argparse.Namespace) -> None:
@@ -373,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument(
         "--metrics-port", type=int, default=8080, help="Prometheus port of the Ray node"
     )
+    serve_cmd.add_argument("--server-process", action="store_true", help=argparse.SUPPRESS)
     serve_cmd.set_defaults(handler=_cmd_serve)
 
     submit = commands.add_parser("submit", help="submit a video to a running server")
@@ -451,10 +486,10 @@ def _client_errors() -> tuple[type[Exception], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler: Callable[[argparse.Namespace], None] = args.handler
+    handler: Callable[[argparse.Namespace], int | None] = args.handler
     ClientErrors = _client_errors() if args.command in ("submit", "status") else ()
     try:
-        handler(args)
+        code = handler(args)
     except InputError as exc:
         print(f"motionserve {args.command}: error: {exc.message}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -469,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         print(f"motionserve {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
