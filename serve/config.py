@@ -142,8 +142,12 @@ class AppArgs(BaseModel):
         default=8,
         ge=1,
         le=1024,
-        description="Jobs queued or running per ingress replica; beyond, POST /v1/jobs answers "
-        "503 with Retry-After (backpressure that loses no accepted job).",
+        description="Jobs queued or running per ingress replica, submissions still being "
+        "probed included (a slot is reserved before the upload is hashed); beyond, POST /v1/jobs "
+        "answers 503 with Retry-After (backpressure that loses no accepted job). Each replica "
+        "counts its own jobs, so the app-wide limit is this times the Ingress num_replicas (2 "
+        "on the scale tier); a replica adopting a dead one's jobs takes only as many as it has "
+        "free slots for.",
     )
     job_lease_s: float = Field(
         default=30.0,

@@ -202,14 +202,24 @@ def predict_generation_units(
     """Work units of generating `frames` frames in chunks of `chunk_frames` (keyframes are per
     chunk: each chunk's last frame is one)."""
     total = WorkUnits()
-    for start in range(0, frames, chunk_frames):
-        total = total + predict_chunk_units(settings, min(chunk_frames, frames - start), weights)
+    if frames <= 0:  # e.g. a naive side with no output frame: nothing to generate
+        return total
+    chunk_frames = max(1, chunk_frames)
+    # Every full chunk costs the same: one prediction times their count, so an estimate of an
+    # hour at 60 fps in 1-frame chunks costs the ingress microseconds, not seconds.
+    full, rest = divmod(frames, chunk_frames)
+    one = predict_chunk_units(settings, chunk_frames, weights)
+    total = WorkUnits(**{name: value * full for name, value in one.model_dump().items()})
+    if rest:
+        total = total + predict_chunk_units(settings, rest, weights)
     return total
 
 
 def naive_frame_count(frames: int, generation_fps: float, output_fps: float) -> int:
-    """Frames the naive plan generates: every output frame."""
-    return math.ceil(frames * output_fps / generation_fps - 1e-9)
+    """Frames the naive plan generates: every output frame (at least one for any input)."""
+    if frames <= 0:
+        return 0
+    return max(1, math.ceil(frames * output_fps / generation_fps - 1e-9))
 
 
 def naive_settings(settings: GenerationSettings, output_width: int, output_height: int,

@@ -12,12 +12,20 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from deployments.diffusion import GenerationSettings
+from deployments.diffusion.settings import MIN_SIDE as GENERATION_SIDE_MIN
 from deployments.errors import InvalidSettingError
 from deployments.interpolate import InterpolationSettings
-from deployments.motion import parse_styles
+from deployments.motion import MotionEditor, parse_styles
 from deployments.pose import PoseSettings
 from deployments.video import DecodeSettings, EncodeSettings
 from serve.presets import PRESETS, Preset, PresetName
+from serve.schemas import (
+    OUTPUT_FPS_MAX,
+    OUTPUT_FPS_MIN,
+    OUTPUT_PIXELS_MAX,
+    OUTPUT_SIDE_MAX,
+    OUTPUT_SIDE_MIN,
+)
 
 
 class Plan(BaseModel):
@@ -109,17 +117,33 @@ def make_plan(
     output_height: int | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Plan:
-    """The plan for a source of this size under a preset, with the request's overrides."""
+    """The plan for a source of this size under a preset, with the request's overrides.
+
+    Raises InvalidSettingError (a 422 at submission) for anything the pipeline could not
+    deliver, so an accepted job does not fail later on its settings."""
     if preset_name not in PRESETS:
         raise InvalidSettingError(f"unknown preset {preset_name!r}; use one of {list(PRESETS)}")
-    preset = PRESETS[preset_name].model_copy(update=_preset_overrides(overrides or {}))
+    try:
+        preset = Preset.model_validate(
+            {**PRESETS[preset_name].model_dump(), **_preset_overrides(overrides or {})}
+        )
+    except ValidationError as exc:
+        raise InvalidSettingError(f"invalid override: {_first_error(exc)}") from None
+    _check_fps("generation_fps", preset.generation_fps)
+    _check_fps("output fps", output_fps or preset.output_fps)  # an output_fps override too
     long_side = preset.generation_long_side or long_side_by_aspect(source_width, source_height)
     gen_w, gen_h = fit_size(source_width, source_height, long_side, 8)
+    if min(gen_w, gen_h) < GENERATION_SIDE_MIN:
+        raise InvalidSettingError(
+            f"a {source_width}x{source_height} input is too narrow: generated at {long_side} "
+            f"pixels on its long side, its short side would be under {GENERATION_SIDE_MIN}; "
+            f"inputs up to {long_side / GENERATION_SIDE_MIN:g}:1 are supported"
+        )
     out_w, out_h = _output_size(source_width, source_height, preset, output_width, output_height)
+    check_output_size(out_w, out_h, source_width, source_height)
     generation = _generation(preset, model_id, gen_w, gen_h, overrides or {})
     fields: dict[str, Any] = {
         "preset": preset_name,
-        "decode": DecodeSettings(fps=preset.generation_fps, width=gen_w, height=gen_h, fit="crop"),
         "generation": generation,
         "output_fps": output_fps or preset.output_fps,
         "output_width": out_w,
@@ -129,11 +153,45 @@ def make_plan(
     }
     if styles is not None:
         fields["styles"] = styles
+        MotionEditor(styles)  # raises InvalidSettingError if the retimes slow it down too much
     fields.update({k: v for k, v in (overrides or {}).items() if k in _PLAN_FIELDS})
     try:
+        fields["decode"] = DecodeSettings(
+            fps=preset.generation_fps, width=gen_w, height=gen_h, fit="crop"
+        )
         return Plan(**fields)
     except ValidationError as exc:
-        raise InvalidSettingError(f"invalid plan: {exc.errors()[0]['msg']}") from None
+        raise InvalidSettingError(f"invalid plan: {_first_error(exc)}") from None
+
+
+def check_output_size(width: int, height: int, source_width: int, source_height: int) -> None:
+    """The delivered size must be one the upscaler and encoder take (see serve/schemas.py);
+    a side derived from the input's aspect can fall outside even when the given one is in."""
+    sides_ok = all(OUTPUT_SIDE_MIN <= side <= OUTPUT_SIDE_MAX for side in (width, height))
+    if sides_ok and width * height <= OUTPUT_PIXELS_MAX:
+        return
+    raise InvalidSettingError(
+        f"the output would be {width}x{height} (for a {source_width}x{source_height} input); "
+        f"each side must be from {OUTPUT_SIDE_MIN} to {OUTPUT_SIDE_MAX} pixels and the area at "
+        f"most {OUTPUT_PIXELS_MAX} pixels: give output width and height explicitly"
+    )
+
+
+def _check_fps(name: str, fps: float) -> None:
+    """Output below 1 fps is a slideshow (see serve/schemas.py); generation below 1 fps would
+    leave interpolation to invent whole seconds of motion, with output frames per generated
+    frame unbounded, and above the output range it buys nothing."""
+    if not OUTPUT_FPS_MIN <= fps <= OUTPUT_FPS_MAX:
+        raise InvalidSettingError(
+            f"{name} must be from {OUTPUT_FPS_MIN:g} to {OUTPUT_FPS_MAX:g} frames per second, "
+            f"got {fps:g}"
+        )
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error.get("loc", ()))
+    return f"{where}: {error['msg']}" if where else str(error["msg"])
 
 
 _PRESET_FIELDS = set(Preset.model_fields)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from deployments.video import decoded_frame_count
+from deployments.errors import InvalidSettingError
+from deployments.motion import MotionEditor
+from deployments.video import InputLimits, decoded_frame_count
 from serve.config import AppArgs
 from serve.cost import estimate_plan
 from serve.pipeline import Plan, make_plan
@@ -26,12 +28,30 @@ def plan_for(args: AppArgs, request, info) -> dict[str, Any]:
 
 
 def estimate(args: AppArgs, request, duration_s: float, width: int, height: int) -> dict:
+    """POST /v1/estimate: what the job would cost, or the InvalidSettingError (422) its
+    submission would get; an input beyond this app's limits is refused the same way."""
+    check_estimate_input(args.input_limits(), duration_s, width, height)
     plan = Plan.model_validate(plan_for(args, request, _Info(width, height)))
-    frames = decoded_frame_count(duration_s, plan.generation.fps)
+    decoded = decoded_frame_count(duration_s, plan.generation.fps)
+    frames = MotionEditor(plan.styles).edited_frame_count(decoded)  # after the retime styles
     return {
         "plan_explained": plan.explain(),
         **estimate_plan(plan, frames, tier=args.tier).model_dump(mode="json"),
     }
+
+
+def check_estimate_input(limits: InputLimits, duration_s: float, width: int, height: int):
+    """The limits an upload would be probed against (a 413 there), as a 422 on an estimate."""
+    if duration_s > limits.max_duration_s:
+        raise InvalidSettingError(
+            f"duration_s must be at most {limits.max_duration_s:g} s on this server, "
+            f"got {duration_s:g}"
+        )
+    if width * height > limits.max_pixels:
+        raise InvalidSettingError(
+            f"the input is {width}x{height} = {width * height} pixels; this server takes at "
+            f"most {limits.max_pixels}"
+        )
 
 
 class _Info:

@@ -10,7 +10,15 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from deployments.motion import parse_styles
 
@@ -23,17 +31,69 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"
 
 
+# What a job can deliver (serve/pipeline.py enforces the same bounds on the planned output,
+# sizes derived from the input's aspect included). Below 1 fps the result is a slideshow whose
+# last frame outlasts the input by up to 1/fps; above 60 no player gains anything. The sides
+# allow 4K either way up; the area caps it at 4K UHD.
+OUTPUT_FPS_MIN, OUTPUT_FPS_MAX = 1.0, 60.0
+OUTPUT_SIDE_MIN, OUTPUT_SIDE_MAX = 64, 3840
+OUTPUT_PIXELS_MAX = 3840 * 2160
+_OUTPUT_RANGES = {
+    "fps": (OUTPUT_FPS_MIN, OUTPUT_FPS_MAX, "frames per second"),
+    "width": (OUTPUT_SIDE_MIN, OUTPUT_SIDE_MAX, "pixels"),
+    "height": (OUTPUT_SIDE_MIN, OUTPUT_SIDE_MAX, "pixels"),
+}
+
+
 class OutputSpec(BaseModel):
     """What the user gets back; None fields come from the preset."""
 
     model_config = {"extra": "forbid"}
 
-    fps: float | None = Field(default=None, gt=0, le=60, description="Output frame rate.")
-    width: int | None = Field(default=None, ge=64, le=3840, description="Output width.")
-    height: int | None = Field(default=None, ge=64, le=2160, description="Output height.")
+    fps: float | None = Field(
+        default=None,
+        ge=OUTPUT_FPS_MIN,
+        le=OUTPUT_FPS_MAX,
+        description=f"Output frame rate, {OUTPUT_FPS_MIN:g} to {OUTPUT_FPS_MAX:g}.",
+    )
+    width: int | None = Field(
+        default=None,
+        ge=OUTPUT_SIDE_MIN,
+        le=OUTPUT_SIDE_MAX,
+        description=f"Output width, {OUTPUT_SIDE_MIN} to {OUTPUT_SIDE_MAX} (odd sizes round up "
+        "to even); alone, the height follows the input's aspect.",
+    )
+    height: int | None = Field(
+        default=None,
+        ge=OUTPUT_SIDE_MIN,
+        le=OUTPUT_SIDE_MAX,
+        description=f"Output height, {OUTPUT_SIDE_MIN} to {OUTPUT_SIDE_MAX}; width x height at "
+        f"most {OUTPUT_PIXELS_MAX} pixels (4K UHD).",
+    )
     keep_audio: bool = Field(
         default=True, description="Carry the source's audio over (when timing is unchanged)."
     )
+
+    @field_validator("fps", "width", "height", mode="wrap")
+    @classmethod
+    def _in_range(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo):
+        """Say the whole allowed range, not just the side that was crossed."""
+        try:
+            return handler(value)
+        except ValidationError:
+            low, high, unit = _OUTPUT_RANGES[info.field_name]
+            raise ValueError(
+                f"output {info.field_name} must be from {low:g} to {high:g} {unit}, got {value!r}"
+            ) from None
+
+    @model_validator(mode="after")
+    def _area_in_range(self) -> OutputSpec:
+        if self.width and self.height and self.width * self.height > OUTPUT_PIXELS_MAX:
+            raise ValueError(
+                f"output {self.width}x{self.height} is {self.width * self.height} pixels; at "
+                f"most {OUTPUT_PIXELS_MAX} (3840x2160 or 2160x3840) are allowed"
+            )
+        return self
 
 
 class JobRequest(BaseModel):

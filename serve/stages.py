@@ -300,6 +300,9 @@ def interpolate_chunk(
     with measured(record):
         frames = list(_interpolate_span(backend, upscaled, first, count, total, plan))
         record.frames = len(frames)
+    if not frames:  # below the generation rate a chunk's span can hold no output time at all
+        empty = np.empty((0, *upscaled.frames.shape[1:]), dtype=upscaled.frames.dtype)
+        return Frames(empty, upscaled.records + [record])
     return Frames(np.stack(frames), upscaled.records + [record])
 
 
@@ -333,7 +336,10 @@ def encode_segment(
     record = StageRecord(stage="encode", chunk=chunk)
     with measured(record), tempfile.TemporaryDirectory(prefix="motionserve-seg-") as scratch:
         path = Path(scratch) / "segment.mp4"
-        record.frames = video.encode_mp4(frames.frames, path, plan.output_encoding())
+        if len(frames.frames):
+            record.frames = video.encode_mp4(frames.frames, path, plan.output_encoding())
+        else:  # a chunk with no output frame: an empty file, which `join_segments` skips
+            path.write_bytes(b"")
         meta = {"stage": "segment", "frames": record.frames, "chunk": chunk}
         if store:
             ctx.cache.put_file(key, path, meta)
@@ -379,6 +385,7 @@ def join_segments(
                 segment_path(ctx, key, folder / f"{i:05d}.mp4", cached)
                 for i, key in enumerate(segment_keys)
             ]
+            paths = [path for path in paths if path.stat().st_size > 0]  # chunks with no frame
             source = ctx.fetch_input(audio[0], folder / "audio-source") if audio else None
             record.frames = video.concat_mp4(
                 paths, out, plan.output_fps, str(source) if source else None

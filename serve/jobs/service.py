@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -132,6 +133,7 @@ class JobService:
             fetch_s3,
         )
         self._tasks: dict[str, asyncio.Task] = {}
+        self._reserved = 0  # slots held by submissions still being checked (see _admission)
         self._claims: dict[str, tuple[str, int]] = {}  # job id -> (folder, attempt) held here
         self._lost: set[str] = set()  # jobs this replica stopped running (lease taken or given)
         self.metrics: JobMetricsSink = metrics or NoJobMetrics()
@@ -141,12 +143,30 @@ class JobService:
 
     @property
     def active(self) -> int:
-        return len(self._tasks)
+        """Jobs running here plus admissions under way (reserved, still hashing or probing)."""
+        return len(self._tasks) + self._reserved
 
     def check_capacity(self) -> None:
+        """Refuse now (503) when no slot is free; reserves nothing (see `_admission`)."""
         if self.active >= self.max_active_jobs:
             self.metrics.rejected.inc()
             raise Overloaded(self.retry_after_s)
+
+    @contextmanager
+    def _admission(self) -> Iterator[None]:
+        """Hold one slot while a submission is checked and stored.
+
+        The check and the reservation happen together, before the first await, so two
+        submissions on this event loop can never both see the last free slot. The slot is
+        handed to the job's task by `_launch` (inside the block, with no await in between)
+        and given back here on every other way out: a refusal, a probe failure, bad input,
+        a store error, or the client going away (the handler's task is cancelled)."""
+        self.check_capacity()
+        self._reserved += 1
+        try:
+            yield
+        finally:
+            self._reserved -= 1
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         ready = await self.orchestrator.ready()
@@ -154,25 +174,25 @@ class JobService:
 
     async def submit_file(self, tenant: str, request: JobRequest, local: Path) -> JobManifest:
         """Validate an uploaded file, store it, record the job and start it."""
-        self.check_capacity()
-        digest = await asyncio.to_thread(hash_file, local)
-        info = await asyncio.to_thread(self._probe, local, digest)
-        plan = self._plan_for(request, info)
-        job_id = new_job_id()
-        input_key = self.jobs.input_key(tenant, job_id)
-        await asyncio.to_thread(self.jobs.store.put_file, input_key, local)
-        return self._start(tenant, job_id, request, input_key, digest, plan)
+        with self._admission():
+            digest = await asyncio.to_thread(hash_file, local)
+            info = await asyncio.to_thread(self._probe, local, digest)
+            plan = self._plan_for(request, info)
+            job_id = new_job_id()
+            input_key = self.jobs.input_key(tenant, job_id)
+            await asyncio.to_thread(self.jobs.store.put_file, input_key, local)
+            return self._start(tenant, job_id, request, input_key, digest, plan)
 
     async def submit_s3(self, tenant: str, request: JobRequest, uri: str) -> JobManifest:
         check_input_uri(uri, self.allowed_input_buckets)
-        self.check_capacity()
-        with tempfile.TemporaryDirectory(prefix="motionserve-s3-") as scratch:
-            local = Path(scratch) / "input"
-            await asyncio.to_thread(self._fetch_s3, uri, local)
-            digest = await asyncio.to_thread(hash_file, local)
-            info = await asyncio.to_thread(self._probe, local, digest)
-        plan = self._plan_for(request, info)
-        return self._start(tenant, new_job_id(), request, uri, digest, plan)
+        with self._admission():
+            with tempfile.TemporaryDirectory(prefix="motionserve-s3-") as scratch:
+                local = Path(scratch) / "input"
+                await asyncio.to_thread(self._fetch_s3, uri, local)
+                digest = await asyncio.to_thread(hash_file, local)
+                info = await asyncio.to_thread(self._probe, local, digest)
+            plan = self._plan_for(request, info)
+            return self._start(tenant, new_job_id(), request, uri, digest, plan)
 
     def _start(
         self,
@@ -200,17 +220,28 @@ class JobService:
         return manifest
 
     async def resume_unfinished(self) -> list[str]:
-        """Adopt every unfinished job whose lease has lapsed (its replica died, or the whole
-        app restarted) and run it again from its checkpoints. Called at start-up and then
-        periodically by each ingress replica; a job with a live lease is left to its owner."""
-        adopted = await asyncio.to_thread(self._claim_orphans)
-        for manifest, attempt in adopted:
+        """Adopt unfinished jobs whose lease has lapsed (their replica died, or the whole app
+        restarted) and run them again from their checkpoints, as many as this replica has free
+        slots for: the rest wait for the next scan (or another replica). Called at start-up and
+        then periodically by each ingress replica; a job with a live lease is left to its owner."""
+        free = self.max_active_jobs - self.active
+        if free <= 0:
+            return []
+        adopted = await asyncio.to_thread(self._claim_orphans, free)
+        # Submissions may have taken slots during the scan: launch what still fits and hand
+        # the rest back at once (released, so the next scan here or elsewhere adopts them).
+        fits = max(0, self.max_active_jobs - self.active)
+        for manifest, attempt in adopted[:fits]:
             self._launch(manifest, attempt)
-        return [manifest.job_id for manifest, _ in adopted]
+        for manifest, attempt in adopted[fits:]:
+            await asyncio.to_thread(self.leases.release, self._folder(manifest), attempt)
+        return [manifest.job_id for manifest, _ in adopted[:fits]]
 
-    def _claim_orphans(self) -> list[tuple[JobManifest, int]]:
-        adopted = []
+    def _claim_orphans(self, limit: int) -> list[tuple[JobManifest, int]]:
+        adopted: list[tuple[JobManifest, int]] = []
         for manifest in self.jobs.unfinished():
+            if len(adopted) >= limit:
+                break
             if manifest.job_id in self._tasks:
                 continue
             attempt = self.leases.claim_orphan(self._folder(manifest))
