@@ -160,6 +160,7 @@ class DiffusionServer(StageServer):
         self.gpu_fraction = assigned_gpu_fraction()
         self.metrics = batch_metrics()
         self.batcher = KeyedBatcher(self._run_batch)
+        self.in_flight = 0  # generate calls on this replica that have not returned
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batch size, wait timeout and idle unload change at runtime (user_config)."""
@@ -182,10 +183,14 @@ class DiffusionServer(StageServer):
         `maps` is None when the orchestrator found the frames cached (no pose maps rendered).
         """
         self._start_reaper()
-        await self._key(serve.get_multiplexed_model_id())
-        return await generate_or_reuse(
-            self.ctx, maps, chunk, key, plan, self._batched, self.gpu_fraction
-        )
+        self.in_flight += 1
+        try:  # a cancelled call (the job was cancelled) gets CancelledError here: see _run_batch
+            await self._key(serve.get_multiplexed_model_id())
+            return await generate_or_reuse(
+                self.ctx, maps, chunk, key, plan, self._batched, self.gpu_fraction
+            )
+        finally:
+            self.in_flight -= 1
 
     async def _batched(self, request: diffusion.ChunkRequest) -> diffusion.ChunkResult:
         """This request's result, from a batch of requests with its key."""
@@ -199,16 +204,23 @@ class DiffusionServer(StageServer):
         return await self._run_batch(requests[0].settings.batch_key(), requests)
 
     async def _run_batch(self, key: str, requests: list[diffusion.ChunkRequest]) -> list:
+        """One engine call. With the keyed batcher, a request whose caller was cancelled
+        leaves the batch at the next denoising step (the batch stops when none is left); what
+        it ran is noted in the batch's `dropped` entry, and nobody is billed for it."""
         keys = {r.settings.batch_key() for r in requests}
-        self.batches.append({"size": len(requests), "keys": sorted(keys), "at": time.time()})
+        batch = {"size": len(requests), "keys": sorted(keys), "at": time.time()}
+        self.batches.append(batch)
         self.metrics.batch(len(requests), sum(r.frames for r in requests))
         del self.batches[:-256]
         engine = self._engine(requests[0].settings.model_id)
+        steps = _StepWatch(self.batcher.cancelled_in_batch if self.batching == "keyed" else dict)
         self.last_used = time.monotonic()
         try:
-            return await asyncio.to_thread(engine.generate, requests)
+            results = await asyncio.to_thread(engine.generate, requests, cancelled=steps)
         finally:
             self.last_used = time.monotonic()
+        batch.update(steps.summary(results, self.gpu_fraction))
+        return results
 
     def _engine(self, model_id: str) -> diffusion.DiffusionEngine:
         if model_id not in self.engines:
@@ -221,6 +233,9 @@ class DiffusionServer(StageServer):
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
+            "waiting": self.batcher.waiting,  # chunks queued for a batch
+            "running": self.batcher.running,  # chunks in the batch on the device now
+            "in_flight": self.in_flight,  # generate calls not returned (queued, running, I/O)
             "loaded": {k: e.is_loaded for k, e in self.engines.items()},
             "idle_s": time.monotonic() - self.last_used,
             "idle_unload_s": self.idle_unload_s,
@@ -240,6 +255,42 @@ class DiffusionServer(StageServer):
                     engine.unload()
                 gc.collect()
                 logger.info("diffusion: unloaded weights after %.0f s idle", idle)
+
+
+class _StepWatch:
+    """The engine's `cancelled` hook for one batch: passes on the batcher's cancelled rows and
+    notes when each step began and when each cancelled row left, to say what ran after a
+    cancel (at most the step that was running: the row leaves at the next step)."""
+
+    def __init__(self, cancelled_rows: Any):
+        self.cancelled_rows = cancelled_rows  # () -> {row: monotonic time its caller left}
+        self.step_started: list[float] = []
+        self.left: dict[int, tuple[float, float]] = {}  # row -> (cancelled at, left at)
+
+    def __call__(self, step: int) -> dict[int, float]:
+        now = time.monotonic()
+        self.step_started.append(now)
+        cancelled = self.cancelled_rows()
+        for row, at in cancelled.items():
+            self.left.setdefault(row, (at, now))
+        return cancelled
+
+    def summary(self, results: list[diffusion.ChunkResult], gpu_fraction: float) -> dict:
+        starts = self.step_started
+        step_s = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        dropped = []
+        for row, (cancelled_at, left_at) in sorted(self.left.items()):
+            result = results[row]
+            dropped.append({
+                "job_id": result.job_id, "chunk_index": result.chunk_index,
+                "frames": len(result.frames),  # 0: it left before decoding
+                # device time the batch ran between the cancel and the row leaving (0 when
+                # cancelled before the batch began): at most one step
+                "after_cancel_s": max(0.0, left_at - max(cancelled_at, starts[0])),
+                "gpu_s": result.device_seconds * gpu_fraction,  # its share, cancel or not
+                "notes": [n for n in result.notes if n.startswith("cancelled")],
+            })  # fmt: skip
+        return {"dropped": dropped, "longest_step_s": max(step_s, default=None)}
 
 
 # ---------------------------------------------------------------------------------- ingress
@@ -289,13 +340,13 @@ class ServeStages(CacheLookup):
         return False
 
     async def upscaler_identity(self) -> dict[str, Any]:
-        return await self.h["upscale"].identity.remote()
+        return await _awaited(self.h["upscale"].identity.remote())
 
     async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> StageRecord:
-        return await self.h["pose"].extract.remote(input_ref, keys, plan)
+        return await _awaited(self.h["pose"].extract.remote(input_ref, keys, plan))
 
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
-        return await self.h["motion"].edit.remote(keys, plan)
+        return await _awaited(self.h["motion"].edit.remote(keys, plan))
 
     def render(self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int]):
         return self.h["motion"].render.remote(keys, plan, chunk, span)
@@ -315,7 +366,17 @@ class ServeStages(CacheLookup):
 
     async def join(self, segment_keys: list[str], plan: Plan, result_key: str,
                    audio: tuple[str, str] | None) -> StageRecord:  # fmt: skip
-        return await self.h["video"].join.remote(segment_keys, plan, result_key, audio)
+        return await _awaited(self.h["video"].join.remote(segment_keys, plan, result_key, audio))
+
+
+async def _awaited(response: Any) -> Any:
+    """A call's result; if the awaiting job is cancelled, the call is cancelled too (awaiting a
+    `DeploymentResponse` in a cancelled task does not cancel the request by itself)."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
 
 
 async def _stage_ready(handle: DeploymentHandle, status: ServeStatus) -> bool:

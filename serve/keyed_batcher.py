@@ -11,7 +11,10 @@ arrived meanwhile is already grouped:
 - a full group (max_batch_size requests of one key) runs first, the oldest such group first;
 - otherwise the group whose oldest request has waited longest runs once that request has waited
   `batch_wait_timeout_s` (or its group fills up first), so no key starves;
-- batches run one at a time (one device); requests whose caller went away are dropped.
+- batches run one at a time (one device);
+- a request whose caller goes away (cancelled) leaves its queue at once; one already in the
+  running batch is reported by `cancelled_in_batch()`, which `run_batch` may poll to stop its
+  work early (the diffusion engine drops such rows at its next step). Its result is discarded.
 
 Ray-free (asyncio only), so it is tested as a plain object; `serve/app.py` uses it in the
 diffusion deployment.
@@ -34,6 +37,7 @@ class _Waiting:
     item: Any
     future: asyncio.Future
     since: float = field(default_factory=time.monotonic)
+    cancelled_at: float | None = None  # monotonic time the caller went away
 
 
 class KeyedBatcher:
@@ -49,6 +53,9 @@ class KeyedBatcher:
         self._groups: dict[Hashable, deque[_Waiting]] = {}
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        # The batch run_batch is running; replaced, never mutated, so another thread (the one
+        # computing the batch) may read it through cancelled_in_batch().
+        self._running: tuple[_Waiting, ...] = ()
 
     def configure(self, max_batch_size: int, wait_timeout_s: float) -> None:
         """Runtime settings (the deployment's user_config); the next batch uses them."""
@@ -62,6 +69,18 @@ class KeyedBatcher:
         """Requests queued and not yet in a running batch."""
         return sum(len(group) for group in self._groups.values())
 
+    @property
+    def running(self) -> int:
+        """Requests in the running batch (0 between batches), cancelled ones included until
+        the batch ends."""
+        return len(self._running)
+
+    def cancelled_in_batch(self) -> dict[int, float]:
+        """Positions in the running batch's items of requests whose caller went away, with the
+        monotonic time each went away. Safe to call from another thread."""
+        batch = self._running
+        return {i: w.cancelled_at for i, w in enumerate(batch) if w.cancelled_at is not None}
+
     async def submit(self, key: Hashable, item: Any) -> Any:
         loop = asyncio.get_running_loop()
         waiting = _Waiting(item, loop.create_future())
@@ -69,7 +88,22 @@ class KeyedBatcher:
         self._arrived.set()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._work())
-        return await waiting.future
+        try:
+            return await waiting.future
+        except asyncio.CancelledError:
+            waiting.cancelled_at = time.monotonic()
+            self._leave_queue(key, waiting)
+            raise
+
+    def _leave_queue(self, key: Hashable, waiting: _Waiting) -> None:
+        """A cancelled request stops counting as queued now, not when the next batch forms."""
+        group = self._groups.get(key)
+        if group is None or waiting not in group:
+            return  # in the running batch (or done): cancelled_in_batch() reports it
+        group.remove(waiting)
+        if not group:
+            del self._groups[key]
+        self._arrived.set()  # the worker may be timing out a head that just left
 
     async def _work(self) -> None:
         while True:
@@ -115,6 +149,7 @@ class KeyedBatcher:
                 del self._groups[key]
 
     async def _run(self, key: Hashable, batch: list[_Waiting]) -> None:
+        self._running = tuple(batch)
         try:
             results = await self._run_batch(key, [w.item for w in batch])
             if len(results) != len(batch):
@@ -124,6 +159,8 @@ class KeyedBatcher:
                 if not waiting.future.done():
                     waiting.future.set_exception(exc)
             return
+        finally:
+            self._running = ()
         for waiting, result in zip(batch, results, strict=True):
             if not waiting.future.done():
                 waiting.future.set_result(result)

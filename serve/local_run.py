@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,11 +56,21 @@ class LocalStages(CacheLookup):
         )
 
     async def _run_engine(self, request: diffusion.ChunkRequest) -> diffusion.ChunkResult:
-        return await asyncio.to_thread(self._run_engine_measured, request)
+        # A cancelled call cannot stop its thread; the engine sees the flag at its next step.
+        gone = threading.Event()
+        try:
+            return await asyncio.to_thread(self._run_engine_measured, request, gone)
+        except asyncio.CancelledError:
+            gone.set()
+            raise
 
-    def _run_engine_measured(self, request: diffusion.ChunkRequest) -> diffusion.ChunkResult:
+    def _run_engine_measured(
+        self, request: diffusion.ChunkRequest, gone: threading.Event
+    ) -> diffusion.ChunkResult:
         with stages.MEASURE_LOCK:  # diffusion's CPU time must not land in another stage's bill
-            (result,) = self.engine.generate([request])
+            (result,) = self.engine.generate(
+                [request], cancelled=lambda step: (0,) if gone.is_set() else ()
+            )
         return result
 
     def upscale(self, generated, next_generated, plan: Plan, chunk: int):

@@ -10,6 +10,12 @@ the requests it held to a replacement; a chunk whose failure still reaches us (i
 lost with a node, a worker crash) runs again, up to `MAX_CHUNK_RETRIES` times. An error of the
 stage's own code is not retried (it would fail the same way). Work a dead replica had done is
 not in the report (its records died with it).
+
+When the run stops early (the job is cancelled, or a chunk fails for good), every stage call
+still in flight is cancelled, not only the awaited last one of each chunk: Serve's
+`DeploymentResponse.cancel()` drops a call still queued in the router and raises
+CancelledError in an async replica method that runs (the diffusion replica then drops the
+chunk from its queue or its running batch); in process the call's task is cancelled.
 """
 
 from __future__ import annotations
@@ -161,9 +167,26 @@ class _ChunkRun:
         self.generated: dict[int, Awaitable[Frames]] = {}
         self.cached_generations: set[int] = set()
         self.retries: dict[int, int] = {}
+        # Every stage call made for a chunk that has not finished, so a stop can cancel them
+        # all (the calls are chained: only encode's is awaited here).
+        self.calls_of: dict[int, list[Any]] = {}
+        self.maps: dict[int, Any] = {}  # the render call each generation call consumes
 
-    def _generation(self, chunk: int):
-        """One diffusion call per chunk, shared by this chunk and the previous one."""
+    def _made(self, chunk: int, call: Any) -> Any:
+        self.calls_of.setdefault(chunk, []).append(call)
+        return call
+
+    def cancel_calls(self) -> int:
+        """Cancel every stage call of the unfinished chunks; returns how many."""
+        calls = {id(c): c for chunk_calls in self.calls_of.values() for c in chunk_calls}
+        self.calls_of.clear()
+        for call in calls.values():
+            call.cancel()  # a DeploymentResponse or an asyncio task: both have cancel()
+        return len(calls)
+
+    def _generation(self, chunk: int, for_chunk: int):
+        """One diffusion call per chunk, shared by this chunk and the previous one; listed
+        among the calls of `for_chunk`, so it is cancelled (and held) until both finish."""
         if chunk not in self.generated:
             cached = chunk in self.cached_generations
             maps = (
@@ -174,26 +197,43 @@ class _ChunkRun:
             self.generated[chunk] = self.calls.generate(
                 maps, self.chunks[chunk], self.gen_keys[chunk], self.plan
             )
-        return self.generated[chunk]
+            self.maps[chunk] = maps
+        if self.maps.get(chunk) is not None:
+            self._made(for_chunk, self.maps[chunk])
+        return self._made(for_chunk, self.generated[chunk])
 
     def _pipeline(self, chunk: int):
         first, stop = self.spans[chunk]
         has_next = chunk + 1 < len(self.spans)
-        upscaled = self.calls.upscale(
-            self._generation(chunk),
-            self._generation(chunk + 1) if has_next else None,
+        upscaled = self._made(chunk, self.calls.upscale(
+            self._generation(chunk, chunk),
+            self._generation(chunk + 1, chunk) if has_next else None,
             self.plan,
             chunk,
-        )
+        ))  # fmt: skip
         total = self.spans[-1][1]
-        frames = self.calls.interpolate(upscaled, first, stop - first, total, self.plan, chunk)
+        frames = self._made(
+            chunk, self.calls.interpolate(upscaled, first, stop - first, total, self.plan, chunk)
+        )
         self.generated.pop(chunk - 1, None)  # no later chunk needs it: free its object
-        return self.calls.encode(frames, self.seg_keys[chunk], self.plan, chunk)
+        self.maps.pop(chunk - 1, None)
+        return self._made(chunk, self.calls.encode(frames, self.seg_keys[chunk], self.plan, chunk))
 
     async def all(self, events: JobEvents, window: int) -> None:
+        pending: dict[asyncio.Future, int] = {}
+        try:
+            await self._all(events, window, pending)
+        except BaseException:  # cancelled, or a chunk failed for good: stop the work in flight
+            for future in pending:
+                future.cancel()
+            cancelled = self.cancel_calls()
+            logger.info("job %s: stopped; cancelled %d stage call(s) in flight",
+                        self.manifest.job_id, cancelled)  # fmt: skip
+            raise
+
+    async def _all(self, events: JobEvents, window: int, pending: dict) -> None:
         total = len(self.spans)
         done = 0
-        pending: dict[asyncio.Future, int] = {}
         for chunk in range(total):
             events.check_cancelled()
             if await self._finished_before(chunk, events):
@@ -240,9 +280,8 @@ class _ChunkRun:
                     delay = RETRY_BACKOFF_S * 2 ** (self.retries[chunk] - 1)
                     pending[self._start(chunk, delay)] = chunk
                     continue
-                for other in pending:
-                    other.cancel()
-                raise
+                raise  # all() cancels the other chunks' calls
+            self.calls_of.pop(chunk, None)  # finished: its calls are done
             events.record(records, chunk=chunk, key=key)
             succeeded += 1
         events.progress("chunks", done + succeeded, total)
@@ -262,8 +301,9 @@ class _ChunkRun:
             self.manifest.job_id, chunk, type(error).__name__, error,
             self.retries[chunk], MAX_CHUNK_RETRIES,
         )  # fmt: skip
-        self.generated.pop(chunk, None)  # a response that failed would fail again
-        self.generated.pop(chunk + 1, None)
+        for generation in (chunk, chunk + 1):  # a response that failed would fail again
+            self.generated.pop(generation, None)
+            self.maps.pop(generation, None)
         return True
 
 

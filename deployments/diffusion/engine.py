@@ -23,6 +23,7 @@ import numpy as np
 
 from deployments.diffusion.keyframes import BatchLayout
 from deployments.diffusion.noise import build_scheduler, initial_latents, step_generators
+from deployments.diffusion.rows import CancelledRows, LiveRows, keep_scheduler_rows, no_rows
 from deployments.diffusion.settings import (
     ChunkRequest,
     ChunkResult,
@@ -244,12 +245,17 @@ class DiffusionEngine:
         requests: Sequence[ChunkRequest],
         *,
         frames_dtype: Literal["uint8", "float32"] = "uint8",
+        cancelled: CancelledRows | None = None,
     ) -> list[ChunkResult]:
         """Run a batch of same-key requests; one result per request, in order.
 
         All frames of all requests go through the models together, in forwards of at most
         `max_frames_per_forward` frames. `frames_dtype='float32'` returns images in [0, 1]
         before quantisation (for exactness tests and float post-processing).
+
+        `cancelled` (see CancelledRows) drops requests between steps: a dropped request's
+        result has no frames, `cancelled_at_step` in its notes, and the work units and device
+        seconds of the steps it ran; the other rows compute what they would have computed.
         """
         import torch
 
@@ -260,21 +266,26 @@ class DiffusionEngine:
             settings = requests[0].settings
             dtype, precision, note = resolve_precision(settings.precision, self._device.type)
             self._ensure_dtype(dtype)
-            layout = BatchLayout(requests, settings.controlnet_every)
             truncations = [self.truncation_notes(r) for r in requests]  # needs the tokenizer
             counts = np.zeros((len(requests), 3), dtype=np.int64)  # unet, controlnet, vae
+            dropped: dict[int, int] = {}  # request index -> step it was dropped before
             with torch.inference_mode():
                 self._synchronize()
                 compute_started = time.perf_counter()
-                images = self._run(requests, settings, layout, counts)
+                images = self._run(requests, settings, counts, cancelled or no_rows, dropped)
                 self._synchronize()
                 compute_seconds = time.perf_counter() - compute_started
-                frames = self._to_numpy(images, frames_dtype)
+                if images is None:  # every request was dropped
+                    side = (0, settings.height, settings.width, 3)
+                    frames = np.zeros(side, np.uint8 if frames_dtype == "uint8" else np.float32)
+                else:
+                    frames = self._to_numpy(images, frames_dtype)
         wall_seconds = time.perf_counter() - started
         results = self._results(
             requests,
             frames,
             counts,
+            dropped,
             wall_seconds=wall_seconds,
             compute_seconds=compute_seconds,
             load_seconds=load_seconds,
@@ -310,10 +321,12 @@ class DiffusionEngine:
         self,
         requests: Sequence[ChunkRequest],
         settings: GenerationSettings,
-        layout: BatchLayout,
         counts: np.ndarray,
-    ) -> torch.Tensor:
-        """Encode prompts, denoise all frames, decode; returns float images in [0, 1], NCHW."""
+        cancelled: CancelledRows,
+        dropped: dict[int, int],
+    ) -> torch.Tensor | None:
+        """Encode prompts, denoise all frames, decode; returns float images in [0, 1], NCHW, of
+        the requests not dropped (None when all were). Fills `dropped` as rows leave."""
         import torch
 
         modules, device, dtype = self._modules, self._device, self._dtype
@@ -332,7 +345,18 @@ class DiffusionEngine:
         active = controlnet_active_steps(
             len(timesteps), settings.control_guidance_start, settings.control_guidance_end
         )
+        rows = LiveRows(requests, settings.controlnet_every)
         for index, timestep in enumerate(timesteps):
+            keep = rows.drop(cancelled(index), index, dropped)
+            if keep is not None:
+                if not rows.live:
+                    return None  # nobody waits: the rest of the batch is not computed
+                before = latents.shape[0]
+                keep = torch.as_tensor(keep, device=device)
+                latents, cond, control = latents[keep], cond[keep], control[keep]
+                uncond = uncond[keep] if uncond is not None else None
+                keep_scheduler_rows(scheduler, step_kwargs, keep, before)
+            layout = rows.layout
             model_input = scheduler.scale_model_input(latents, timestep)
             residuals = None
             if active[index]:
@@ -343,7 +367,12 @@ class DiffusionEngine:
                 model_input, timestep, cond, uncond, residuals, layout, settings, counts
             )
             latents = scheduler.step(noise, timestep, latents, **step_kwargs, return_dict=False)[0]
-        return self._decode(latents, layout, counts)
+        keep = rows.drop(cancelled(len(timesteps)), len(timesteps), dropped)
+        if keep is not None:
+            if not rows.live:
+                return None
+            latents = latents[torch.as_tensor(keep, device=device)]
+        return self._decode(latents, rows.layout, counts)
 
     def _encode_prompts(
         self, requests: Sequence[ChunkRequest], cfg: bool
@@ -512,6 +541,7 @@ class DiffusionEngine:
         requests: Sequence[ChunkRequest],
         frames: np.ndarray,
         counts: np.ndarray,
+        dropped: dict[int, int],
         *,
         wall_seconds: float,
         compute_seconds: float,
@@ -535,12 +565,15 @@ class DiffusionEngine:
         ]
         total = sum(u.total for u in units) or 1.0
         results, start = [], 0
-        for request, work in zip(requests, units, strict=True):
+        for index, (request, work) in enumerate(zip(requests, units, strict=True)):
+            # `frames` holds the requests that ran to the end, in order; a dropped one has none
+            count = 0 if index in dropped else request.frames
+            extra = [f"cancelled_at_step {dropped[index]}"] if index in dropped else []
             results.append(
                 ChunkResult(
                     job_id=request.job_id,
                     chunk_index=request.chunk_index,
-                    frames=frames[start : start + request.frames],
+                    frames=frames[start : start + count],
                     work_units=work,
                     wall_seconds=wall_seconds,
                     device_seconds=compute_seconds * work.total / total,
@@ -548,9 +581,9 @@ class DiffusionEngine:
                     device=str(self._device),
                     precision=precision,
                     batch_requests=len(requests),
-                    batch_frames=int(frames.shape[0]),
-                    notes=list(notes),
+                    batch_frames=sum(r.frames for r in requests),
+                    notes=list(notes) + extra,
                 )
             )
-            start += request.frames
+            start += count
         return results

@@ -4,6 +4,7 @@ and the typed dependencies the service is built from."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
@@ -288,7 +289,12 @@ class JobService:
     # ------------------------------------------------------------------------ running
 
     def _launch(self, manifest: JobManifest, attempt: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(manifest, attempt))
+        # A fresh context: a task inherits the request's (Serve's request context), and Serve
+        # cancels a request's pending child calls when its client disconnects. A job runs
+        # without a client; only `cancel` (DELETE) stops it.
+        task = asyncio.get_running_loop().create_task(
+            self._run(manifest, attempt), context=contextvars.Context()
+        )
         self._tasks[manifest.job_id] = task
         self._claims[manifest.job_id] = (self._folder(manifest), attempt)
         self.metrics.queue_depth(self.active)

@@ -55,9 +55,9 @@ class CountingEngine(diffusion.DiffusionEngine):
 
     generated = 0
 
-    def generate(self, requests):
+    def generate(self, requests, **options):
         CountingEngine.generated += len(requests)
-        return super().generate(requests)
+        return super().generate(requests, **options)
 
 
 def in_process(app_args: AppArgs, plan: Plan, spec: ChunkSpec, key: str) -> Frames:

@@ -153,3 +153,55 @@ def test_batch_size_changes_at_runtime_and_bad_settings_are_refused():
         KeyedBatcher(Device(), max_batch_size=0)
     with pytest.raises(ValueError):
         KeyedBatcher(Device(), wait_timeout_s=-1)
+
+
+def test_a_cancelled_queued_request_leaves_the_queue_at_once():
+    async def scenario():
+        device = Device()
+        batcher = KeyedBatcher(device, max_batch_size=4, wait_timeout_s=0.0)
+        device.release.clear()
+        first = asyncio.create_task(batcher.submit("a", 0))
+        await device.started.wait()  # ("a", [0]) runs; the rest queue behind it
+        batcher.configure(4, 60.0)  # and would wait for more of their key
+        queued = [asyncio.create_task(batcher.submit("b", i)) for i in range(3)]
+        await wait_until(lambda: batcher.waiting == 3)
+        queued[1].cancel()
+        await asyncio.gather(queued[1], return_exceptions=True)
+        waiting_after_cancel = batcher.waiting  # no batch has formed in between
+        for task in (queued[0], queued[2]):
+            task.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+        emptied = batcher.waiting
+        device.release.set()
+        await first
+        batcher.configure(4, 0.0)
+        late = await asyncio.wait_for(batcher.submit("c", 9), timeout=10.0)
+        return waiting_after_cancel, emptied, device.batches, late
+
+    waiting_after_cancel, emptied, batches, late = asyncio.run(scenario())
+    assert waiting_after_cancel == 2
+    assert emptied == 0
+    assert [key for key, _ in batches] == ["a", "c"]  # no batch of cancelled "b" requests ran
+    assert late == "c:9"
+
+
+def test_a_cancelled_request_in_the_running_batch_is_reported_to_run_batch():
+    async def scenario():
+        device = Device()
+        batcher = KeyedBatcher(device, max_batch_size=4, wait_timeout_s=0.0)
+        device.release.clear()
+        calls = [asyncio.create_task(batcher.submit("a", i)) for i in range(3)]
+        await device.started.wait()
+        before = (batcher.running, dict(batcher.cancelled_in_batch()))
+        calls[1].cancel()
+        await asyncio.gather(calls[1], return_exceptions=True)
+        reported = batcher.cancelled_in_batch()
+        device.release.set()
+        results = await asyncio.gather(calls[0], calls[2])
+        return before, reported, results, batcher.running
+
+    before, reported, results, running_after = asyncio.run(scenario())
+    assert before == (3, {})
+    assert list(reported) == [1] and reported[1] > 0
+    assert results == ["a:0", "a:2"]  # the others still get their results
+    assert running_after == 0
