@@ -36,6 +36,7 @@ from serve.schemas import (
     Readiness,
     S3JobRequest,
 )
+from serve.storage import ObjectNotFound
 
 API_VERSION = "v1"
 
@@ -120,14 +121,15 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
 
 # Why each status is sent, for the OpenAPI document.
 _ERROR_REASONS = {
-    400: "Malformed body: invalid JSON or multipart, or an empty upload.",
+    400: "Malformed body (invalid JSON or multipart, undecodable text) or an empty upload.",
     401: "Missing or unknown API key.",
     403: "An s3:// input outside the allowed buckets, or not an s3:// URI.",
     404: "No such job for this tenant (another tenant's job is not found either).",
     409: "The job is not done yet.",
     413: "The upload is over the size, duration, pixel or frame limits.",
     415: "Not a video, an unsupported codec, or a body neither multipart nor JSON.",
-    422: "The request does not validate (fields, styles, preset) or the video is corrupt.",
+    422: "The request does not validate (fields, styles, preset), the video is corrupt or "
+    "the s3:// input does not exist.",
     503: "Too many jobs in flight; retry after the `Retry-After` seconds.",
 }
 
@@ -252,13 +254,16 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
     async def _submit_s3(request: Request, tenant: str) -> JobManifest:
         try:
             body = await request.json()
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes not UTF-8
             raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("input"), str):
             raise ApiError(422, "missing_input", "JSON requests need an 'input' s3:// URI")
         uri = body.pop("input")
         job_request = _parse_request(json.dumps(body))
-        return await service.submit_s3(tenant, job_request, uri)
+        try:
+            return await service.submit_s3(tenant, job_request, uri)
+        except ObjectNotFound:
+            raise ApiError(422, "input_not_found", f"no object at {uri}") from None
 
     @app.get(
         f"/{API_VERSION}/jobs/{{job_id}}",
@@ -317,7 +322,7 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         code = 202 if status.cancel_requested else 200
         return JSONResponse(status.model_dump(mode="json"), status_code=code)
 
-    @app.post(f"/{API_VERSION}/estimate", tags=["jobs"], responses=_errors(401, 422))
+    @app.post(f"/{API_VERSION}/estimate", tags=["jobs"], responses=_errors(400, 401, 422))
     async def estimate(body: EstimateRequest, request: Request) -> dict:
         tenant_of(request)
         _check_preset(body.request)

@@ -54,7 +54,7 @@ def test_every_error_response_is_documented_in_the_one_error_shape():
         ("get", "/v1/jobs/{job_id}"): {"200", "401", "404"},
         ("get", "/v1/jobs/{job_id}/result"): {"200", "401", "404", "409"},
         ("delete", "/v1/jobs/{job_id}"): {"200", "202", "401", "404"},
-        ("post", "/v1/estimate"): {"200", "401", "422"},
+        ("post", "/v1/estimate"): {"200", "400", "401", "422"},
         ("get", "/readyz"): {"200", "503"},
         ("get", "/healthz"): {"200"},
     }
