@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench bench-gpu sample weights system-deps clean helm chart-sync
+.PHONY: demo test fuzz lint format bench bench-gpu sample weights system-deps clean helm chart-sync
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ demo: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# 1,000 schema-fuzzing cases against a real server (make test runs 200 of them);
+# MOTIONSERVE_FUZZ_SEED picks other cases.
+FUZZ_CASES ?= 1000
+fuzz: $(STAMP) system-deps
+	MOTIONSERVE_FUZZ_CASES=$(FUZZ_CASES) $(PY) -m pytest tests/e2e/test_fuzz.py -s $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,8 @@
 """HTTP API (FastAPI): routes only; the bodies are in serve/schemas.py, the work in `JobService`.
 
-Every error is JSON ``{"error": {"code", "message"}}``. Another tenant's job answers 404, the
-same as a job that does not exist, so ids reveal nothing.
+Every error is JSON ``{"error": {"code", "message"}}`` (`ErrorResponse`), and each operation's
+OpenAPI lists every status it can send (tests/e2e/test_fuzz.py holds the server to that).
+Another tenant's job answers 404, the same as a job that does not exist, so ids reveal nothing.
 """
 
 from __future__ import annotations
@@ -13,15 +14,29 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from deployments.errors import InputError
 from serve.auth import Authenticator
 from serve.jobs import JobManifest, JobNotFound, Overloaded
-from serve.schemas import EstimateRequest, JobAccepted, JobRequest, JobState, JobStatus
+from serve.schemas import (
+    PUBLIC_PRESETS,
+    ErrorResponse,
+    EstimateRequest,
+    Health,
+    JobAccepted,
+    JobRequest,
+    JobState,
+    JobStatus,
+    Readiness,
+    S3JobRequest,
+)
+from serve.storage import ObjectNotFound
 
 API_VERSION = "v1"
 
@@ -75,9 +90,60 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(422, "invalid_request", _describe(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(exc.status_code, code, str(exc.detail))
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # Starlette raises these itself: unknown paths, wrong methods (whose `Allow` header
+        # must reach the client) and malformed multipart bodies.
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette's Allow names the first route matching the path only (GET of
+            # /v1/jobs/{job_id}, not its DELETE): list every route's methods.
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return _error_response(exc.status_code, code, str(exc.detail), headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception):
+        # A bug: same shape as every other error (Starlette still logs the traceback).
+        message = f"internal error ({type(exc).__name__})"
+        return _error_response(500, "internal_error", message)
+
+
+def _allowed_methods(request: Request) -> str:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+
+# Why each status is sent, for the OpenAPI document.
+_ERROR_REASONS = {
+    400: "Malformed body (invalid JSON or multipart, undecodable text) or an empty upload.",
+    401: "Missing or unknown API key.",
+    403: "An s3:// input outside the allowed buckets, or not an s3:// URI.",
+    404: "No such job for this tenant (another tenant's job is not found either).",
+    409: "The job is not done yet.",
+    413: "The upload is over the size, duration, pixel or frame limits.",
+    415: "Not a video, an unsupported codec, or a body neither multipart nor JSON.",
+    422: "The request does not validate (fields, styles, preset), the video is corrupt or "
+    "the s3:// input does not exist.",
+    503: "Too many jobs in flight; retry after the `Retry-After` seconds.",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict]:
+    responses: dict[int | str, dict] = {
+        status: {"model": ErrorResponse, "description": _ERROR_REASONS[status]}
+        for status in statuses
+    }
+    if 503 in statuses:
+        responses[503]["headers"] = {
+            "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
+        }
+    return responses
 
 
 def _describe(errors: list[dict]) -> str:
@@ -100,6 +166,7 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         description="Edit the motion of a person in a video at the lowest GPU cost.",
     )
     _install_error_handlers(app)
+    app.openapi = lambda: _openapi(app)
 
     if on_request is not None:
 
@@ -120,16 +187,28 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         return tenant
 
     @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    async def healthz() -> Health:
+        return Health(status="ok")
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Not ready (same body)."}},
+    )
     async def readyz() -> Response:
         ready, detail = await service.readiness()
         body = {"status": "ready" if ready else "not_ready", **detail}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.post(f"/{API_VERSION}/jobs", status_code=202, response_model=JobAccepted, tags=["jobs"])
+    @app.post(
+        f"/{API_VERSION}/jobs",
+        status_code=202,
+        response_model=JobAccepted,
+        tags=["jobs"],
+        responses=_errors(400, 401, 403, 413, 415, 422, 503),
+        openapi_extra={"requestBody": _SUBMIT_BODY},
+    )
     async def submit_job(request: Request) -> JobAccepted:
         """Multipart (`video` file + `request` JSON field) or JSON with an `input` s3:// URI."""
         tenant = tenant_of(request)
@@ -175,15 +254,23 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
     async def _submit_s3(request: Request, tenant: str) -> JobManifest:
         try:
             body = await request.json()
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes not UTF-8
             raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("input"), str):
             raise ApiError(422, "missing_input", "JSON requests need an 'input' s3:// URI")
         uri = body.pop("input")
         job_request = _parse_request(json.dumps(body))
-        return await service.submit_s3(tenant, job_request, uri)
+        try:
+            return await service.submit_s3(tenant, job_request, uri)
+        except ObjectNotFound:
+            raise ApiError(422, "input_not_found", f"no object at {uri}") from None
 
-    @app.get(f"/{API_VERSION}/jobs/{{job_id}}", response_model=JobStatus, tags=["jobs"])
+    @app.get(
+        f"/{API_VERSION}/jobs/{{job_id}}",
+        response_model=JobStatus,
+        tags=["jobs"],
+        responses=_errors(401, 404),
+    )
     async def get_job(job_id: str, request: Request) -> JobStatus:
         manifest = await _find(request, job_id)
         marked = not manifest.terminal and await asyncio.to_thread(
@@ -191,7 +278,18 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         )
         return _status(manifest, cancel_requested=marked)
 
-    @app.get(f"/{API_VERSION}/jobs/{{job_id}}/result", tags=["jobs"])
+    @app.get(
+        f"/{API_VERSION}/jobs/{{job_id}}/result",
+        tags=["jobs"],
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "The edited video.",
+            },
+            **_errors(401, 404, 409),
+        },
+    )
     async def get_result(job_id: str, request: Request) -> Response:
         manifest = await _find(request, job_id)
         if manifest.state != JobState.DONE or not manifest.result_key:
@@ -208,7 +306,13 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         f"/{API_VERSION}/jobs/{{job_id}}",
         response_model=JobStatus,
         tags=["jobs"],
-        responses={202: {"description": "Cancel requested; the job's replica stops it soon."}},
+        responses={
+            202: {
+                "model": JobStatus,
+                "description": "Cancel requested; the job's replica stops it soon.",
+            },
+            **_errors(401, 404),
+        },
     )
     async def cancel_job(job_id: str, request: Request) -> JSONResponse:
         """200 with the cancelled (or already finished) job; 202 while the job runs on another
@@ -218,9 +322,10 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         code = 202 if status.cancel_requested else 200
         return JSONResponse(status.model_dump(mode="json"), status_code=code)
 
-    @app.post(f"/{API_VERSION}/estimate", tags=["jobs"])
+    @app.post(f"/{API_VERSION}/estimate", tags=["jobs"], responses=_errors(400, 401, 422))
     async def estimate(body: EstimateRequest, request: Request) -> dict:
         tenant_of(request)
+        _check_preset(body.request)
         return service.estimate(body.request, body.duration_s, body.width, body.height)
 
     async def _find(request: Request, job_id: str) -> JobManifest:
@@ -233,18 +338,79 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
     return app
 
 
-SERVICE_PRESETS = ("draft", "standard", "high")
-
-
 def _parse_request(text: str) -> JobRequest:
     try:
         request = JobRequest.model_validate_json(text)
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", _describe(exc.errors())) from None
-    if request.preset is not None and request.preset not in SERVICE_PRESETS:
-        # 'naive' is the cost reports' baseline (benchmarks run it in process), not a service.
-        raise ApiError(422, "invalid_preset", f"preset must be one of {list(SERVICE_PRESETS)}")
+    return _check_preset(request)
+
+
+def _check_preset(request: JobRequest) -> JobRequest:
+    # The model admits 'naive' (the benchmarks run the baseline in process); the API does not.
+    if request.preset is not None and request.preset not in PUBLIC_PRESETS:
+        raise ApiError(422, "invalid_preset", f"preset must be one of {list(PUBLIC_PRESETS)}")
     return request
+
+
+# POST /v1/jobs reads its body by hand (a large upload is refused before it is read), so its
+# OpenAPI request body is written here; `_openapi` adds the S3JobRequest schema it names.
+_SUBMIT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["video"],
+                "properties": {
+                    "video": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "The input video (any container and codec PyAV reads).",
+                    },
+                    "request": {
+                        "$ref": "#/components/schemas/JobRequest",
+                        "description": "The edit request as a JSON text field; `prompt` is "
+                        "required.",
+                    },
+                },
+            },
+            "encoding": {"request": {"contentType": "application/json"}},
+        },
+        "application/json": {"schema": {"$ref": "#/components/schemas/S3JobRequest"}},
+    },
+}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, plus the schemas of the hand-read body, with FastAPI's `{detail}`
+    422 replaced: validation errors are `ErrorResponse`s like every other error."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    document = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = document.setdefault("components", {}).setdefault("schemas", {})
+    extra = S3JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, schema in {**extra.pop("$defs", {}), "S3JobRequest": extra}.items():
+        components.setdefault(name, schema)
+    # Keys are checked by hand (tenant_of); with none configured every caller is `local`.
+    document["components"]["securitySchemes"] = {
+        "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "Bearer": {"type": "http", "scheme": "bearer"},
+    }
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            if path.startswith(f"/{API_VERSION}/"):
+                operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
+            responses = operation.get("responses", {})
+            invalid = responses.get("422", {}).get("content", {}).get("application/json", {})
+            if invalid.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                del responses["422"]  # added by FastAPI for path parameters no value fails
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    app.openapi_schema = document
+    return document
 
 
 async def _save_upload(upload: UploadFile, dest: Path, limit: int) -> int:

@@ -8,19 +8,57 @@ CLI and the benchmarks can build requests without the service's machinery.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from deployments.motion import parse_styles
+from deployments.motion import MotionStyle, parse_styles
+from serve.presets import PRESETS
+
+# 'naive' is the cost reports' baseline (benchmarks run it in process), not a service: the API
+# refuses it, and its OpenAPI lists only these.
+PUBLIC_PRESETS: tuple[str, ...] = tuple(name for name in PRESETS if name != "naive")
+STYLE_NAMES: tuple[str, ...] = tuple(
+    cls.model_fields["name"].default for cls in get_args(get_args(MotionStyle)[0])
+)
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in word)
+
+
+# What deployments.motion.parse_style accepts: a style name in any case, with surrounding
+# spaces, then nothing, `=value` or `:key=value,...` (the parser checks the values). Written
+# without inline flags so ECMA-262 and Python regex engines read it alike.
+STYLE_PATTERN = (
+    r"^\s*(?:" + "|".join(_any_case(name) for name in STYLE_NAMES) + r")\s*(?:[:=][\s\S]*)?$"
+)
+# Documented only (the field validator gives the precise error, naming the valid styles).
+StyleText = Annotated[
+    str,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": STYLE_PATTERN,
+            "description": "name, name=value or name:key=value,... with name one of "
+            + ", ".join(STYLE_NAMES),
+        }
+    ),
+]
+PresetText = Annotated[
+    str | None,
+    WithJsonSchema({"anyOf": [{"type": "string", "enum": list(PUBLIC_PRESETS)}, {"type": "null"}]}),
+]
 
 
 class JobState(StrEnum):
@@ -103,12 +141,12 @@ class JobRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=1000, description="What the person looks like.")
     negative_prompt: str = Field(default="", max_length=1000, description="What to avoid.")
-    styles: list[str] = Field(
+    styles: list[StyleText] = Field(
         default_factory=lambda: ["smooth"],
         max_length=16,
         description="Motion styles applied in order, e.g. ['smooth', 'exaggerate=1.3'].",
     )
-    preset: str | None = Field(
+    preset: PresetText = Field(
         default=None, description="draft, standard or high; None uses the app's default."
     )
     seed: int | None = Field(
@@ -168,3 +206,37 @@ class EstimateRequest(BaseModel):
     width: int = Field(gt=0, le=16384, description="Input video width.")
     height: int = Field(gt=0, le=16384, description="Input video height.")
     request: JobRequest = Field(description="The edit request to estimate.")
+
+
+class S3JobRequest(JobRequest):
+    """The JSON body of POST /v1/jobs: a `JobRequest` plus the input by reference."""
+
+    input: str = Field(
+        description="s3://bucket/key of the video, in one of the app's allowed input buckets "
+        "(anything else is refused with 403)."
+    )
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. job_not_found.")
+    message: str = Field(description="What went wrong, in words a user understands.")
+
+
+class ErrorResponse(BaseModel):
+    """The one shape of every error the API sends (validation errors included)."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """GET /readyz: 200 when ready, 503 with the same body when not."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ready", "not_ready"]
+    active_jobs: int = Field(description="Jobs running on the replica that answered.")
+    max_active_jobs: int = Field(description="Jobs in flight a replica admits (503 beyond).")
