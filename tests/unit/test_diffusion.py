@@ -37,29 +37,7 @@ PIPELINE_TOLERANCE = 1e-5
 BATCH_TOLERANCE = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # The tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's
-    # spinning threads can slow a forward down 50x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_sd, tmp_path_factory) -> d.DiffusionEngine:
-    base, controlnet = tiny_sd_controlnet_sources(tiny_sd.path)
-    config = d.EngineConfig(
-        model_id="tiny",
-        base=base,
-        controlnet=controlnet,
-        device="cpu",
-        cache_dir=tmp_path_factory.mktemp("model-cache"),
-    )
-    engine = d.DiffusionEngine(config)
-    engine.load()
-    return engine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def settings(**overrides) -> d.GenerationSettings:

@@ -1,22 +1,22 @@
 """Cancelled requests leave a running diffusion batch at the next step (engine `cancelled`).
 
-Tiny random-weight models on CPU fp32, as in test_diffusion.py (whose fixtures and helpers
-this module reuses).
+Tiny random-weight models on CPU fp32, as in test_diffusion.py (whose helpers this module
+reuses; the fixtures are in conftest.py).
 """
 
 import numpy as np
 import pytest
 
 from deployments import diffusion as d
-from tests.unit.test_diffusion import (  # noqa: F401  (fixtures)
+from tests.unit.test_diffusion import (
     BATCH_TOLERANCE,
     ForwardCounter,
-    _one_torch_thread,
-    engine,
     pose_maps,
     request,
     settings,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def three_requests(key: d.GenerationSettings) -> list[d.ChunkRequest]:
