@@ -195,6 +195,37 @@ def test_cancel_stops_the_job_and_frees_its_input(server, short_clip, moto_s3):
     assert not any(key.endswith("/input") for key in inputs), inputs
 
 
+def test_a_submit_and_cancel_loop_leaves_no_work_behind(server, short_clip):
+    """Cancelled jobs stop costing: 20 jobs submitted and cancelled while their chunks are in
+    the diffusion stage leave nothing for the replica to run, so a small job right after runs
+    as fast as on the idle server. (Before cancellation reached the replica, a job behind such
+    a loop made no progress for minutes.) The queue itself emptying within 5 s of a cancel is
+    checked at the replica in tests/serve/test_diffusion_cancel.py."""
+    slow = {"chunk_frames": 2, "steps": 12}  # many chunks, long batches: work to pile up
+
+    def small_job_seconds(client: httpx.Client, seed: int) -> float:
+        started = time.monotonic()
+        job_id = submit(client, short_clip, seed=seed).json()["job_id"]
+        status = wait(client, job_id)
+        assert status["state"] == "done", status["error"]
+        return time.monotonic() - started
+
+    with server.client() as client:
+        idle_s = small_job_seconds(client, seed=300)
+        for seed in range(301, 321):
+            response = submit(client, short_clip, seed=seed, **slow)
+            assert response.status_code == 202, response.text
+            job_id = response.json()["job_id"]
+            wait(client, job_id, until=lambda s: s["state"] != "queued")
+            cancelled = client.delete(f"/v1/jobs/{job_id}")
+            assert cancelled.json()["state"] == "cancelled", cancelled.text
+        after_s = small_job_seconds(client, seed=322)
+    print(f"small job: {idle_s:.1f} s idle, {after_s:.1f} s after 20 cancelled jobs")
+    # A ratio within one run; the slack absorbs a shared machine's noise, not a queue of 20
+    # jobs' chunks (minutes).
+    assert after_s <= 2 * idle_s + 5, (idle_s, after_s)
+
+
 def metric_total(text: str, name: str, **labels: str) -> float:
     """Sum of a Prometheus metric's samples whose labels include `labels`."""
     total = 0.0

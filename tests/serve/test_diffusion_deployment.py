@@ -79,7 +79,7 @@ def test_batches_hold_one_key_and_callers_get_their_own_frames(ray_cluster, tmp_
         g = plan.generation
         assert result.frames.shape == (2, g.height, g.width, 3)
         diffusion = result.records[-1]
-        assert diffusion.stage == "diffusion" and diffusion.chunk == request["chunk_index"]
+        assert diffusion.stage == "diffusion" and diffusion.chunk == request.chunk_index
         assert result.records[0].stage == "render"  # upstream records travel with the frames
     batches = handle.recent_batches.remote().result()
     assert all(len(b["keys"]) == 1 for b in batches), batches
