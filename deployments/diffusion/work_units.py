@@ -17,13 +17,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 if TYPE_CHECKING:
     from deployments.diffusion.settings import GenerationSettings
 
 VAE_FACTOR = 8  # SD's VAE downsamples each side by 8
 REFERENCE_LATENT_AREA = 64 * 64  # 512x512 pixels: one work unit per UNet evaluation
+# Units are sums of float products taken in different orders (counted: chunk by chunk as they
+# finish; predicted: one chunk times the chunk count), so their last bits differ (seen:
+# 3.2524024390243915 vs 3.252402439024391). Rounded to a millionth of a unit, far below any
+# priced quantity, counted and predicted compare equal.
+UNIT_DECIMALS = 6
 
 
 class WorkUnits(BaseModel):
@@ -42,6 +47,11 @@ class WorkUnits(BaseModel):
         default=0.0, description="ControlNet evaluations x area x ControlNet weight."
     )
     vae_units: float = Field(default=0.0, description="VAE decodes x area x VAE weight.")
+
+    @field_validator("unet_units", "controlnet_units", "vae_units")
+    @classmethod
+    def _rounded(cls, units: float) -> float:
+        return round(units, UNIT_DECIMALS)
 
     @property
     def total(self) -> float:
