@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test fuzz lint format bench bench-gpu sample weights system-deps clean helm chart-sync
+.PHONY: demo test fuzz lint format bench bench-gpu sample weights system-deps clean helm chart-sync image
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,3 +67,14 @@ helm: $(STAMP)
 # AppArgs schema and values table (tests/k8s fails when they drift).
 chart-sync: $(STAMP)
 	$(PY) k8s/chart_sync.py
+
+# The container image the Helm chart deploys (Dockerfile). Its default name is the chart's default
+# image (values.yaml image.repository, tag = the chart's appVersion = pyproject's version); set
+# IMAGE_REPOSITORY to your registry's, then `docker push $(IMAGE_REPOSITORY):$(IMAGE_TAG)`.
+# Without Docker (or without a reachable daemon) it says so in one line and fails.
+IMAGE_REPOSITORY ?= motionserve
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+image:
+	@command -v docker >/dev/null 2>&1 || { echo "make image: docker is not installed on this machine; build the image where Docker runs (README: Deploy on Kubernetes)" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make image: the docker daemon is not reachable (docker info failed); start it or set DOCKER_HOST" >&2; exit 1; }
+	docker build -t $(IMAGE_REPOSITORY):$(IMAGE_TAG) .

@@ -43,6 +43,13 @@ class Settings(BaseSettings):
         description="Object store for artifacts and job manifests: a local directory path or "
         "s3://bucket/prefix. Empty means <cache_dir>/store.",
     )
+    upscaler_dir: Path | None = Field(
+        default=None,
+        description="Folder of Real-ESRGAN models converted ahead of time (its manifest.json "
+        "and .safetensors files, as `motionserve weights fetch` writes them under "
+        "<cache_dir>/weights/upscalers); named upscaler models are read from there instead of "
+        "being fetched. The container image sets it to the models converted at build time.",
+    )
     s3_endpoint_url: str | None = Field(
         default=None,
         description="Custom S3 endpoint (MinIO, a moto server in tests). Unset uses AWS.",

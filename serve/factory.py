@@ -62,7 +62,10 @@ def engine_config(args: AppArgs, model_id: str) -> diffusion.EngineConfig:
 def upscale_settings(args: AppArgs) -> upscale.UpscaleSettings:
     from serve.weights import upscaler_weights_source
 
-    weights = upscaler_weights_source(args.upscaler_model, Settings().cache_dir)
+    settings = Settings()
+    weights = upscaler_weights_source(
+        args.upscaler_model, settings.cache_dir, settings.upscaler_dir
+    )
     return upscale.UpscaleSettings(weights=weights)
 
 

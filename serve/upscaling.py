@@ -49,7 +49,7 @@ def upscale_file(
     if isinstance(size, str):
         size = parse_size(size)
     model = model or default_upscaler_model(device)
-    weights = upscaler_weights_source(model, Path(cache_dir))
+    weights = upscaler_weights_source(model, Path(cache_dir), settings.upscaler_dir)
     if scale is None and size is None:
         scale = upscaler_output_scale(model)
     options: dict[str, Any] = {"weights": weights, "device": device}

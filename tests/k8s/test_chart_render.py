@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import tomllib
 
 import jsonschema
 import kubernetes_validate
@@ -547,3 +548,35 @@ def test_chart_readme_lists_every_top_level_value():
 def test_default_values_render_without_tier_file(render):
     docs = render()
     assert serve_config(docs)["applications"][0]["args"]["tier"] == "dev"
+
+
+# --- the image ----------------------------------------------------------------------------
+
+
+def ray_images(docs: list[dict]) -> dict[str, str]:
+    cluster = only(docs, "RayService")["spec"]["rayClusterConfig"]
+    images = {"autoscaler": cluster["autoscalerOptions"]["image"]}
+    for name, pod in ray_pod_templates(docs).items():
+        for container in pod["spec"]["containers"]:
+            images[f"{name}/{container['name']}"] = container["image"]
+    return images
+
+
+@pytest.mark.parametrize("values_files", ALL_VALUES, ids=ids)
+def test_every_ray_container_runs_the_image_make_image_builds(render, values_files):
+    """Default: `motionserve:<pyproject version>`, the Dockerfile's image as `make image` tags
+    it, with the Dockerfile's Ray version as rayVersion (tests/unit/test_image.py ties those)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    docs = render(*values_files)
+    images = ray_images(docs)
+    assert {"autoscaler", "head/ray-head"} < set(images) and len(images) >= 4
+    assert set(images.values()) == {f"motionserve:{project['version']}"}
+    (ray,) = [d for d in project["dependencies"] if d.startswith("ray[")]
+    rayservice = only(docs, "RayService")["spec"]["rayClusterConfig"]
+    assert ray.endswith("==" + rayservice["rayVersion"])
+
+
+def test_image_repository_points_every_ray_container_at_a_registry(render):
+    docs = render("values-scale.yaml", sets=("image.repository=registry.example.com/motionserve",))
+    images = set(ray_images(docs).values())
+    assert len(images) == 1 and images.pop().startswith("registry.example.com/motionserve:")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import uuid
 import zipfile
 from pathlib import Path
@@ -32,7 +33,8 @@ from deployments.upscale import (
     tile_spans,
 )
 from deployments.video import DecodeSettings, decode_all, probe
-from serve.config import Settings
+from serve.config import AppArgs, Settings
+from serve.factory import upscale_settings
 from serve.upscaling import upscale_file
 from serve.weights import (
     CPU_DEFAULT_MODEL,
@@ -450,6 +452,44 @@ def test_resolve_names_aliases_and_paths(real_upscalers, tiny_compact):
         resolve_upscaler_model("realesrgan-x8", cache_dir)
     assert default_upscaler_model("cpu") == CPU_DEFAULT_MODEL == "realesr-animevideov3-x4"
     assert default_upscaler_model("cuda") == GPU_DEFAULT_MODEL == "realesrgan-x4plus"
+
+
+def test_prebuilt_upscalers_are_read_and_nothing_is_fetched(real_upscalers, tmp_path):
+    """MOTIONSERVE_UPSCALER_DIR (the image's build-time conversion) is read, never written."""
+    cache_dir = tmp_path / "cache"  # empty: a fetch would download the wheel into it
+    x2 = resolve_upscaler_model("realesr-animevideov3-x2", cache_dir, prebuilt_dir=real_upscalers)
+    assert x2 == real_upscalers / "realesr-animevideov3-x4.safetensors"
+    x4plus = resolve_upscaler_model("realesrgan-x4plus", cache_dir, prebuilt_dir=real_upscalers)
+    assert x4plus == real_upscalers / "realesrgan-x4plus.safetensors"
+    assert not cache_dir.exists()
+
+
+def test_a_damaged_prebuilt_folder_is_an_error_not_a_download(real_upscalers, tmp_path):
+    prebuilt = tmp_path / "prebuilt"
+    prebuilt.mkdir()
+    shutil.copy(real_upscalers / MANIFEST_NAME, prebuilt)
+    for model in real_upscalers.glob("*.safetensors"):
+        shutil.copy(model, prebuilt)
+    cache_dir = tmp_path / "cache"
+    assert resolve_upscaler_model("realesrgan-x4plus", cache_dir, prebuilt).parent == prebuilt
+    damaged = prebuilt / "realesr-animevideov3-x4.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    with pytest.raises(InvalidWeightsError, match="MOTIONSERVE_UPSCALER_DIR=.* no intact"):
+        resolve_upscaler_model("realesrgan-x4plus", cache_dir, prebuilt)
+    with pytest.raises(InvalidWeightsError, match="no intact"):
+        resolve_upscaler_model("realesrgan-x4plus", cache_dir, tmp_path / "missing")
+    assert not cache_dir.exists()
+
+
+def test_the_app_takes_upscalers_from_motionserve_upscaler_dir(
+    real_upscalers, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MOTIONSERVE_UPSCALER_DIR", str(real_upscalers))
+    monkeypatch.setenv("MOTIONSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    settings = upscale_settings(AppArgs(upscaler_model="realesr-animevideov3-x3"))
+    assert settings.weights == str(real_upscalers / "realesr-animevideov3-x4.safetensors")
+    assert upscale_settings(AppArgs(upscaler_model="lanczos")).weights is None
+    assert not (tmp_path / "cache").exists()
 
 
 def test_converter_refuses_malformed_files(real_upscalers):
