@@ -21,8 +21,10 @@ flicker. Two figures measure both on the delivered video, cheaply:
   a multiple of `chunk_frames`. Only intervals the clip covers fully are counted (the held tail
   frame is not).
 
-Frames are measured grey at `working_width` (256 px by default): a 10 s 25 fps clip costs about
-a second on one core, most of it decoding.
+Frames are measured grey at `working_width` (256 px by default): the real sample clip (7.7 s of
+1768x994 VP9 at 30 fps, 230 frames) takes 1.8 s on one core, most of it decoding. On real footage
+without seams the ratio scatters around 1 (the sample clip's exposure flicker, 14 boundaries:
+0.69), so compare an output with its source (`motionserve consistency OUT --source IN`).
 """
 
 from __future__ import annotations

@@ -109,5 +109,5 @@ def format_consistency(section: dict[str, Any] | None) -> str:
     return (
         f"consistency: warp error {figure(out['warp_error'])} grey levels, seam ratio "
         f"{figure(out['seam_ratio'])} over {out['boundaries']} chunk boundaries (1.0 = no "
-        f"seam); measured in {section['wall_s']:.1f} s CPU-side, not billed"
+        f"seam); measured in {section['wall_s']:.1f} s on CPU, not billed"
     )
