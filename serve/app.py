@@ -129,6 +129,10 @@ class VideoServer(StageServer):
     def join(self, segment_keys, plan: Plan, result_key: str, audio: tuple[str, str] | None):
         return stages.join_segments(self.ctx, segment_keys, plan, result_key, audio, plan.cache)
 
+    def consistency(self, result_key: str, plan: Plan) -> dict[str, Any]:
+        """The report's consistency section, measured on the joined result (CPU, cached)."""
+        return stages.result_consistency(self.ctx, result_key, plan)
+
 
 # ------------------------------------------------------------------------------- diffusion
 
@@ -367,6 +371,9 @@ class ServeStages(CacheLookup):
     async def join(self, segment_keys: list[str], plan: Plan, result_key: str,
                    audio: tuple[str, str] | None) -> StageRecord:  # fmt: skip
         return await _awaited(self.h["video"].join.remote(segment_keys, plan, result_key, audio))
+
+    async def consistency(self, result_key: str, plan: Plan) -> dict[str, Any]:
+        return await _awaited(self.h["video"].consistency.remote(result_key, plan))
 
 
 async def _awaited(response: Any) -> Any:

@@ -302,6 +302,49 @@ def _cmd_estimate(args: argparse.Namespace) -> None:
     print(f"naive / plan work units: x{result['ratio']:.1f} (tier {result['tier']})")
 
 
+def _cmd_consistency(args: argparse.Namespace) -> None:
+    from deployments.consistency import ConsistencySettings
+    from serve.factory import stage_context
+    from serve.pipeline import Plan
+    from serve.presets import PRESETS
+    from serve.stages import consistency_of_file
+
+    chunk_frames = args.chunk_frames
+    if chunk_frames is None:
+        chunk_frames = Plan.model_fields["chunk_frames"].default
+    fps = args.generation_fps
+    settings = ConsistencySettings(
+        chunk_frames=chunk_frames,
+        generation_fps=PRESETS["standard"].generation_fps if fps is None else fps,
+    )
+    ctx = stage_context(_app_args(None))  # cached in the local store, as `motionserve edit`
+    clips = {"output": Path(args.video)}
+    if args.source:
+        clips["source"] = Path(args.source)
+    results = {name: consistency_of_file(ctx, path, settings) for name, path in clips.items()}
+    if args.json:
+        doc = {"settings": settings.model_dump(mode="json")}
+        for name, (figures, hit) in results.items():
+            doc[name] = {**figures.model_dump(mode="json"), "cache_hit": hit}
+        print(json.dumps(doc, indent=2))
+        return
+    print(
+        f"chunks of {settings.chunk_frames} frames generated at {settings.generation_fps:g} fps; "
+        "differences in grey levels (0-255)"
+    )
+    for name, (figures, hit) in results.items():
+        print(
+            f"{name:6} {clips[name].name}: {figures.frames} frames at {figures.fps:g} fps  "
+            f"warp error {_figure(figures.warp_error)}  frame change "
+            f"{_figure(figures.frame_change)}  seam ratio {_figure(figures.seam_ratio)} "
+            f"({figures.boundaries} boundaries){'  (cached)' if hit else ''}"
+        )
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _cmd_interpolate(args: argparse.Namespace) -> None:
     from deployments import interpolate
 
@@ -434,6 +477,27 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--config", help="Serve config whose app args (tier) to use")
     estimate.add_argument("--json", action="store_true", help="print JSON")
     estimate.set_defaults(handler=_cmd_estimate)
+
+    cons = commands.add_parser(
+        "consistency",
+        help="warp error and chunk seam ratio of a video (CPU, cached)",
+        description="Temporal consistency of a video: mean flow-warp error between "
+        "consecutive frames, and the seam ratio (mean frame change across chunk boundaries "
+        "over the mean within chunks; 1.0 = no visible seam). Chunk boundaries are placed "
+        "by time: chunk k starts at k * CHUNK_FRAMES / GENERATION_FPS seconds.",
+    )
+    cons.add_argument("video", help="the video to measure, e.g. a job's result")
+    cons.add_argument("--source", help="also measure this video (the job's input) to compare")
+    cons.add_argument(
+        "--chunk-frames", type=int, help="generated frames per chunk (default: a plan's, 16)"
+    )
+    cons.add_argument(
+        "--generation-fps", type=float,
+        help="rate the frames were generated at (default: the presets', 12); give the video's "
+        "own rate when each of its frames was generated",
+    )  # fmt: skip
+    cons.add_argument("--json", action="store_true", help="print JSON")
+    cons.set_defaults(handler=_cmd_consistency)
 
     interp = commands.add_parser(
         "interpolate", help="make frames between two images, or retime a video"

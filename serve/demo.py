@@ -91,4 +91,23 @@ def format_report(report: dict[str, Any]) -> str:
             f"naive / plan: work units x{ratios['work_units']:.1f}, "
             f"dollars (spot) x{ratios['dollars_spot']:.1f}"
         )
+    lines.append(format_consistency(report.get("consistency")))
     return "\n".join(lines)
+
+
+def format_consistency(section: dict[str, Any] | None) -> str:
+    """One line: the report's consistency figures (serve/stages.ConsistencySection)."""
+    if not section:
+        return "consistency: not measured"
+    if "error" in section:
+        return f"consistency: not measured ({section['error']})"
+    out = section["output"]
+
+    def figure(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    return (
+        f"consistency: warp error {figure(out['warp_error'])} grey levels, seam ratio "
+        f"{figure(out['seam_ratio'])} over {out['boundaries']} chunk boundaries (1.0 = no "
+        f"seam); measured in {section['wall_s']:.1f} s on CPU, not billed"
+    )

@@ -90,6 +90,9 @@ class LocalStages(CacheLookup):
             stages.join_segments, self.ctx, segment_keys, plan, result_key, audio, plan.cache
         )
 
+    async def consistency(self, result_key: str, plan: Plan) -> dict[str, Any]:
+        return await asyncio.to_thread(stages.result_consistency, self.ctx, result_key, plan)
+
 
 def _identity(upscaler: upscale.Upscaler) -> dict[str, Any]:
     upscaler.load()

@@ -69,6 +69,10 @@ class StageCalls(Protocol):
     async def join(
         self, segment_keys: list[str], plan: Plan, result_key: str, audio: tuple[str, str] | None
     ) -> StageRecord: ...
+    async def consistency(self, result_key: str, plan: Plan) -> dict[str, Any]:
+        """The report's consistency section, measured on the joined result (CPU, cached)."""
+        ...
+
     async def in_cache(self, key: str) -> bool:
         """Whether generated frames or a segment are cached under `key` (no bytes read)."""
         ...
@@ -118,7 +122,21 @@ class Orchestrator:
         report = build_report(
             plan, ledger, frames=motion_record.frames, tier=self.tier, attempts=manifest.attempts
         )
-        return result_key, {**report.model_dump(mode="json"), "plan_explained": plan.explain()}
+        consistency = await self._consistency(manifest, result_key, plan)
+        return result_key, {
+            **report.model_dump(mode="json"),
+            "plan_explained": plan.explain(),
+            "consistency": consistency,
+        }
+
+    async def _consistency(self, manifest: JobManifest, result_key: str, plan: Plan) -> dict:
+        """Measured after the cost report is built, and never billed: a quality figure. The
+        result is made by then, so a failure here is reported, not a failed job."""
+        try:
+            return await self.calls.consistency(result_key, plan)
+        except Exception as error:
+            logger.exception("job %s: consistency metric failed", manifest.job_id)
+            return {"error": f"{type(error).__name__}: {error}"}
 
     async def _run_chunks(
         self, manifest: JobManifest, plan: Plan, keys: JobKeys, spans: list[tuple[int, int]],

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from deployments import diffusion, interpolate, motion, pose, pose_maps, upscale, video
-from serve.cache import ArtifactCache, content_key
+from deployments import consistency, diffusion, interpolate, motion, pose, pose_maps, upscale, video
+from serve.cache import ArtifactCache, content_key, hash_file
 from serve.storage import ObjectStore, open_store, parse_s3_uri
 
 SEGMENT_CODE_VERSION = "segment-1"
@@ -394,3 +394,66 @@ def join_segments(
                 ctx.cache.put_file(ckey, out, {"stage": "result", "frames": record.frames})
         ctx.store.put_file(result_key, out, content_type="video/mp4")
     return record
+
+
+# ------------------------------------------------------------------------ consistency metric
+
+CONSISTENCY_NOTE = (
+    "measured on the delivered video after encode (CPU); a quality figure outside the cost "
+    "report: its seconds are shown here and billed to no stage"
+)
+
+
+class ConsistencySection(BaseModel):
+    """The `consistency` section of a job's report (deployments/consistency.py)."""
+
+    settings: consistency.ConsistencySettings = Field(
+        description="Chunking the seam ratio assumed: the plan's chunk_frames and generation fps."
+    )
+    output: consistency.ConsistencyFigures = Field(description="Figures of the result video.")
+    cache_hit: bool = Field(description="Figures read from the cache (same video bytes).")
+    wall_s: float = Field(description="Wall-clock seconds the measurement took.")
+    cpu_s: float = Field(description="CPU seconds the measurement took.")
+    notes: list[str] = Field(default_factory=list, description="How to read the figures.")
+
+
+def consistency_of_file(
+    ctx: StageContext,
+    path: Path,
+    settings: consistency.ConsistencySettings,
+    use_cache: bool = True,
+    limits: video.InputLimits | None = None,
+) -> tuple[consistency.ConsistencyFigures, bool]:
+    """A video's consistency figures, cached under the sha256 of its bytes and the settings;
+    returns (figures, whether they came from the cache)."""
+    key = content_key(
+        "consistency", consistency.CONSISTENCY_CODE_VERSION, settings, [hash_file(path)]
+    )
+    data = ctx.cache.get(key) if use_cache else None
+    if data is not None:
+        return consistency.ConsistencyFigures.model_validate_json(data), True
+    figures = consistency.measure_video(path, settings, limits or ctx.limits)
+    if use_cache:
+        meta = {"stage": "consistency", "frames": figures.frames}
+        ctx.cache.put(key, figures.model_dump_json().encode(), meta)
+    return figures, False
+
+
+def result_consistency(ctx: StageContext, result_key: str, plan) -> dict:
+    """The consistency section of a job's report, measured on its result in the store."""
+    settings = consistency.ConsistencySettings(
+        chunk_frames=plan.chunk_frames, generation_fps=plan.generation.fps
+    )
+    # Our own output: the input limits do not apply (a retime=0.5 job lasts twice its input).
+    limits = ctx.limits.model_copy(
+        update={"max_bytes": 1 << 62, "max_duration_s": 1e9, "max_pixels": 7680 * 4320}
+    )
+    timing = StageRecord(stage="consistency")
+    with measured(timing), tempfile.TemporaryDirectory(prefix="motionserve-cons-") as scratch:
+        path = ctx.store.get_file(result_key, Path(scratch) / "result.mp4")
+        figures, hit = consistency_of_file(ctx, path, settings, plan.cache, limits)
+    section = ConsistencySection(
+        settings=settings, output=figures, cache_hit=hit, wall_s=timing.wall_s,
+        cpu_s=timing.cpu_s, notes=[CONSISTENCY_NOTE],
+    )  # fmt: skip
+    return section.model_dump(mode="json")

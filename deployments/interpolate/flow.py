@@ -118,6 +118,16 @@ class FlowBackend(InterpolationBackend):
         flow10 = self._dis.calc(grey1, grey0, None)
         return PairMotion(False, width, grey0, grey1, flow01, flow10)
 
+    def flow(self, frame0: np.ndarray, frame1: np.ndarray) -> np.ndarray:
+        """Dense DIS flow from frame0 to frame1 at analysis scale (frame0 at x shows what frame1
+        shows at x + flow[x]); frames RGB or grey. One direction only, no scene-cut test: the
+        consistency metric's warp (deployments/consistency.py) uses it. Zero on frames too
+        small for DIS."""
+        grey0, grey1 = self._analysis_grey(frame0), self._analysis_grey(frame1)
+        if min(grey0.shape) < _MIN_FLOW_SIDE:
+            return np.zeros((*grey0.shape, 2), dtype=np.float32)
+        return self._dis.calc(grey0, grey1, None)
+
     def render(self, motion: PairMotion, frame0: np.ndarray, frame1: np.ndarray, t: float):
         """The frame at time t, applying `motion` (measured at any size) to these frames."""
         if motion.cut:
@@ -145,7 +155,7 @@ class FlowBackend(InterpolationBackend):
         return _SAMPLING[choice]
 
     def _analysis_grey(self, frame: np.ndarray) -> np.ndarray:
-        grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+        grey = frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
         scale = self.settings.flow_scale
         if scale == 1.0:
             return grey

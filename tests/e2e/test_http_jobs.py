@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from deployments.consistency import ConsistencySettings, measure_video
 from tests.conftest import FAST_OVERRIDES
 
 TERMINAL = {"done", "failed", "cancelled"}
@@ -77,6 +78,13 @@ def test_edit_over_http_then_repeat_from_cache(server, short_clip, tmp_path):
         report = status["report"]
         assert report["plan"]["work_units"]["unet_evals"] == 24 * 4 * 2
         assert {r["stage"] for r in status["ledger"]} >= {"pose", "diffusion", "encode", "join"}
+        # The Video deployment measured the delivered bytes (figures equal to a local
+        # measurement of the download), and billed no stage for it.
+        section = report["consistency"]
+        local = measure_video(out, ConsistencySettings(**section["settings"]))
+        assert section["output"] == local.model_dump(mode="json")
+        assert section["output"]["boundaries"] == 1 and not section["cache_hit"]
+        assert "consistency" not in {r["stage"] for r in status["ledger"]}
 
         again = wait(client, submit(client, short_clip).json()["job_id"])
         assert again["state"] == "done"
@@ -86,6 +94,7 @@ def test_edit_over_http_then_repeat_from_cache(server, short_clip, tmp_path):
         assert not any(r["stage"] == "diffusion" for r in again["ledger"])
         repeat = client.get(f"/v1/jobs/{again['job_id']}/result").content
         assert repeat == out.read_bytes()
+        assert again["report"]["consistency"]["cache_hit"]
 
 
 def test_tenants_are_isolated(server, short_clip):

@@ -8,7 +8,9 @@ import subprocess
 
 import pytest
 
+from deployments.consistency import ConsistencySettings, measure_video
 from serve.config import AppArgs
+from serve.demo import format_report
 from serve.local_run import edit_video
 from serve.schemas import JobRequest
 from tests.conftest import FAST_OVERRIDES
@@ -56,6 +58,20 @@ def test_edit_writes_a_valid_mp4_and_a_truthful_report(short_clip, app_args, tmp
     assert plan["gpu_seconds"] == 0 and plan["cpu_seconds"] > 0  # CPU-only run, honestly
     assert report["ratios"]["work_units"] > 5 and report["ratios"]["dollars_spot"] > 1
 
+    # Consistency of the delivered video: chunks of 16 generated frames at 12 fps, mapped by
+    # time onto the 25 fps output (24 generated frames: one boundary). Measured, not billed.
+    section = report["consistency"]
+    assert section["settings"] == {"chunk_frames": 16, "generation_fps": 12.0,
+                                   "working_width": 256}  # fmt: skip
+    remeasured = measure_video(out, ConsistencySettings(**section["settings"]))
+    assert section["output"] == remeasured.model_dump(mode="json")  # the delivered bytes
+    figures = section["output"]
+    assert figures["frames"] == 50 and figures["boundaries"] == 1
+    assert figures["warp_error"] > 0 and figures["seam_ratio"] > 0
+    assert not section["cache_hit"] and section["cpu_s"] > 0
+    assert "consistency" not in stages
+    assert f"seam ratio {figures['seam_ratio']:.2f}" in format_report(report)
+
 
 def test_repeat_costs_no_diffusion(short_clip, app_args, tmp_path):
     asyncio.run(edit_video(short_clip, tmp_path / "a.mp4", request(), app_args))
@@ -66,6 +82,7 @@ def test_repeat_costs_no_diffusion(short_clip, app_args, tmp_path):
     segments = [s for s in plan["stages"] if s["stage"] == "segment"]
     assert segments and segments[0]["cache_hits"] == segments[0]["calls"] == 2
     assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+    assert report["consistency"]["cache_hit"]  # same result bytes: measured once
 
 
 def test_new_prompt_reuses_pose_and_motion(short_clip, app_args, tmp_path):

@@ -163,3 +163,19 @@ def test_frames_this_job_generated_are_billed_once_and_another_jobs_are_free(tmp
     assert (own.cache_hit, own.cpu_s, own.work_units) == (False, 1.5, {"total": 7.0})
     assert "billed once" in own.notes[-1]
     assert other.cache_hit and other.cpu_s == 0 and not other.work_units
+
+
+def test_a_failed_consistency_metric_is_reported_and_the_job_completes(tmp_path, monkeypatch):
+    """The metric runs after the result is made: its failure is in the report, not a failed
+    job, and the cost figures do not depend on it."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder gave up")
+
+    monkeypatch.setattr(local_run.stages, "result_consistency", broken)
+    args = AppArgs(storage_uri=str(tmp_path / "store"), upscaler_model="lanczos")
+    job = JobRequest(prompt="a dancer", preset="draft", seed=1, overrides=FAST_OVERRIDES)
+    report = asyncio.run(edit_video(request_clip(tmp_path), tmp_path / "out.mp4", job, args))
+    assert report["consistency"] == {"error": "RuntimeError: decoder gave up"}
+    assert report["plan"]["work_units"] == report["plan"]["predicted_work_units"]
+    assert (tmp_path / "out.mp4").stat().st_size > 0
