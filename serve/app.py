@@ -81,7 +81,7 @@ class PoseServer(StageServer):
     def __init__(self, args: AppArgs):
         self.ctx = stage_context(args)
 
-    def extract(self, input_ref: str, keys, plan: Plan) -> StageRecord:
+    def extract(self, input_ref: str, keys, plan: Plan) -> list[StageRecord]:
         return stages.extract_pose(self.ctx, input_ref, keys, plan)
 
 
@@ -128,6 +128,10 @@ class VideoServer(StageServer):
 
     def join(self, segment_keys, plan: Plan, result_key: str, audio: tuple[str, str] | None):
         return stages.join_segments(self.ctx, segment_keys, plan, result_key, audio, plan.cache)
+
+    def preview(self, input_ref: str, keys, plan: Plan, result_key: str) -> StageRecord:
+        """The motion preview MP4 (decode, draw the skeletons, encode): CPU only."""
+        return stages.render_preview(self.ctx, input_ref, keys, plan, result_key)
 
 
 # ------------------------------------------------------------------------------- diffusion
@@ -342,8 +346,13 @@ class ServeStages(CacheLookup):
     async def upscaler_identity(self) -> dict[str, Any]:
         return await _awaited(self.h["upscale"].identity.remote())
 
-    async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> StageRecord:
+    async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> list[StageRecord]:
         return await _awaited(self.h["pose"].extract.remote(input_ref, keys, plan))
+
+    async def preview(
+        self, input_ref: str, keys: JobKeys, plan: Plan, result_key: str
+    ) -> StageRecord:
+        return await _awaited(self.h["video"].preview.remote(input_ref, keys, plan, result_key))
 
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
         return await _awaited(self.h["motion"].edit.remote(keys, plan))
