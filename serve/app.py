@@ -426,6 +426,7 @@ class IngressServer:
             limits=args.input_limits(),
             allowed_input_buckets=args.allowed_input_buckets,
             max_active_jobs=args.max_active_jobs,
+            max_active_previews=args.max_active_previews,
             probe=lambda path, digest: stages.probe_input(ctx, path, digest),
             plan_for=lambda request, info: plan_for(args, request, info),
             estimate=lambda request, duration, w, h: estimate(args, request, duration, w, h),
