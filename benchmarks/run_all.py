@@ -27,6 +27,7 @@ BENCHMARKS = [
     ("overhead", ["--quick"], []),
     ("cost", ["--quick"], []),
     ("load", ["--quick"], []),
+    ("preview", ["--quick"], []),
 ]
 
 
