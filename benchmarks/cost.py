@@ -870,7 +870,8 @@ def print_report(result: dict[str, Any]) -> None:
 
 
 def format_runs(runs: dict[str, Any]) -> str:
-    stages = ("pose", "motion", "render", "diffusion", "upscale", "interpolate", "encode", "join")
+    stages = ("decode", "pose", "motion", "render", "diffusion", "upscale", "interpolate", "encode",
+              "join")  # fmt: skip
     lines = [
         "measured runs (CPU s per stage; diffusion = tiny models on CPU, not a GPU figure)",
         f"{'run':28} {'s clip':>6} {'frames':>6} {'unet':>6} {'cnet':>5} {'=pred':>5} "
@@ -913,7 +914,8 @@ def format_stage_seconds(plans: dict[str, Any], tier: str) -> str:
     """Seconds per stage and device of each plan's 10 s clip; m measured, s measured on part
     of the clip and scaled, c calibrated at full size, p predicted."""
     names = [n for n in plans if n != "standard_repeat"]
-    stages = ["pose", "motion", "render", "diffusion", "upscale", "interpolate", "encode", "join"]
+    stages = ["decode", "pose", "motion", "render", "diffusion", "upscale", "interpolate", "encode",
+              "join"]  # fmt: skip
     lines = [
         f"seconds per stage and device per 10 s clip (diffusion: predicted GPU s on {tier}; "
         "m measured, s scaled from part of the clip, c calibrated at full size, p predicted; "

@@ -28,6 +28,7 @@ BENCHMARKS = [
     ("cost", ["--quick"], []),
     ("load", ["--quick"], []),
     ("cancel", ["--quick"], []),
+    ("preview", ["--quick"], []),
 ]
 
 

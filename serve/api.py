@@ -33,6 +33,8 @@ from serve.schemas import (
     JobRequest,
     JobState,
     JobStatus,
+    PreviewAccepted,
+    PreviewStatus,
     Readiness,
     S3JobRequest,
 )
@@ -61,6 +63,22 @@ def _status(manifest: JobManifest, cancel_requested: bool = False) -> JobStatus:
         report=manifest.report,
         result_url=f"/{API_VERSION}/jobs/{manifest.job_id}/result" if done else None,
         checkpointed_chunks=sorted(int(chunk) for chunk in manifest.checkpoints),
+        ledger=manifest.ledger,
+    )
+
+
+def _preview_status(manifest: JobManifest, cancel_requested: bool = False) -> PreviewStatus:
+    done = manifest.state == JobState.DONE
+    return PreviewStatus(
+        preview_id=manifest.job_id,
+        state=manifest.state,
+        created_at=manifest.created_at,
+        updated_at=manifest.updated_at,
+        progress=manifest.progress,
+        cancel_requested=cancel_requested and not manifest.terminal,
+        error=manifest.error.model_dump() if manifest.error else None,
+        report=manifest.report,
+        video_url=f"/{API_VERSION}/previews/{manifest.job_id}/video" if done else None,
         ledger=manifest.ledger,
     )
 
@@ -124,13 +142,14 @@ _ERROR_REASONS = {
     400: "Malformed body (invalid JSON or multipart, undecodable text) or an empty upload.",
     401: "Missing or unknown API key.",
     403: "An s3:// input outside the allowed buckets, or not an s3:// URI.",
-    404: "No such job for this tenant (another tenant's job is not found either).",
-    409: "The job is not done yet.",
+    404: "No such job (or preview) for this tenant (another tenant's is not found either).",
+    409: "The job (or preview) is not done yet.",
     413: "The upload is over the size, duration, pixel or frame limits.",
     415: "Not a video, an unsupported codec, or a body neither multipart nor JSON.",
     422: "The request does not validate (fields, styles, preset), the video is corrupt or "
     "the s3:// input does not exist.",
-    503: "Too many jobs in flight; retry after the `Retry-After` seconds.",
+    503: "Too many jobs (previews: too many previews, a pool of their own) in flight; retry "
+    "after the `Retry-After` seconds.",
 }
 
 
@@ -211,18 +230,7 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
     )
     async def submit_job(request: Request) -> JobAccepted:
         """Multipart (`video` file + `request` JSON field) or JSON with an `input` s3:// URI."""
-        tenant = tenant_of(request)
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            manifest = await _submit_upload(request, tenant)
-        elif content_type.startswith("application/json"):
-            manifest = await _submit_s3(request, tenant)
-        else:
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                "send multipart/form-data with a 'video' file, or JSON with an s3:// 'input'",
-            )
+        manifest = await _accept(request, "job")
         return JobAccepted(
             job_id=manifest.job_id,
             state=manifest.state,
@@ -230,12 +238,26 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
             result_url=f"/{API_VERSION}/jobs/{manifest.job_id}/result",
         )
 
-    async def _submit_upload(request: Request, tenant: str) -> JobManifest:
+    async def _accept(request: Request, kind: str) -> JobManifest:
+        """A job's or a preview's body, checked the same way (same errors), then admitted."""
+        tenant = tenant_of(request)
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            return await _submit_upload(request, tenant, kind)
+        if content_type.startswith("application/json"):
+            return await _submit_s3(request, tenant, kind)
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send multipart/form-data with a 'video' file, or JSON with an s3:// 'input'",
+        )
+
+    async def _submit_upload(request: Request, tenant: str, kind: str) -> JobManifest:
         limit = service.limits.max_bytes
         declared = int(request.headers.get("content-length") or 0)
         if declared > limit + 1024 * 1024:  # multipart overhead on top of the file
             raise ApiError(413, "limit_exceeded", f"uploads are limited to {limit / 1e6:.0f} MB")
-        service.check_capacity()  # refuse before reading a large body we cannot take
+        service.check_capacity(kind)  # refuse before reading a large body we cannot take
         form = await request.form(max_files=1, max_fields=4)
         try:
             video, spec = form.get("video"), form.get("request")
@@ -247,11 +269,11 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
                 size = await _save_upload(video, local, limit)
                 if size == 0:
                     raise ApiError(400, "empty_input", "the uploaded video is empty")
-                return await service.submit_file(tenant, job_request, local)
+                return await service.submit_file(tenant, job_request, local, kind)
         finally:
             await form.close()
 
-    async def _submit_s3(request: Request, tenant: str) -> JobManifest:
+    async def _submit_s3(request: Request, tenant: str, kind: str) -> JobManifest:
         try:
             body = await request.json()
         except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes not UTF-8
@@ -261,7 +283,7 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         uri = body.pop("input")
         job_request = _parse_request(json.dumps(body))
         try:
-            return await service.submit_s3(tenant, job_request, uri)
+            return await service.submit_s3(tenant, job_request, uri, kind)
         except ObjectNotFound:
             raise ApiError(422, "input_not_found", f"no object at {uri}") from None
 
@@ -292,15 +314,7 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
     )
     async def get_result(job_id: str, request: Request) -> Response:
         manifest = await _find(request, job_id)
-        if manifest.state != JobState.DONE or not manifest.result_key:
-            raise ApiError(409, "not_ready", f"the job is {manifest.state}, not done")
-        stream = await service.open_result(manifest)
-        return StreamingResponse(
-            iter(lambda: stream.read(1 << 20), b""),
-            media_type="video/mp4",
-            headers={"Content-Disposition": f'attachment; filename="{job_id}.mp4"'},
-            background=_closer(stream),
-        )
+        return await _video(manifest, f"{job_id}.mp4")
 
     @app.delete(
         f"/{API_VERSION}/jobs/{{job_id}}",
@@ -322,18 +336,102 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         code = 202 if status.cancel_requested else 200
         return JSONResponse(status.model_dump(mode="json"), status_code=code)
 
+    @app.post(
+        f"/{API_VERSION}/previews",
+        status_code=202,
+        response_model=PreviewAccepted,
+        tags=["previews"],
+        responses=_errors(400, 401, 403, 413, 415, 422, 503),
+        openapi_extra={"requestBody": _SUBMIT_BODY},
+    )
+    async def submit_preview(request: Request) -> PreviewAccepted:
+        """The motion preview, CPU only: the same body as POST /v1/jobs. Runs the job's decode,
+        pose and motion stages (the job that follows gets them from the cache), renders the
+        source with the original skeleton beside the edited one, and estimates the job."""
+        manifest = await _accept(request, "preview")
+        return PreviewAccepted(
+            preview_id=manifest.job_id,
+            state=manifest.state,
+            status_url=f"/{API_VERSION}/previews/{manifest.job_id}",
+            video_url=f"/{API_VERSION}/previews/{manifest.job_id}/video",
+        )
+
+    @app.get(
+        f"/{API_VERSION}/previews/{{preview_id}}",
+        response_model=PreviewStatus,
+        tags=["previews"],
+        responses=_errors(401, 404),
+    )
+    async def get_preview(preview_id: str, request: Request) -> PreviewStatus:
+        manifest = await _find(request, preview_id, "preview")
+        marked = not manifest.terminal and await asyncio.to_thread(
+            service.jobs.cancel_requested, manifest.tenant, manifest.job_id
+        )
+        return _preview_status(manifest, cancel_requested=marked)
+
+    @app.get(
+        f"/{API_VERSION}/previews/{{preview_id}}/video",
+        tags=["previews"],
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "The preview: source + original skeleton | source + edited "
+                "skeleton, at the generation fps and size.",
+            },
+            **_errors(401, 404, 409),
+        },
+    )
+    async def get_preview_video(preview_id: str, request: Request) -> Response:
+        manifest = await _find(request, preview_id, "preview")
+        return await _video(manifest, f"{preview_id}-preview.mp4")
+
+    @app.delete(
+        f"/{API_VERSION}/previews/{{preview_id}}",
+        response_model=PreviewStatus,
+        tags=["previews"],
+        responses={
+            202: {
+                "model": PreviewStatus,
+                "description": "Cancel requested; the preview's replica stops it soon.",
+            },
+            **_errors(401, 404),
+        },
+    )
+    async def cancel_preview(preview_id: str, request: Request) -> JSONResponse:
+        """Like DELETE /v1/jobs/{job_id}: 200 when stopped (or already finished), else 202."""
+        manifest = await service.cancel(await _find(request, preview_id, "preview"))
+        status = _preview_status(manifest, cancel_requested=True)
+        code = 202 if status.cancel_requested else 200
+        return JSONResponse(status.model_dump(mode="json"), status_code=code)
+
     @app.post(f"/{API_VERSION}/estimate", tags=["jobs"], responses=_errors(400, 401, 422))
     async def estimate(body: EstimateRequest, request: Request) -> dict:
         tenant_of(request)
         _check_preset(body.request)
         return service.estimate(body.request, body.duration_s, body.width, body.height)
 
-    async def _find(request: Request, job_id: str) -> JobManifest:
+    async def _find(request: Request, job_id: str, kind: str = "job") -> JobManifest:
+        """The tenant's job (or preview): a preview's id is not a job's, nor the reverse."""
         tenant = tenant_of(request)
         try:
-            return await service.get(tenant, job_id)
+            manifest = await service.get(tenant, job_id)
         except JobNotFound:
-            raise ApiError(404, "job_not_found", f"no job {job_id}") from None
+            manifest = None
+        if manifest is None or manifest.kind != kind:
+            raise ApiError(404, f"{kind}_not_found", f"no {kind} {job_id}") from None
+        return manifest
+
+    async def _video(manifest: JobManifest, filename: str) -> Response:
+        if manifest.state != JobState.DONE or not manifest.result_key:
+            raise ApiError(409, "not_ready", f"the {manifest.kind} is {manifest.state}, not done")
+        stream = await service.open_result(manifest)
+        return StreamingResponse(
+            iter(lambda: stream.read(1 << 20), b""),
+            media_type="video/mp4",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+            background=_closer(stream),
+        )
 
     return app
 

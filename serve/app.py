@@ -81,7 +81,7 @@ class PoseServer(StageServer):
     def __init__(self, args: AppArgs):
         self.ctx = stage_context(args)
 
-    def extract(self, input_ref: str, keys, plan: Plan) -> StageRecord:
+    def extract(self, input_ref: str, keys, plan: Plan) -> list[StageRecord]:
         return stages.extract_pose(self.ctx, input_ref, keys, plan)
 
 
@@ -132,6 +132,10 @@ class VideoServer(StageServer):
     def consistency(self, result_key: str, plan: Plan) -> dict[str, Any]:
         """The report's consistency section, measured on the joined result (CPU, cached)."""
         return stages.result_consistency(self.ctx, result_key, plan)
+
+    def preview(self, input_ref: str, keys, plan: Plan, result_key: str) -> StageRecord:
+        """The motion preview MP4 (decode, draw the skeletons, encode): CPU only."""
+        return stages.render_preview(self.ctx, input_ref, keys, plan, result_key)
 
 
 # ------------------------------------------------------------------------------- diffusion
@@ -346,8 +350,13 @@ class ServeStages(CacheLookup):
     async def upscaler_identity(self) -> dict[str, Any]:
         return await _awaited(self.h["upscale"].identity.remote())
 
-    async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> StageRecord:
+    async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> list[StageRecord]:
         return await _awaited(self.h["pose"].extract.remote(input_ref, keys, plan))
+
+    async def preview(
+        self, input_ref: str, keys: JobKeys, plan: Plan, result_key: str
+    ) -> StageRecord:
+        return await _awaited(self.h["video"].preview.remote(input_ref, keys, plan, result_key))
 
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
         return await _awaited(self.h["motion"].edit.remote(keys, plan))
@@ -424,6 +433,7 @@ class IngressServer:
             limits=args.input_limits(),
             allowed_input_buckets=args.allowed_input_buckets,
             max_active_jobs=args.max_active_jobs,
+            max_active_previews=args.max_active_previews,
             probe=lambda path, digest: stages.probe_input(ctx, path, digest),
             plan_for=lambda request, info: plan_for(args, request, info),
             estimate=lambda request, duration, w, h: estimate(args, request, duration, w, h),

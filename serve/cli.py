@@ -180,6 +180,21 @@ def _cmd_edit(args: argparse.Namespace) -> None:
         _write_json(args.report, report)
 
 
+def _cmd_preview(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from serve.demo import format_preview_report
+    from serve.local_run import preview_video
+
+    report = asyncio.run(
+        preview_video(Path(args.video), Path(args.output), _job_request(args),
+                      _app_args(args.config))
+    )  # fmt: skip
+    print(format_preview_report(report))
+    if args.report:
+        _write_json(args.report, report)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Start a local Ray cluster owned by this command and run the app from a Serve config on
     it. `serve run CONFIG` works too; this adds the metrics port, never attaches to another
@@ -427,8 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     motion.add_argument("--render", help="also render pose maps: a .mp4 file or a directory")
     motion.set_defaults(handler=_cmd_motion)
 
-    def add_request_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--prompt", required=True, help="what the person should look like")
+    def add_request_options(command: argparse.ArgumentParser, prompt_required=True) -> None:
+        command.add_argument(
+            "--prompt",
+            required=prompt_required,
+            default="preview",
+            help="what the person should look like",
+        )
         command.add_argument("--negative-prompt", default="", help="what to avoid")
         command.add_argument("--style", action="append", help="motion style, repeatable")
         command.add_argument("--preset", choices=("draft", "standard", "high"), default=None)
@@ -444,6 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--report", help="also write the cost report as JSON here")
     add_request_options(edit)
     edit.set_defaults(handler=_cmd_edit)
+
+    preview = commands.add_parser(
+        "preview",
+        help="CPU-only motion preview: source with original | edited skeleton, and the "
+        "estimate of the job (no GPU; fills the cache the job reuses)",
+    )
+    preview.add_argument("video")
+    preview.add_argument("-o", "--output", required=True, help="preview MP4 to write")
+    preview.add_argument("--config", help="Serve config whose app args to use (default: local)")
+    preview.add_argument("--report", help="also write the preview report as JSON here")
+    add_request_options(preview, prompt_required=False)
+    preview.set_defaults(handler=_cmd_preview)
 
     serve_cmd = commands.add_parser("serve", help="start a local Ray cluster and the app")
     serve_cmd.add_argument("--config", help=f"Serve config (default: {DEFAULT_CONFIG.name})")

@@ -156,6 +156,16 @@ class AppArgs(BaseModel):
         "on the scale tier); a replica adopting a dead one's jobs takes only as many as it has "
         "free slots for.",
     )
+    max_active_previews: int = Field(
+        default=2,
+        ge=1,
+        le=1024,
+        description="Motion previews (POST /v1/previews, CPU only) queued or running per ingress "
+        "replica, admissions under way included; beyond, 503 with Retry-After. A pool of its "
+        "own: previews never take a job's slot, so they cannot starve jobs, and this bounds "
+        "the CPU stage work they add to the jobs' (each preview: one decode + pose, one motion "
+        "edit, one render).",
+    )
     job_lease_s: float = Field(
         default=30.0,
         ge=1.0,

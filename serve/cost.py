@@ -507,3 +507,46 @@ def estimate_plan(
         ratio=savings_ratio(naive_units.total, units.total),
         notes=[f"reference speed and GPU price: {price.source} (estimates)"],
     )
+
+
+class PreviewReport(BaseModel):
+    """What a motion preview cost (CPU only, never the GPU) and what the full job would cost."""
+
+    kind: Literal["preview"] = Field(default="preview", description="Always 'preview'.")
+    tier: str = Field(description="Tier whose prices apply.")
+    hardware: str = Field(description="Hardware kind of the tier (price table key).")
+    preview: CostSide = Field(
+        description="The preview itself: its stages' measured seconds and dollars; zero "
+        "diffusion work units and zero GPU seconds."
+    )
+    estimate: CostEstimate = Field(
+        description="The full job on this input: predicted work units and dollars against naive."
+    )
+    notes: list[str] = Field(default_factory=list, description="What the figures mean.")
+
+
+def build_preview_report(
+    plan: Any,
+    records: Sequence[Any],
+    *,
+    frames: int,
+    tier: str = "local",
+    prices: PriceTable = DEFAULT_PRICES,
+) -> PreviewReport:
+    """The report of a finished preview: its records (all CPU: decode, pose, motion, preview)
+    priced, and the estimate of the job that would generate `frames` edited frames."""
+    hardware, price = prices.for_tier(tier)
+    stages = _stage_costs(records, price, prices)
+    units = _measured_units(records)  # no diffusion record: zero, stated rather than assumed
+    side = _side(0, units, WorkUnits(), stages, estimated=False)
+    return PreviewReport(
+        tier=tier,
+        hardware=hardware,
+        preview=side,
+        estimate=estimate_plan(plan, frames, tier=tier, prices=prices),
+        notes=[
+            "the preview runs the job's decode, pose and motion stages (same cache keys: the "
+            "job that follows reuses them) and draws the skeletons on CPU; no diffusion",
+            f"vCPU price: {prices.vcpu_source}",
+        ],
+    )

@@ -111,3 +111,31 @@ def format_consistency(section: dict[str, Any] | None) -> str:
         f"{figure(out['seam_ratio'])} over {out['boundaries']} chunk boundaries (1.0 = no "
         f"seam); measured in {section['wall_s']:.1f} s on CPU, not billed"
     )
+
+
+def format_preview_report(report: dict[str, Any]) -> str:
+    """A preview's own cost (CPU only) per stage, then the estimate of the full job."""
+    preview, estimate = report["preview"], report["estimate"]
+    lines = [
+        f"preview (tier {report['tier']}: {report['hardware']}): CPU only",
+        f"{'stage':12} {'calls':>5} {'hits':>4} {'seconds':>9}",
+    ]
+    for stage in preview["stages"]:
+        lines.append(
+            f"{stage['stage']:12} {stage['calls']:>5} {stage['cache_hits']:>4} "
+            f"{stage['seconds']:>9.2f}"
+        )
+    lines.append(
+        f"preview: work units {preview['work_units']['unet_evals']:.0f} diffusion, GPU s "
+        f"{preview['gpu_seconds']:.0f}, CPU s {preview['cpu_seconds']:.2f}"
+    )
+    lines.append("the full job (estimate):")
+    for name in ("plan", "naive"):
+        side = estimate[name]
+        lines.append(
+            f"  {name:6} frames {side['generated_frames']:>5}  work units "
+            f"{side['work_units']:>10.1f}  GPU s {side['gpu_seconds']:>8.1f}  "
+            f"$ spot {side['dollars']['spot']:.4f}  on-demand {side['dollars']['on_demand']:.4f}"
+        )
+    lines.append(f"  naive / plan work units: x{estimate['ratio']:.1f}")
+    return "\n".join(lines)

@@ -24,8 +24,9 @@ class LocalStages(CacheLookup):
     """`StageCalls` on core objects in this process. Calls run in worker threads; awaitable
     arguments are awaited first."""
 
-    def __init__(self, ctx: StageContext, engine: diffusion.DiffusionEngine,
-                 upscaler: upscale.Upscaler, gpu_fraction: float = 1.0):  # fmt: skip
+    def __init__(self, ctx: StageContext, engine: diffusion.DiffusionEngine | None,
+                 upscaler: upscale.Upscaler | None, gpu_fraction: float = 1.0):  # fmt: skip
+        # A preview calls neither the engine nor the upscaler: it is built without them.
         self.ctx, self.engine, self.upscaler = ctx, engine, upscaler
         self.gpu_fraction = gpu_fraction
 
@@ -38,8 +39,15 @@ class LocalStages(CacheLookup):
     async def upscaler_identity(self) -> dict[str, Any]:
         return await asyncio.to_thread(_identity, self.upscaler)
 
-    async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> StageRecord:
+    async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> list[StageRecord]:
         return await asyncio.to_thread(stages.extract_pose, self.ctx, input_ref, keys, plan)
+
+    async def preview(
+        self, input_ref: str, keys: JobKeys, plan: Plan, result_key: str
+    ) -> StageRecord:
+        return await asyncio.to_thread(
+            stages.render_preview, self.ctx, input_ref, keys, plan, result_key
+        )
 
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
         return await asyncio.to_thread(stages.edit_motion, self.ctx, keys, plan)
@@ -144,24 +152,51 @@ async def edit_video(
 
     Same stages, keys, cache and cost report as the service; returns the report.
     """
-    from serve.factory import make_engine, make_upscaler, stage_context
+    from serve.factory import make_engine, make_upscaler
+
+    return await _run_local(
+        video_path, output, request, args, on_progress, "job",
+        lambda: LocalStages(_context(args), make_engine(args), make_upscaler(args)),
+    )  # fmt: skip
+
+
+async def preview_video(
+    video_path: Path, output: Path, request, args, on_progress=None
+) -> dict[str, Any]:
+    """The motion preview in this process (`motionserve preview`): the job's decode, pose and
+    motion stages in the same cache, the side-by-side MP4 at `output`, and the estimate of the
+    full job; no diffusion engine and no upscaler are even built. Returns the preview report."""
+    return await _run_local(
+        video_path, output, request, args, on_progress, "preview",
+        lambda: LocalStages(_context(args), None, None),
+    )  # fmt: skip
+
+
+def _context(args) -> StageContext:
+    from serve.factory import stage_context
+
+    return stage_context(args)
+
+
+async def _run_local(video_path, output, request, args, on_progress, kind: str, make_calls):
     from serve.jobs import new_job_id
     from serve.planning import plan_for
 
     video_path = Path(video_path).resolve()
-    ctx = stage_context(args)
+    calls = make_calls()
+    ctx = calls.ctx
     digest = await asyncio.to_thread(hash_file, video_path)
     info = await asyncio.to_thread(stages.probe_input, ctx, video_path, digest)
     manifest = JobManifest(
         job_id=new_job_id(),
         tenant="local",
+        kind=kind,
         request=request,
         input_key=str(video_path),
         input_sha256=digest,
         plan=plan_for(args, request, info),
         attempts=1,
     )
-    calls = LocalStages(ctx, make_engine(args), make_upscaler(args))
     orchestrator = Orchestrator(
         calls, lambda m: f"local-results/{m.job_id}.mp4", tier=args.tier,
         max_chunks_in_flight=args.max_chunks_in_flight,

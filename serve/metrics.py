@@ -64,7 +64,7 @@ class JobMetrics:
                 self.cache_hits.inc(tags={"stage": record["stage"]})
         if not report:
             return
-        plan = report["plan"]
+        plan = report["preview"] if report.get("kind") == "preview" else report["plan"]
         _add(self.gpu_seconds, plan["gpu_seconds"])
         _add(self.cpu_seconds, plan["cpu_seconds"])
         units = plan["work_units"]

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from serve import stages
 from serve.chunks import ChunkSpec
-from serve.cost import build_report
+from serve.cost import build_preview_report, build_report
 from serve.events import JobEvents
 from serve.jobs import JobManifest
 from serve.pipeline import Plan
@@ -47,8 +47,17 @@ class StageCalls(Protocol):
 
     async def ready(self) -> bool: ...
     async def upscaler_identity(self) -> dict[str, Any]: ...
-    async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> StageRecord: ...
+    async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> list[StageRecord]:
+        """Decode + pose: the `decode` and `pose` records."""
+        ...
+
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord: ...
+    async def preview(
+        self, input_ref: str, keys: JobKeys, plan: Plan, result_key: str
+    ) -> StageRecord:
+        """The motion preview MP4 at `result_key` (stages.render_preview); CPU only."""
+        ...
+
     def render(
         self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int]
     ) -> Awaitable[Frames]: ...
@@ -100,15 +109,11 @@ class Orchestrator:
         return await self.calls.ready()
 
     async def run(self, manifest: JobManifest, events: JobEvents) -> tuple[str, dict[str, Any]]:
+        if manifest.kind == "preview":
+            return await self.run_preview(manifest, events)
         plan = Plan.model_validate(manifest.plan)
         keys = stages.job_keys(manifest.input_sha256, plan)
-        events.check_cancelled()
-        events.record([await self.calls.pose(manifest.input_key, keys, plan)])
-        events.progress("pose", 1, 1)
-        events.check_cancelled()
-        motion_record = await self.calls.motion(keys, plan)
-        events.record([motion_record])
-        events.progress("motion", 1, 1)
+        motion_record = await self._poses(manifest, plan, keys, events)
         spans = chunk_spans(motion_record.frames, plan.chunk_frames)
         segment_keys = await self._run_chunks(manifest, plan, keys, spans, events)
         result_key = self.result_key_for(manifest)
@@ -137,6 +142,37 @@ class Orchestrator:
         except Exception as error:
             logger.exception("job %s: consistency metric failed", manifest.job_id)
             return {"error": f"{type(error).__name__}: {error}"}
+
+    async def _poses(
+        self, manifest: JobManifest, plan: Plan, keys: JobKeys, events: JobEvents
+    ) -> StageRecord:
+        """The whole-video CPU stages a job and its preview share (same keys, same cache):
+        decode + pose, then the motion edit. Returns the motion's record."""
+        events.check_cancelled()
+        events.record(await self.calls.pose(manifest.input_key, keys, plan))
+        events.progress("pose", 1, 1)
+        events.check_cancelled()
+        motion_record = await self.calls.motion(keys, plan)
+        events.record([motion_record])
+        events.progress("motion", 1, 1)
+        return motion_record
+
+    async def run_preview(
+        self, manifest: JobManifest, events: JobEvents
+    ) -> tuple[str, dict[str, Any]]:
+        """A motion preview: the job's decode, pose and motion stages (filling the cache the
+        job then hits), the side-by-side MP4, and the estimate of the full job. Never calls
+        the diffusion stage: its report shows zero work units and zero GPU seconds."""
+        plan = Plan.model_validate(manifest.plan)
+        keys = stages.job_keys(manifest.input_sha256, plan)
+        motion_record = await self._poses(manifest, plan, keys, events)
+        events.check_cancelled()
+        result_key = self.result_key_for(manifest)
+        events.record([await self.calls.preview(manifest.input_key, keys, plan, result_key)])
+        events.progress("preview", 1, 1)
+        ledger = [StageRecord.model_validate(r) for r in events.manifest.ledger]
+        report = build_preview_report(plan, ledger, frames=motion_record.frames, tier=self.tier)
+        return result_key, {**report.model_dump(mode="json"), "plan_explained": plan.explain()}
 
     async def _run_chunks(
         self, manifest: JobManifest, plan: Plan, keys: JobKeys, spans: list[tuple[int, int]],

@@ -199,6 +199,39 @@ class JobStatus(BaseModel):
     )
 
 
+class PreviewAccepted(BaseModel):
+    preview_id: str = Field(description="Id to poll with GET /v1/previews/{preview_id}.")
+    state: JobState = Field(description="queued.")
+    status_url: str = Field(description="Where to poll.")
+    video_url: str = Field(description="Where the preview MP4 will be.")
+
+
+class PreviewStatus(BaseModel):
+    """A motion preview: CPU only, no diffusion. When done, `report` holds what the preview
+    cost (`preview`: zero work units, zero GPU seconds) and the `estimate` of the full job."""
+
+    preview_id: str
+    state: JobState
+    created_at: str
+    updated_at: str
+    progress: dict[str, StageProgress] = Field(description="Per stage: units done of total.")
+    cancel_requested: bool = Field(
+        default=False, description="A cancel was asked for and has not taken effect yet."
+    )
+    error: dict[str, str] | None = Field(default=None, description="code and message if failed.")
+    report: dict[str, Any] | None = Field(
+        default=None, description="Preview cost and the full job's estimate, when done."
+    )
+    video_url: str | None = Field(
+        default=None,
+        description="The preview MP4, when done: the source with the original skeleton beside "
+        "the same frames with the edited skeleton, at the generation fps and size.",
+    )
+    ledger: list[dict[str, Any]] = Field(
+        default_factory=list, description="Cost records of the work done so far, per stage call."
+    )
+
+
 class EstimateRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
@@ -240,3 +273,7 @@ class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     active_jobs: int = Field(description="Jobs running on the replica that answered.")
     max_active_jobs: int = Field(description="Jobs in flight a replica admits (503 beyond).")
+    active_previews: int = Field(default=0, description="Previews running on that replica.")
+    max_active_previews: int = Field(
+        default=0, description="Previews in flight a replica admits (503 beyond)."
+    )

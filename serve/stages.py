@@ -20,12 +20,23 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from deployments import consistency, diffusion, interpolate, motion, pose, pose_maps, upscale, video
+from deployments import (
+    consistency,
+    diffusion,
+    interpolate,
+    motion,
+    motion_preview,
+    pose,
+    pose_maps,
+    upscale,
+    video,
+)
 from serve.cache import ArtifactCache, content_key, hash_file
 from serve.storage import ObjectStore, open_store, parse_s3_uri
 
 SEGMENT_CODE_VERSION = "segment-1"
 RENDER_CODE_VERSION = "render-1"
+PREVIEW_CRF = 23  # a look at the motion, not a deliverable: smaller files, faster encode
 
 
 class StageRecord(BaseModel):
@@ -170,26 +181,53 @@ def _cache_hit(ctx: StageContext, plan, key: str, record: StageRecord) -> bool:
     return True
 
 
-def extract_pose(ctx: StageContext, input_ref: str, keys: JobKeys, plan) -> StageRecord:
-    """Decode at the generation rate and size and extract the pose (cached under keys.pose)."""
-    record = StageRecord(stage="pose")
-    with measured(record):
-        if _cache_hit(ctx, plan, keys.pose, record):
-            return record
+def extract_pose(ctx: StageContext, input_ref: str, keys: JobKeys, plan) -> list[StageRecord]:
+    """Decode at the generation rate and size and extract the pose (cached under keys.pose).
+
+    Two records: `decode` (fetching the input and decoding it) and `pose`, each with its own
+    seconds. When the poses are cached nothing is fetched or decoded: both are cache hits (the
+    decoded frames are never stored; the poses are what the job needs of them)."""
+    decode, poses = StageRecord(stage="decode"), StageRecord(stage="pose")
+    with MEASURE_LOCK:
+        with measured(poses):
+            hit = _cache_hit(ctx, plan, keys.pose, poses)
+        if hit:
+            decode.cache_hit, decode.frames = True, poses.frames
+            decode.notes.append("not decoded: the poses of these frames are cached")
+            return [decode, poses]
         with tempfile.TemporaryDirectory(prefix="motionserve-pose-") as scratch:
-            local = ctx.fetch_input(input_ref, Path(scratch) / "input")
-            sequence = _decode_and_extract(local, ctx.limits, plan)
-        record.frames = len(sequence)
-        ctx.cache.put(keys.pose, sequence.to_bytes(), {"stage": "pose", "frames": len(sequence)})
-    return record
+            with measured(decode):
+                local = ctx.fetch_input(input_ref, Path(scratch) / "input")
+            sequence = _decode_and_extract(local, ctx.limits, plan, decode, poses)
+        decode.frames = poses.frames = len(sequence)
+        with measured(poses):
+            ctx.cache.put(
+                keys.pose, sequence.to_bytes(), {"stage": "pose", "frames": len(sequence)}
+            )
+    return [decode, poses]
 
 
-def _decode_and_extract(path: Path, limits: video.InputLimits, plan) -> pose.PoseSequence:
-    info = video.probe(path, limits)
+def _decode_and_extract(
+    path: Path, limits: video.InputLimits, plan, decode: StageRecord, poses: StageRecord
+) -> pose.PoseSequence:
+    """Decode chunk by chunk and extract each chunk's poses, billing each part to its record."""
+    with measured(decode):
+        info = video.probe(path, limits)
+        chunks = video.decode_chunks(path, plan.decode, limits, info)
     parts = []
-    with pose.PoseExtractor(plan.pose) as extractor:
-        for chunk in video.decode_chunks(path, plan.decode, limits, info):
-            parts.append(extractor.extract(chunk.frames, plan.decode.fps))
+    with measured(poses):
+        extractor = pose.PoseExtractor(plan.pose)
+    try:
+        while True:
+            with measured(decode):
+                chunk = next(chunks, None)
+            if chunk is None:
+                break
+            with measured(poses):
+                parts.append(extractor.extract(chunk.frames, plan.decode.fps))
+    finally:
+        with measured(poses):
+            extractor.close()
     return pose.PoseSequence.concatenate(parts)
 
 
@@ -208,6 +246,46 @@ def edit_motion(ctx: StageContext, keys: JobKeys, plan) -> StageRecord:
 
 def load_edited_poses(ctx: StageContext, keys: JobKeys) -> pose.PoseSequence:
     return pose.PoseSequence.from_bytes(_require(ctx.cache, keys.motion))
+
+
+def preview_key(keys: JobKeys, plan) -> str:
+    """Key of a motion preview: the decoded frames it draws on and the edited poses (whose key
+    chains the original poses and the styles)."""
+    settings = {"render": motion_preview.PREVIEW_RENDER_VERSION, "fps": plan.decode.fps,
+                "crf": PREVIEW_CRF}  # fmt: skip
+    return content_key("preview", SEGMENT_CODE_VERSION, settings, [keys.decode, keys.motion])
+
+
+def render_preview(
+    ctx: StageContext, input_ref: str, keys: JobKeys, plan, result_key: str
+) -> StageRecord:
+    """The motion preview MP4 (source + original skeleton | source + edited skeleton, at the
+    generation fps and size) stored at `result_key`; cached, so a repeat decodes nothing.
+    Needs the poses and the edited poses in the cache (`extract_pose`, `edit_motion`)."""
+    record = StageRecord(stage="preview")
+    key = preview_key(keys, plan)
+    with measured(record), tempfile.TemporaryDirectory(prefix="motionserve-preview-") as scratch:
+        folder = Path(scratch)
+        out = folder / "preview.mp4"
+        meta = ctx.cache.get_meta(key) if plan.cache else None
+        if meta is not None and ctx.cache.get_file(key, out) is not None:
+            record.cache_hit, record.frames = True, int(meta.get("frames", 0))
+        else:
+            original = pose.PoseSequence.from_bytes(_require(ctx.cache, keys.pose))
+            edited = load_edited_poses(ctx, keys)
+            local = ctx.fetch_input(input_ref, folder / "input")
+            info = video.probe(local, ctx.limits)
+            chunks = video.decode_chunks(local, plan.decode, ctx.limits, info)
+            sources = motion_preview.edited_source_frames(plan.styles, len(original))
+            frames = motion_preview.side_by_side(
+                (chunk.frames for chunk in chunks), original, edited, sources
+            )
+            settings = video.EncodeSettings(fps=plan.decode.fps, crf=PREVIEW_CRF)
+            record.frames = video.encode_mp4(frames, out, settings)
+            if plan.cache:
+                ctx.cache.put_file(key, out, {"stage": "preview", "frames": record.frames})
+        ctx.store.put_file(result_key, out, content_type="video/mp4")
+    return record
 
 
 def _require(cache: ArtifactCache, key: str) -> bytes:

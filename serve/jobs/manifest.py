@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -42,6 +42,12 @@ class JobManifest(BaseModel):
 
     job_id: str = Field(description="32 hex characters.")
     tenant: str = Field(description="Owner of the job.")
+    kind: Literal["job", "preview"] = Field(
+        default="job",
+        description="job: the full edit; preview: the CPU-only motion preview and estimate "
+        "(POST /v1/previews), which runs the job's decode, pose and motion stages and no "
+        "diffusion. Each kind is found only under its own routes.",
+    )
     state: JobState = Field(default=JobState.QUEUED, description="Where the job is.")
     created_at: str = Field(default_factory=now, description="UTC, ISO 8601.")
     updated_at: str = Field(default_factory=now, description="UTC, ISO 8601.")

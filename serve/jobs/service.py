@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from deployments.errors import InputError
 from serve.cache import hash_file
@@ -95,8 +95,16 @@ class JobCancelled(Exception):
     pass
 
 
+Kind = Literal["job", "preview"]
+KINDS: tuple[Kind, ...] = ("job", "preview")
+
+
 class JobService:
     """Accepts, runs, cancels and resumes jobs on one ingress replica.
+
+    Motion previews (`kind="preview"`: CPU only, see Orchestrator.run_preview) go through the
+    same lifecycle with a pool of slots of their own (`max_active_previews`), so previews never
+    take a job's slot and a burst of them cannot starve jobs, nor jobs previews.
 
     The heavy lifting is the orchestrator's (`run(manifest, events) -> (result_key, report)`);
     this class owns the lifecycle: admission (bounded jobs in flight, 503 beyond), the manifest's
@@ -113,6 +121,7 @@ class JobService:
         limits: InputLimits,
         allowed_input_buckets: list[str],
         max_active_jobs: int,
+        max_active_previews: int = 2,
         retry_after_s: int = 5,
         probe: ProbeInput,
         plan_for: PlanFor,
@@ -126,6 +135,7 @@ class JobService:
         self.limits = limits
         self.allowed_input_buckets = allowed_input_buckets
         self.max_active_jobs = max_active_jobs
+        self.max_active_previews = max_active_previews
         self.retry_after_s = retry_after_s
         self._probe, self._plan_for, self._estimate, self._fetch_s3 = (
             probe,
@@ -134,7 +144,9 @@ class JobService:
             fetch_s3,
         )
         self._tasks: dict[str, asyncio.Task] = {}
-        self._reserved = 0  # slots held by submissions still being checked (see _admission)
+        self._kinds: dict[str, Kind] = {}  # job id -> kind, of the tasks in `_tasks`
+        # slots held by submissions still being checked, per kind (see _admission)
+        self._reserved: dict[Kind, int] = dict.fromkeys(KINDS, 0)
         self._claims: dict[str, tuple[str, int]] = {}  # job id -> (folder, attempt) held here
         self._lost: set[str] = set()  # jobs this replica stopped running (lease taken or given)
         self.metrics: JobMetricsSink = metrics or NoJobMetrics()
@@ -145,16 +157,24 @@ class JobService:
     @property
     def active(self) -> int:
         """Jobs running here plus admissions under way (reserved, still hashing or probing)."""
-        return len(self._tasks) + self._reserved
+        return self.active_of("job")
 
-    def check_capacity(self) -> None:
+    def active_of(self, kind: Kind) -> int:
+        """Jobs, or previews, running here plus their admissions under way."""
+        running = sum(1 for job_id in self._tasks if self._kinds.get(job_id) == kind)
+        return running + self._reserved[kind]
+
+    def limit_of(self, kind: Kind) -> int:
+        return self.max_active_jobs if kind == "job" else self.max_active_previews
+
+    def check_capacity(self, kind: Kind = "job") -> None:
         """Refuse now (503) when no slot is free; reserves nothing (see `_admission`)."""
-        if self.active >= self.max_active_jobs:
+        if self.active_of(kind) >= self.limit_of(kind):
             self.metrics.rejected.inc()
             raise Overloaded(self.retry_after_s)
 
     @contextmanager
-    def _admission(self) -> Iterator[None]:
+    def _admission(self, kind: Kind = "job") -> Iterator[None]:
         """Hold one slot while a submission is checked and stored.
 
         The check and the reservation happen together, before the first await, so two
@@ -162,38 +182,47 @@ class JobService:
         handed to the job's task by `_launch` (inside the block, with no await in between)
         and given back here on every other way out: a refusal, a probe failure, bad input,
         a store error, or the client going away (the handler's task is cancelled)."""
-        self.check_capacity()
-        self._reserved += 1
+        self.check_capacity(kind)
+        self._reserved[kind] += 1
         try:
             yield
         finally:
-            self._reserved -= 1
+            self._reserved[kind] -= 1
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         ready = await self.orchestrator.ready()
-        return ready, {"active_jobs": self.active, "max_active_jobs": self.max_active_jobs}
+        return ready, {
+            "active_jobs": self.active,
+            "max_active_jobs": self.max_active_jobs,
+            "active_previews": self.active_of("preview"),
+            "max_active_previews": self.max_active_previews,
+        }
 
-    async def submit_file(self, tenant: str, request: JobRequest, local: Path) -> JobManifest:
-        """Validate an uploaded file, store it, record the job and start it."""
-        with self._admission():
+    async def submit_file(
+        self, tenant: str, request: JobRequest, local: Path, kind: Kind = "job"
+    ) -> JobManifest:
+        """Validate an uploaded file, store it, record the job (or preview) and start it."""
+        with self._admission(kind):
             digest = await asyncio.to_thread(hash_file, local)
             info = await asyncio.to_thread(self._probe, local, digest)
             plan = self._plan_for(request, info)
             job_id = new_job_id()
             input_key = self.jobs.input_key(tenant, job_id)
             await asyncio.to_thread(self.jobs.store.put_file, input_key, local)
-            return self._start(tenant, job_id, request, input_key, digest, plan)
+            return self._start(tenant, job_id, request, input_key, digest, plan, kind)
 
-    async def submit_s3(self, tenant: str, request: JobRequest, uri: str) -> JobManifest:
+    async def submit_s3(
+        self, tenant: str, request: JobRequest, uri: str, kind: Kind = "job"
+    ) -> JobManifest:
         check_input_uri(uri, self.allowed_input_buckets)
-        with self._admission():
+        with self._admission(kind):
             with tempfile.TemporaryDirectory(prefix="motionserve-s3-") as scratch:
                 local = Path(scratch) / "input"
                 await asyncio.to_thread(self._fetch_s3, uri, local)
                 digest = await asyncio.to_thread(hash_file, local)
                 info = await asyncio.to_thread(self._probe, local, digest)
             plan = self._plan_for(request, info)
-            return self._start(tenant, new_job_id(), request, uri, digest, plan)
+            return self._start(tenant, new_job_id(), request, uri, digest, plan, kind)
 
     def _start(
         self,
@@ -203,10 +232,12 @@ class JobService:
         input_key: str,
         digest: str,
         plan: dict[str, Any],
+        kind: Kind = "job",
     ) -> JobManifest:
         manifest = JobManifest(
             job_id=job_id,
             tenant=tenant,
+            kind=kind,
             request=request,
             input_key=input_key,
             input_sha256=digest,
@@ -225,25 +256,29 @@ class JobService:
         restarted) and run them again from their checkpoints, as many as this replica has free
         slots for: the rest wait for the next scan (or another replica). Called at start-up and
         then periodically by each ingress replica; a job with a live lease is left to its owner."""
-        free = self.max_active_jobs - self.active
-        if free <= 0:
+        free = {kind: self.limit_of(kind) - self.active_of(kind) for kind in KINDS}
+        if all(slots <= 0 for slots in free.values()):
             return []
         adopted = await asyncio.to_thread(self._claim_orphans, free)
         # Submissions may have taken slots during the scan: launch what still fits and hand
         # the rest back at once (released, so the next scan here or elsewhere adopts them).
-        fits = max(0, self.max_active_jobs - self.active)
-        for manifest, attempt in adopted[:fits]:
-            self._launch(manifest, attempt)
-        for manifest, attempt in adopted[fits:]:
-            await asyncio.to_thread(self.leases.release, self._folder(manifest), attempt)
-        return [manifest.job_id for manifest, _ in adopted[:fits]]
+        launched = []
+        for manifest, attempt in adopted:
+            if self.active_of(manifest.kind) < self.limit_of(manifest.kind):
+                self._launch(manifest, attempt)
+                launched.append(manifest.job_id)
+            else:
+                await asyncio.to_thread(self.leases.release, self._folder(manifest), attempt)
+        return launched
 
-    def _claim_orphans(self, limit: int) -> list[tuple[JobManifest, int]]:
+    def _claim_orphans(self, free: dict[Kind, int]) -> list[tuple[JobManifest, int]]:
+        """Claim up to `free[kind]` orphans of each kind."""
+        free = dict(free)
         adopted: list[tuple[JobManifest, int]] = []
         for manifest in self.jobs.unfinished():
-            if len(adopted) >= limit:
+            if all(slots <= 0 for slots in free.values()):
                 break
-            if manifest.job_id in self._tasks:
+            if free[manifest.kind] <= 0 or manifest.job_id in self._tasks:
                 continue
             attempt = self.leases.claim_orphan(self._folder(manifest))
             if attempt is None:
@@ -255,6 +290,7 @@ class JobService:
                 manifest = manifest.transition(JobState.QUEUED)
                 self.jobs.save(manifest)
             adopted.append((manifest, attempt))
+            free[manifest.kind] -= 1
         return adopted
 
     def _folder(self, manifest: JobManifest) -> str:
@@ -296,12 +332,14 @@ class JobService:
             self._run(manifest, attempt), context=contextvars.Context()
         )
         self._tasks[manifest.job_id] = task
+        self._kinds[manifest.job_id] = manifest.kind
         self._claims[manifest.job_id] = (self._folder(manifest), attempt)
         self.metrics.queue_depth(self.active)
         task.add_done_callback(lambda _: self._forget(manifest.job_id))
 
     def _forget(self, job_id: str) -> None:
         self._tasks.pop(job_id, None)
+        self._kinds.pop(job_id, None)
         self._claims.pop(job_id, None)
         self.metrics.queue_depth(self.active)
 

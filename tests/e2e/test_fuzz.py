@@ -83,10 +83,12 @@ def test_fuzzing_finds_no_5xx_and_no_undocumented_status(server):
             if set(body) != {"error"} or set(body["error"]) != {"code", "message"}:
                 problems.append(f"error shape: {where}: {response.text[:200]}")
         if status == 202 and case.method == "POST":
-            # e.g. a generated WebP is a one-frame video: cancel it at once so the fuzzer's
-            # jobs never hold the server's slots (no 503) nor run up its work.
-            job_id = response.json()["job_id"]
-            cancelled = httpx.delete(f"{server.url}/v1/jobs/{job_id}", headers=auth, timeout=60)
+            # e.g. a generated WebP is a one-frame video: cancel it (a job or a preview) at once
+            # so the fuzzer's never hold the server's slots (no 503) nor run up its work.
+            accepted = response.json()
+            kind = "previews" if "preview_id" in accepted else "jobs"
+            ident = accepted.get("preview_id") or accepted["job_id"]
+            cancelled = httpx.delete(f"{server.url}/v1/{kind}/{ident}", headers=auth, timeout=60)
             assert cancelled.status_code == 200, cancelled.text
         try:
             case.validate_response(response, checks=CHECKS, headers=headers)

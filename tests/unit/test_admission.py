@@ -215,3 +215,45 @@ def test_resume_adopts_only_as_many_orphans_as_there_are_free_slots(tmp_path):
     adopted, orphans, heir = asyncio.run(scenario())
     assert adopted == orphans
     assert {heir.jobs.get("acme", j).state for j in orphans} == {JobState.DONE}
+
+
+def test_previews_have_a_pool_of_their_own_and_never_take_a_jobs_slot(tmp_path):
+    async def scenario():
+        probe, runner = GatedProbe(), CountingOrchestrator()
+        probe.gate.set()
+        service = service_with(tmp_path, probe, runner, limit=1)
+        service.max_active_previews = 2
+        previews = [
+            await service.submit_file("acme", JobRequest(prompt="x"), upload(tmp_path, i),
+                                      kind="preview")
+            for i in range(2)
+        ]  # fmt: skip
+        with pytest.raises(Overloaded):  # the preview pool is full ...
+            await service.submit_file(
+                "acme", JobRequest(prompt="x"), upload(tmp_path, 2), kind="preview"
+            )
+        # ... and a job still gets its slot; then the job pool is full, previews or not
+        job = await service.submit_file("acme", JobRequest(prompt="x"), upload(tmp_path, 3))
+        with pytest.raises(Overloaded):
+            service.check_capacity("job")
+        await wait_for(lambda: runner.running == 3)
+        assert (service.active, service.active_of("preview")) == (1, 2)
+        ready, detail = await service.readiness()
+        assert detail["active_previews"] == 2 and detail["max_active_previews"] == 2
+        await service.hand_back()  # a replica that stops hands previews back like jobs
+
+        heir_runner = CountingOrchestrator()
+        heir = service_with(tmp_path, probe, heir_runner, limit=1)
+        heir.max_active_previews = 1
+        adopted = await heir.resume_unfinished()  # one of each kind fits
+        kinds = sorted(heir.jobs.get("acme", j).kind for j in adopted)
+        heir_runner.release.set()
+        await wait_for(lambda: heir.active == heir.active_of("preview") == 0)
+        adopted += await heir.resume_unfinished()
+        await wait_for(lambda: heir.active_of("preview") == 0)
+        return kinds, sorted(adopted), sorted(m.job_id for m in [*previews, job]), heir
+
+    kinds, adopted, submitted, heir = asyncio.run(scenario())
+    assert kinds == ["job", "preview"]
+    assert adopted == submitted
+    assert {heir.jobs.get("acme", j).state for j in submitted} == {JobState.DONE}

@@ -55,6 +55,10 @@ def test_every_error_response_is_documented_in_the_one_error_shape():
         ("get", "/v1/jobs/{job_id}/result"): {"200", "401", "404", "409"},
         ("delete", "/v1/jobs/{job_id}"): {"200", "202", "401", "404"},
         ("post", "/v1/estimate"): {"200", "400", "401", "422"},
+        ("post", "/v1/previews"): {"202", "400", "401", "403", "413", "415", "422", "503"},
+        ("get", "/v1/previews/{preview_id}"): {"200", "401", "404"},
+        ("get", "/v1/previews/{preview_id}/video"): {"200", "401", "404", "409"},
+        ("delete", "/v1/previews/{preview_id}"): {"200", "202", "401", "404"},
         ("get", "/readyz"): {"200", "503"},
         ("get", "/healthz"): {"200"},
     }
@@ -70,8 +74,30 @@ def test_every_error_response_is_documented_in_the_one_error_shape():
             if int(status) >= 400 and path.startswith("/v1/"):
                 schema = response["content"]["application/json"]["schema"]
                 assert schema == {"$ref": ERROR_REF}, (path, status)
-    retry = document["paths"]["/v1/jobs"]["post"]["responses"]["503"]["headers"]
-    assert "Retry-After" in retry
+    for path in ("/v1/jobs", "/v1/previews"):
+        retry = document["paths"][path]["post"]["responses"]["503"]["headers"]
+        assert "Retry-After" in retry
+
+
+def test_preview_takes_the_same_documented_body_as_a_job():
+    paths = api().openapi()["paths"]
+    body = paths["/v1/previews"]["post"]["requestBody"]
+    assert body == paths["/v1/jobs"]["post"]["requestBody"]
+    video = paths["/v1/previews/{preview_id}/video"]["get"]["responses"]["200"]["content"]
+    assert "video/mp4" in video
+
+
+def test_preview_refusals_before_the_service_match_the_jobs():
+    app = api(keys=True)
+    headers = {"X-API-Key": "k"}
+    for path in ("/v1/jobs", "/v1/previews"):
+        assert call(app, "POST", path, json={"prompt": "x"}).status_code == 401
+        response = call(app, "POST", path, content=b"raw", headers=headers)
+        assert (response.status_code, response.json()["error"]["code"]) == (
+            415, "unsupported_media_type")  # fmt: skip
+    response = call(app, "PUT", "/v1/previews/" + "0" * 32, headers=headers)
+    assert response.status_code == 405
+    assert set(response.headers["allow"].replace(" ", "").split(",")) == {"GET", "DELETE"}
 
 
 def test_submit_documents_both_bodies_it_reads_by_hand():
