@@ -23,6 +23,11 @@ output. What is measured and what is predicted:
   Predicted at full size; a scaled-down naive run (128 px, first `--naive-seconds`) checks
   that the loop counts exactly what the formula predicts. Naive runs every stage on the GPU
   machine, so its CPU-side stages are billed at the GPU price (as `serve/cost.py` does).
+- Anchor attention (issue 15): the standard plan with `anchor: first_keyframe` as a row of its
+  own beside it (`standard_anchor`): its full-size work units by the same formula, the extra
+  over `standard` split into the anchor's own pass and the wider attention, and a run at the
+  run size that checks the loop counts what the formula predicts. Its CPU side is the standard
+  run's (the anchor adds one pose map per chunk to render, nothing else on the CPU).
 - Levers: each alone on top of naive and cumulatively (micro-batching, 12 fps + interpolation,
   768 px + upscaling, 18 steps, fp16, keyframe ControlNet, cache), beside the figure each was
   expected to give. Work units are exact for the levers that change work; micro-batching's
@@ -49,12 +54,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_label, results_dir, write_json
+from deployments.diffusion.work_units import WorkUnits
 from serve.cost import savings_ratio
 from serve.presets import NAIVE_SKIPS
 
 CLIP_SECONDS = 10.0
 OUTPUT = (1920, 1080, 25.0)
 PLANS = ("draft", "standard", "high")
+ANCHOR_ROW = "standard_anchor"  # the standard plan with anchor attention (issue 15)
+ANCHOR_OVERRIDES = {"anchor": "first_keyframe"}
+ANCHOR_BUDGET_PCT = 12.0  # issue 15: anchor attention + seamless chunks over `standard`
 RUN_LONG_SIDE = 128  # generation size of the runs (16:9 -> 128x72); full size is predicted
 PROMPT = "a robot dancing in a park"
 BATCH_FOR_GAIN = 4  # max_batch_size of serve/configs/local.yaml's Diffusion
@@ -179,12 +188,12 @@ def generated_frames(plan, seconds: float = CLIP_SECONDS) -> int:
     return decoded_frame_count(seconds, plan.generation.fps)
 
 
-def full_size_prediction(preset: str) -> dict[str, Any]:
+def full_size_prediction(preset: str, overrides: dict | None = None) -> dict[str, Any]:
     """Work units (SD 1.5 weights) of a plan on the 10 s clip, and of its naive baseline."""
     from serve.cost import estimate_plan, naive_frame_count, naive_settings
     from serve.cost import predict_generation_units as predict
 
-    plan = full_plan(preset)
+    plan = full_plan(preset, overrides)
     g = plan.generation
     frames = generated_frames(plan)
     units = predict(g, frames, plan.chunk_frames)
@@ -200,6 +209,7 @@ def full_size_prediction(preset: str) -> dict[str, Any]:
         "steps": g.steps,
         "controlnet_every": g.controlnet_every,
         "precision": g.precision,
+        "anchor": g.anchor,
         "generated_frames": frames,
         "chunks": math.ceil(frames / plan.chunk_frames),
         "work_units": _units(units),
@@ -219,14 +229,47 @@ def _units(units) -> dict[str, float]:
         "unet_evals": units.unet_evals,
         "controlnet_evals": units.controlnet_evals,
         "vae_decodes": units.vae_decodes,
+        "anchor_attention_evals": units.anchor_attention_evals,
+        "anchor_attention_units": round(units.anchor_attention_units, 2),
         "total": round(units.total, 2),
+    }
+
+
+def anchor_overhead(standard: dict[str, Any], anchored: dict[str, Any]) -> dict[str, Any]:
+    """What anchor attention adds to the standard plan's full-size work units, and where:
+    the anchor's own pass (its UNet and ControlNet rows) and the wider self-attention."""
+    from deployments.diffusion.work_units import SD15_MODEL_WEIGHTS, latent_area_weight
+
+    base, with_anchor = standard["work_units"], anchored["work_units"]
+    width, height = map(int, anchored["generation"].split("x"))
+    area = latent_area_weight(width, height)
+    extra_unet = (with_anchor["unet_evals"] - base["unet_evals"]) * area
+    extra_controlnet = (
+        (with_anchor["controlnet_evals"] - base["controlnet_evals"])
+        * area
+        * SD15_MODEL_WEIGHTS.controlnet_weight
+    )
+    total = base["total"]
+
+    def pct(value: float) -> float:
+        return round(100.0 * value / total, 2)
+
+    return {
+        "standard_units": total,
+        "anchored_units": with_anchor["total"],
+        "overhead_pct": pct(with_anchor["total"] - total),
+        "anchor_pass_pct": pct(extra_unet + extra_controlnet),
+        "wider_attention_pct": pct(with_anchor["anchor_attention_units"]),
+        "budget_pct": ANCHOR_BUDGET_PCT,
+        "budget_note": "issue 15: anchor attention plus seamless chunks at most +12% over "
+        "standard; standard >= 20x fewer work units than naive",
     }
 
 
 # --- runs ---------------------------------------------------------------------------------------
 
 
-def bench_request(preset: str, long_side: int, seed: int = 1):
+def bench_request(preset: str, long_side: int, seed: int = 1, overrides: dict | None = None):
     from serve.schemas import JobRequest, OutputSpec
 
     width, height, fps = OUTPUT
@@ -237,7 +280,7 @@ def bench_request(preset: str, long_side: int, seed: int = 1):
         preset=preset,
         seed=seed,
         output=OutputSpec(width=width, height=height, fps=fps, keep_audio=False),
-        overrides={"generation_long_side": long_side},
+        overrides={"generation_long_side": long_side, **(overrides or {})},
     )
 
 
@@ -264,7 +307,7 @@ def run_plan(clip: Path, request, args, seconds: float, label: str) -> dict[str,
 def summarize_run(report: dict[str, Any], seconds: float) -> dict[str, Any]:
     plan = report["plan"]
     counted, predicted = plan["work_units"], plan["predicted_work_units"]
-    count_keys = ("unet_evals", "controlnet_evals", "vae_decodes")
+    count_keys = ("unet_evals", "controlnet_evals", "vae_decodes", "anchor_attention_evals")
     stages: dict[str, dict[str, float]] = {}
     for stage in plan["stages"]:
         entry = stages.setdefault(stage["stage"], {"seconds": 0.0, "calls": 0, "cache_hits": 0})
@@ -278,9 +321,7 @@ def summarize_run(report: dict[str, Any], seconds: float) -> dict[str, Any]:
         "counted": {k: counted[k] for k in count_keys},
         "predicted": {k: predicted[k] for k in count_keys},
         "counted_equals_predicted": all(counted[k] == predicted[k] for k in count_keys),
-        "counted_units_tiny_weights": round(
-            counted["unet_units"] + counted["controlnet_units"] + counted["vae_units"], 4
-        ),
+        "counted_units_tiny_weights": round(WorkUnits.model_validate(counted).total, 4),
         "stages": stages,
     }
 
@@ -302,6 +343,13 @@ def run_plans(clip: Path, args, app_args) -> dict[str, Any]:
             if preset == "standard":  # same input, request and store: every stage is a hit
                 runs["standard_repeat"] = run_plan(
                     excerpt, request, plan_args, args.seconds, "standard, repeated (cache)"
+                )
+                anchor_args = AppArgs(
+                    **{**app_args.model_dump(), "storage_uri": str(Path(folder) / ANCHOR_ROW)}
+                )
+                anchored = bench_request(preset, args.long_side, overrides=ANCHOR_OVERRIDES)
+                runs[ANCHOR_ROW] = run_plan(
+                    excerpt, anchored, anchor_args, args.seconds, "standard + anchor attention"
                 )
         naive_args = AppArgs(**{**app_args.model_dump(), "storage_uri": f"{folder}/naive"})
         request = bench_request("naive", args.long_side)
@@ -750,6 +798,19 @@ def run(args) -> dict[str, Any]:
             "work_units": work,
             "cpu_side_seconds": cpu_side_seconds(preset, source, calibration),
         }
+        if preset == "standard":  # the anchor attention row, beside the plan it changes
+            anchored = full_size_prediction("standard", ANCHOR_OVERRIDES)
+            plans[ANCHOR_ROW] = {
+                "name": ANCHOR_ROW,
+                "ran": ANCHOR_ROW in runs,
+                "cpu_side_from": ANCHOR_ROW if ANCHOR_ROW in runs else "standard",
+                "full_size": anchored,
+                "work_units": anchored["work_units"],
+                "cpu_side_seconds": cpu_side_seconds(
+                    "standard", runs.get(ANCHOR_ROW) or runs["standard"], calibration
+                ),
+                "anchor": anchor_overhead(predicted, anchored),
+            }
     repeat = runs["standard_repeat"]
     plans["standard_repeat"] = {
         "name": "standard_repeat",
@@ -839,6 +900,8 @@ def checks(runs: dict, plans: dict) -> dict[str, Any]:
         "repeat_ran_no_diffusion": repeat["counted"]["unet_evals"] == 0,
         "repeat_cache_hits": sum(s["cache_hits"] for s in repeat["stages"].values()),
         "standard_ratio_vs_naive_units": plans["standard"]["ratios_vs_naive"]["work_units"],
+        "anchor_overhead_pct": plans[ANCHOR_ROW]["anchor"]["overhead_pct"],
+        "anchor_ratio_vs_naive_units": plans[ANCHOR_ROW]["ratios_vs_naive"]["work_units"],
     }
 
 
@@ -859,6 +922,7 @@ def print_report(result: dict[str, Any]) -> None:
     )
     print("\n" + format_runs(result["runs"]))
     print("\n" + format_plans(result["plans"]))
+    print(format_anchor(result["plans"][ANCHOR_ROW]))
     print("\n" + format_stage_seconds(result["plans"], s["lever_tier"]))
     print("\n" + format_dollars(result["plans"]))
     print("\n" + format_levers(result["levers"]))
@@ -908,6 +972,16 @@ def format_plans(plans: dict[str, Any]) -> str:
             f"{p['cpu_side_from']}"
         )
     return "\n".join(lines)
+
+
+def format_anchor(row: dict[str, Any]) -> str:
+    a = row["anchor"]
+    return (
+        f"anchor attention on standard: +{a['overhead_pct']:.2f}% work units (anchor pass "
+        f"+{a['anchor_pass_pct']:.2f}%, wider attention +{a['wider_attention_pct']:.2f}%); "
+        f"{_x(row['ratios_vs_naive']['work_units'])} fewer than naive; budget "
+        f"+{a['budget_pct']:g}% with seamless chunks"
+    )
 
 
 def format_stage_seconds(plans: dict[str, Any], tier: str) -> str:

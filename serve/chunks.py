@@ -81,9 +81,18 @@ def require_maps(maps: Frames | None, key: str) -> None:
 
 
 def chunk_request(chunk: ChunkSpec, maps: Frames, plan: Plan) -> diffusion.ChunkRequest:
-    """The diffusion request for a chunk, once its pose maps exist (where the call runs)."""
+    """The diffusion request for a chunk, once its pose maps exist (where the call runs).
+
+    With anchor attention the request carries the job's anchor: the job's first pose map
+    (rendered with every chunk's maps) and the job's seed, the same for all its chunks. Both
+    are in the chunk's generation key already (the motion key and `key_fields`)."""
+    anchor = None
+    if plan.generation.anchor == "first_keyframe":
+        if maps.anchor_map is None:
+            raise RuntimeError(f"chunk {chunk.chunk_index}: anchor attention without its pose map")
+        anchor = diffusion.AnchorInput(seed=chunk.seed, control_image=maps.anchor_map)
     return diffusion.ChunkRequest(
-        **chunk.model_dump(), control_images=maps.frames, settings=plan.generation
+        **chunk.model_dump(), control_images=maps.frames, settings=plan.generation, anchor=anchor
     )
 
 

@@ -28,6 +28,7 @@ from deployments.diffusion.work_units import (
     SD15_MODEL_WEIGHTS,
     ModelWeights,
     WorkUnits,
+    anchor_attention_scale,
     latent_area_weight,
     predict_chunk_units,
 )
@@ -234,18 +235,31 @@ def naive_settings(settings: GenerationSettings, output_width: int, output_heigh
             "steps": NAIVE.steps,
             "precision": NAIVE.precision,
             "controlnet_every": NAIVE.controlnet_every,
+            # A straightforward implementation has no anchor attention; leaving it out of the
+            # baseline keeps the reported savings conservative.
+            "anchor": "off",
         }
     )
 
 
-def weights_from_units(units: WorkUnits, width: int, height: int) -> ModelWeights | None:
-    """The model weights that produced measured units (None when they hold no evaluations)."""
+def weights_from_units(
+    units: WorkUnits, width: int, height: int, anchor_pool: int = 1
+) -> ModelWeights | None:
+    """The model weights that produced measured units (None when they hold no evaluations);
+    the anchor attention weight only when the units hold anchored evaluations (else SD 1.5's)."""
     area = latent_area_weight(width, height)
     if units.controlnet_evals == 0 or units.vae_decodes == 0:
         return None
+    anchor = {}
+    if units.anchor_attention_evals:
+        scale = anchor_attention_scale(width, height, anchor_pool)
+        anchor["anchor_attention_weight"] = units.anchor_attention_units / (
+            units.anchor_attention_evals * scale
+        )
     return ModelWeights(
         controlnet_weight=units.controlnet_units / (units.controlnet_evals * area),
         vae_weight=units.vae_units / (units.vae_decodes * area),
+        **anchor,
     )
 
 
@@ -376,7 +390,9 @@ def build_report(
     hardware, price = prices.for_tier(tier)
     settings: GenerationSettings = plan.generation
     measured = _measured_units(records)
-    weights = weights or weights_from_units(measured, settings.width, settings.height)
+    weights = weights or weights_from_units(
+        measured, settings.width, settings.height, settings.anchor_pool
+    )
     weights = weights or SD15_MODEL_WEIGHTS
     plan_stages = _stage_costs(records, price, prices)
     predicted = predict_generation_units(settings, frames, plan.chunk_frames, weights)

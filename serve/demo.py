@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deployments.diffusion.work_units import WorkUnits
 from serve.config import Settings
 from serve.samples import sample_video_path
 from serve.schemas import JobRequest
@@ -74,7 +75,7 @@ def format_report(report: dict[str, Any]) -> str:
         )
     for side, name in ((plan, "plan"), (naive, "naive")):
         units = side["work_units"]
-        total_units = units["unet_units"] + units["controlnet_units"] + units["vae_units"]
+        total_units = WorkUnits.model_validate(units).total
         lines.append(
             f"{name:6} frames {side['generated_frames']:>4}  work units {total_units:>10.1f}  "
             f"GPU s {side['gpu_seconds']:>8.2f}  CPU s {side['cpu_seconds']:>8.2f}  "

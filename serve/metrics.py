@@ -11,6 +11,8 @@ from typing import Any
 
 from ray.serve import metrics
 
+from deployments.diffusion.work_units import WorkUnits
+
 STAGE_SECONDS_BUCKETS = [0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
 BATCH_SIZE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 32]
 
@@ -68,7 +70,7 @@ class JobMetrics:
         _add(self.gpu_seconds, plan["gpu_seconds"])
         _add(self.cpu_seconds, plan["cpu_seconds"])
         units = plan["work_units"]
-        _add(self.work_units, units["unet_units"] + units["controlnet_units"] + units["vae_units"])
+        _add(self.work_units, WorkUnits.model_validate(units).total)
         for pricing, value in plan["dollars"].items():
             _add(self.dollars, value, {"pricing": pricing})
 

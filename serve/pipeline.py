@@ -78,10 +78,13 @@ class Plan(BaseModel):
     def explain(self) -> list[str]:
         """One line per lever, for the job report."""
         g = self.generation
+        anchor = ""
+        if g.anchor != "off":
+            anchor = f", anchor attention ({g.anchor}, pool {g.anchor_pool})"
         return [
             f"preset {self.preset}",
             f"generate {g.width}x{g.height} at {g.fps:g} fps, {g.steps} steps {g.scheduler}, "
-            f"{g.precision}, ControlNet on every {g.controlnet_every} frame(s)",
+            f"{g.precision}, ControlNet on every {g.controlnet_every} frame(s){anchor}",
             f"interpolate {g.fps:g} -> {self.output_fps:g} fps "
             f"({self.interpolation.backend}, x{self.interpolation_factor:.2f})",
             f"upscale {g.width}x{g.height} -> {self.output_width}x{self.output_height} "
@@ -197,7 +200,7 @@ def _first_error(exc: ValidationError) -> str:
 _PRESET_FIELDS = set(Preset.model_fields)
 _PLAN_FIELDS = {"chunk_frames"}
 _GENERATION_FIELDS = {"guidance_scale", "control_guidance_start", "control_guidance_end",
-                      "controlnet_conditioning_scale"}  # fmt: skip
+                      "controlnet_conditioning_scale", "anchor", "anchor_pool"}  # fmt: skip
 
 
 def _preset_overrides(overrides: dict[str, Any]) -> dict[str, Any]:

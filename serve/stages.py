@@ -69,6 +69,7 @@ class Frames:
     frames: np.ndarray
     records: list[StageRecord] = field(default_factory=list)
     guides: np.ndarray | None = None  # the same frames at generation size (interpolation)
+    anchor_map: np.ndarray | None = None  # pose maps: the job's first one (anchor attention)
 
 
 # CPU seconds are read process-wide (stages use native worker threads), so two measured calls
@@ -299,14 +300,21 @@ def _require(cache: ArtifactCache, key: str) -> bytes:
 
 
 def render_maps(ctx: StageContext, keys: JobKeys, plan, chunk: int, span: tuple[int, int]):
-    """The chunk's pose maps at generation size, for ControlNet."""
+    """The chunk's pose maps at generation size, for ControlNet; with anchor attention also
+    the job's first pose map (every chunk's anchor is the job's first keyframe)."""
     record = StageRecord(stage="render", chunk=chunk)
     with measured(record):
         edited = load_edited_poses(ctx, keys)
         g = plan.generation
         maps = pose_maps.render_pose_maps(edited, g.width, g.height, frames=slice(*span))
+        anchor = None
+        if g.anchor == "first_keyframe":
+            first = maps if span[0] == 0 else None
+            if first is None:
+                first = pose_maps.render_pose_maps(edited, g.width, g.height, frames=slice(0, 1))
+            anchor = first[0].copy()
         record.frames = len(maps)
-    return Frames(maps, [record])
+    return Frames(maps, [record], anchor_map=anchor)
 
 
 def cached_generation(ctx: StageContext, key: str, chunk: int, job_id: str) -> Frames | None:

@@ -6,6 +6,7 @@ public API (`from deployments import diffusion; diffusion.X`) and re-exports the
 - `work_units`: the pure-Python work-unit formula (no torch: the cost model imports it directly);
 - `keyframes`: which frames ControlNet sees and how the others blend its residuals;
 - `noise`: seeds, initial noise and schedulers;
+- `anchor`: anchor attention (the processor, the anchors' keys/values, the first-keyframe anchor);
 - `engine`: `DiffusionEngine`, the denoising loop (the loader lives in `model_loading`).
 Importing the package loads no torch; the engine imports it when it runs.
 """
@@ -28,6 +29,8 @@ from deployments.diffusion.settings import (
     MAX_STEPS,
     MIN_SIDE,
     MIN_STEPS,
+    AnchorInput,
+    AnchorMode,
     ChunkRequest,
     ChunkResult,
     EngineConfig,
@@ -38,10 +41,12 @@ from deployments.diffusion.settings import (
 )
 from deployments.diffusion.work_units import (
     REFERENCE_LATENT_AREA,
+    SD15_ANCHOR_ATTENTION_WEIGHT,
     SD15_MODEL_WEIGHTS,
     VAE_FACTOR,
     ModelWeights,
     WorkUnits,
+    anchor_attention_scale,
     cfg_enabled,
     controlnet_active_steps,
     keyframe_indices,
@@ -62,8 +67,11 @@ __all__ = [
     "MIN_SIDE",
     "MIN_STEPS",
     "REFERENCE_LATENT_AREA",
+    "SD15_ANCHOR_ATTENTION_WEIGHT",
     "SD15_MODEL_WEIGHTS",
     "VAE_FACTOR",
+    "AnchorInput",
+    "AnchorMode",
     "BatchLayout",
     "ChunkRequest",
     "ChunkResult",
@@ -74,6 +82,7 @@ __all__ = [
     "Precision",
     "SchedulerName",
     "WorkUnits",
+    "anchor_attention_scale",
     "build_scheduler",
     "cfg_enabled",
     "check_settings",

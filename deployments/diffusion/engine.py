@@ -7,6 +7,8 @@ StableDiffusionControlNetPipeline computes (a test holds it to that).
 
 Decisions (the why):
 - Precision: fp16/bf16 on CUDA; a CPU always runs fp32 (and the result says so).
+- Anchor attention (settings.anchor on): see `anchor.py`; each request's anchor runs in its own
+  forward before the frames at every step, and its work is counted on that request.
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from deployments.diffusion.anchor import (
+    AnchorBank,
+    FirstKeyframeAnchor,
+    anchor_attention,
+    self_attention_flops,
+)
 from deployments.diffusion.keyframes import BatchLayout
 from deployments.diffusion.noise import build_scheduler, initial_latents, step_generators
 from deployments.diffusion.rows import CancelledRows, LiveRows, keep_scheduler_rows, no_rows
@@ -69,12 +78,19 @@ def measure_model_weights(unet: Any, controlnet: Any, vae: Any) -> ModelWeights:
         side = int(math.sqrt(REFERENCE_LATENT_AREA))
         latents = torch.zeros(1, unet.config.in_channels, side, side)
         text = torch.zeros(1, 77, unet.config.cross_attention_dim)
-        unet_flops = flops(lambda: unet_meta(latents, 10, encoder_hidden_states=text))
+
+        def unet_run() -> Any:
+            return unet_meta(latents, 10, encoder_hidden_states=text)
+
+        unet_flops = flops(unet_run)
+        with torch.no_grad():
+            anchor_flops = self_attention_flops(unet_meta, unet_run)
         vae_flops = flops(lambda: vae_meta.decode(latents[:, : vae.config.latent_channels]))
     unet_parameters, controlnet_parameters = parameters(unet), parameters(controlnet)
     return ModelWeights(
         controlnet_weight=controlnet_parameters / unet_parameters,
         vae_weight=vae_flops / unet_flops,
+        anchor_attention_weight=anchor_flops / unet_flops,
         unet_parameters=unet_parameters,
         controlnet_parameters=controlnet_parameters,
     )
@@ -214,6 +230,27 @@ class DiffusionEngine:
             )
         for request in requests:
             self._check_control_images(request)
+            self._check_anchor(request)
+
+    def _check_anchor(self, request: ChunkRequest) -> None:
+        settings, anchor = request.settings, request.anchor
+        where = f"job {request.job_id} chunk {request.chunk_index}"
+        if settings.anchor == "off":
+            if anchor is not None:
+                raise InvalidSettingError(
+                    f"{where}: an anchor was given but settings.anchor is off"
+                )
+            return
+        if anchor is None:
+            raise InvalidSettingError(
+                f"{where}: settings.anchor is '{settings.anchor}' but the request has no anchor"
+            )
+        image = anchor.control_image
+        expected = (settings.height, settings.width, 3)
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != expected:
+            raise InvalidSettingError(
+                f"{where}: the anchor's pose map must be a uint8 array of shape {expected}"
+            )
 
     def _check_control_images(self, request: ChunkRequest) -> None:
         images, settings = request.control_images, request.settings
@@ -267,7 +304,8 @@ class DiffusionEngine:
             dtype, precision, note = resolve_precision(settings.precision, self._device.type)
             self._ensure_dtype(dtype)
             truncations = [self.truncation_notes(r) for r in requests]  # needs the tokenizer
-            counts = np.zeros((len(requests), 3), dtype=np.int64)  # unet, controlnet, vae
+            # unet, controlnet, vae, anchor attention
+            counts = np.zeros((len(requests), 4), dtype=np.int64)
             dropped: dict[int, int] = {}  # request index -> step it was dropped before
             with torch.inference_mode():
                 self._synchronize()
@@ -327,10 +365,32 @@ class DiffusionEngine:
     ) -> torch.Tensor | None:
         """Encode prompts, denoise all frames, decode; returns float images in [0, 1], NCHW, of
         the requests not dropped (None when all were). Fills `dropped` as rows leave."""
+        cond, uncond = self._encode_prompts(requests, settings.cfg)
+        anchors = self._anchors(requests, settings, cond, uncond)
+        bank = None
+        if anchors:
+            bank = AnchorBank(settings.latent_height, settings.latent_width, settings.anchor_pool)
+        with anchor_attention(self._modules.unet, bank) if bank else nullcontext():
+            return self._denoise(
+                requests, settings, counts, cancelled, dropped, cond, uncond, anchors, bank
+            )
+
+    def _denoise(
+        self,
+        requests: Sequence[ChunkRequest],
+        settings: GenerationSettings,
+        counts: np.ndarray,
+        cancelled: CancelledRows,
+        dropped: dict[int, int],
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        anchors: list[FirstKeyframeAnchor],
+        bank: AnchorBank | None,
+    ) -> torch.Tensor | None:
+        """The denoising loop and the decode (`_run`), the anchors stepped beside the frames."""
         import torch
 
         modules, device, dtype = self._modules, self._device, self._dtype
-        cond, uncond = self._encode_prompts(requests, settings.cfg)
         control = torch.cat(
             [torch.from_numpy(r.control_images).permute(0, 3, 1, 2).contiguous() for r in requests]
         )
@@ -356,7 +416,10 @@ class DiffusionEngine:
                 latents, cond, control = latents[keep], cond[keep], control[keep]
                 uncond = uncond[keep] if uncond is not None else None
                 keep_scheduler_rows(scheduler, step_kwargs, keep, before)
+                anchors = [anchor for anchor in anchors if anchor.owner in rows.live]
             layout = rows.layout
+            if bank is not None:
+                self._anchor_pass(anchors, bank, timestep, active[index], settings, counts)
             model_input = scheduler.scale_model_input(latents, timestep)
             residuals = None
             if active[index]:
@@ -364,8 +427,9 @@ class DiffusionEngine:
                     model_input, timestep, cond, uncond, control, layout, settings, counts
                 )
             noise = self._predict_noise(
-                model_input, timestep, cond, uncond, residuals, layout, settings, counts
-            )
+                model_input, timestep, cond, uncond, residuals, layout, settings, counts, bank,
+                anchors,
+            )  # fmt: skip
             latents = scheduler.step(noise, timestep, latents, **step_kwargs, return_dict=False)[0]
         keep = rows.drop(cancelled(len(timesteps)), len(timesteps), dropped)
         if keep is not None:
@@ -403,6 +467,81 @@ class DiffusionEngine:
         cond = per_frame([r.prompt for r in requests])
         uncond = per_frame([r.negative_prompt for r in requests]) if cfg else None
         return cond, uncond
+
+    def _anchors(
+        self,
+        requests: Sequence[ChunkRequest],
+        settings: GenerationSettings,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+    ) -> list[FirstKeyframeAnchor]:
+        """One anchor per request (none with the anchor off), each on its own scheduler, with
+        its request's text embeddings."""
+        if settings.anchor == "off":
+            return []
+        anchors, start = [], 0
+        for index, request in enumerate(requests):
+            scheduler = build_scheduler(settings.scheduler, self._modules.scheduler_config)
+            scheduler.set_timesteps(settings.steps, device=self._device)
+            first = slice(start, start + 1)
+            anchors.append(
+                FirstKeyframeAnchor(
+                    index,
+                    request,
+                    scheduler,
+                    cond[first],
+                    uncond[first] if uncond is not None else None,
+                    self._device,
+                    self._dtype,
+                )
+            )
+            start += request.frames
+        return anchors
+
+    def _anchor_pass(
+        self,
+        anchors: list[FirstKeyframeAnchor],
+        bank: AnchorBank,
+        timestep: torch.Tensor,
+        controlnet_active: bool,
+        settings: GenerationSettings,
+        counts: np.ndarray,
+    ) -> None:
+        """Each anchor's own step (its ControlNet if active, its UNet with the bank writing its
+        keys/values), alone in its forward so its keys/values do not depend on the batch."""
+        import torch
+
+        bank.start_step()
+        for anchor in anchors:
+            x, text, images = anchor.model_input(timestep), anchor.cond, anchor.control
+            cfg = anchor.uncond is not None
+            passes = 2 if cfg else 1
+            if cfg:
+                x, images = torch.cat([x, x]), torch.cat([images, images])
+                text = torch.cat([anchor.uncond, text])
+            extra = {}
+            if controlnet_active:
+                down, mid = self._modules.controlnet(
+                    x,
+                    timestep,
+                    encoder_hidden_states=text,
+                    controlnet_cond=images,
+                    conditioning_scale=settings.controlnet_conditioning_scale,
+                    guess_mode=False,
+                    return_dict=False,
+                )
+                counts[anchor.owner, 1] += passes
+                extra = {"down_block_additional_residuals": down,
+                         "mid_block_additional_residual": mid}  # fmt: skip
+            out = self._modules.unet(
+                x, timestep, encoder_hidden_states=text, return_dict=False, **extra
+            )[0]
+            counts[anchor.owner, 0] += passes
+            if cfg:
+                unconditional, conditional = out.chunk(2)
+                out = unconditional + settings.guidance_scale * (conditional - unconditional)
+            anchor.advance(out, timestep)
+        bank.finish_writing()
 
     @staticmethod
     def _step_kwargs(scheduler: Any, requests: Sequence[ChunkRequest]) -> dict[str, Any]:
@@ -490,12 +629,21 @@ class DiffusionEngine:
         layout: BatchLayout,
         settings: GenerationSettings,
         counts: np.ndarray,
+        bank: AnchorBank | None = None,
+        anchors: Sequence[FirstKeyframeAnchor] = (),
     ) -> torch.Tensor:
         import torch
 
         cfg = uncond is not None
         noise = torch.empty_like(model_input)
+        slot_of = {anchor.owner: slot for slot, anchor in enumerate(anchors)}
         for part in self._forward_slices(layout.frames):
+            if bank is not None:
+                # Bank rows: anchor `slot`'s forward wrote [uncond, cond] at 2 slot, 2 slot + 1.
+                slots = torch.as_tensor([slot_of[o] for o in layout.owner[part].tolist()])
+                rows = torch.cat([2 * slots, 2 * slots + 1]) if cfg else slots
+                bank.rows = rows.to(model_input.device)
+                self._count(counts, 3, layout.owner[part], 2 if cfg else 1)
             x, text = model_input[part], cond[part]
             if cfg:
                 x, text = torch.cat([x, x]), torch.cat([uncond[part], text])
@@ -560,8 +708,11 @@ class DiffusionEngine:
                 height=settings.height,
                 controlnet_weight=weights.controlnet_weight,
                 vae_weight=weights.vae_weight,
+                anchor_attention_evals=int(anchor),
+                anchor_attention_weight=weights.anchor_attention_weight,
+                anchor_pool=settings.anchor_pool,
             )
-            for unet, control, vae in counts
+            for unet, control, vae, anchor in counts
         ]
         total = sum(u.total for u in units) or 1.0
         results, start = [], 0

@@ -6,7 +6,11 @@ Decisions (the why):
   precision, fps, and also guidance scale, controlnet_every, control window and conditioning
   scale, because they decide the shape of the work: CFG doubles a forward, the keyframes choose
   which frames reach ControlNet). Only the `ChunkRequest` fields vary within a batch: prompts,
-  seeds, noise sharing and control images.
+  seeds, noise sharing, control images and anchors.
+- Anchor attention (`anchor`, `anchor_pool`) is a key field too (it adds an anchor pass and widens
+  every frame's self-attention), but only when it is on: with `anchor="off"` both fields are left
+  out of the settings' serialisation, so batch keys, cache keys and stored plans of requests
+  without the anchor are what they were before the fields existed.
 """
 
 from __future__ import annotations
@@ -15,10 +19,17 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from deployments.diffusion.work_units import VAE_FACTOR, WorkUnits, cfg_enabled
 from deployments.errors import InvalidSettingError
@@ -29,6 +40,11 @@ DIFFUSION_CODE_VERSION = "diffusion-1"
 
 SchedulerName = Literal["dpmpp_2m", "unipc", "euler_a", "lcm"]
 Precision = Literal["fp16", "bf16", "fp32"]
+# Where a job's anchor comes from ("reference", a user's image VAE-encoded once per job, is the
+# planned second source; `AnchorInput.source` names the same choices per request).
+AnchorMode = Literal["off", "first_keyframe"]
+ANCHOR_FIELDS = ("anchor", "anchor_pool")
+MAX_ANCHOR_POOL = 4
 
 MIN_STEPS, MAX_STEPS = 1, 150
 MAX_LCM_STEPS = 50  # LCMScheduler's default original_inference_steps
@@ -77,11 +93,32 @@ class GenerationSettings(BaseModel):
     controlnet_conditioning_scale: float = Field(
         default=1.0, description="Multiplier of the ControlNet residuals."
     )
+    anchor: AnchorMode = Field(
+        default="off",
+        description="Anchor attention: every frame's UNet self-attention also attends to the "
+        "keys/values of one anchor per job, so identity holds across chunks. 'first_keyframe': "
+        "the job's first frame generated alone (its pose map and the job's seed and prompt; "
+        "one extra UNet row per chunk and step). 'off': none (and no extra work).",
+    )
+    anchor_pool: int = Field(
+        default=2,
+        description=f"The anchor's keys/values are averaged over pool x pool token blocks "
+        f"(1..{MAX_ANCHOR_POOL}): the wider attention costs 1/pool^2 of a full-size anchor's.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GenerationSettings:
         check_settings(self)
         return self
+
+    @model_serializer(mode="wrap")
+    def _anchor_only_when_on(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave the anchor fields out while the anchor is off (see the module's decisions)."""
+        data = handler(self)
+        if self.anchor == "off":
+            for name in ANCHOR_FIELDS:
+                data.pop(name, None)
+        return data
 
     @property
     def latent_height(self) -> int:
@@ -144,6 +181,32 @@ def check_settings(settings: GenerationSettings) -> None:
             f"controlnet_conditioning_scale must be between 0 and {MAX_CONDITIONING_SCALE}, "
             f"got {settings.controlnet_conditioning_scale}"
         )
+    if not 1 <= settings.anchor_pool <= MAX_ANCHOR_POOL:
+        raise InvalidSettingError(
+            f"anchor_pool must be between 1 and {MAX_ANCHOR_POOL}, got {settings.anchor_pool}"
+        )
+
+
+class AnchorInput(BaseModel):
+    """What a chunk's anchor is made from; the same for every chunk of a job, so every chunk
+    (in any batch, on any replica) computes the same anchor keys/values.
+
+    `first_keyframe`: the anchor is the job's first frame generated alone: its pose map, the
+    request's prompts and noise sharing, and the initial noise of frame 0 of chunk 0 drawn from
+    `seed` (the job's seed): a full denoising trajectory of its own, stepped beside the chunk.
+    A later `reference` source will carry a reference image's latent instead, noised at each
+    step with noise fixed by `seed` (no trajectory, no pose map).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    source: Literal["first_keyframe"] = Field(
+        default="first_keyframe", description="Where the anchor comes from."
+    )
+    seed: int = Field(ge=0, lt=2**63, description="The job's seed: the anchor's noise.")
+    control_image: np.ndarray = Field(
+        description="The job's first pose map: uint8 RGB, shape (height, width, 3)."
+    )
 
 
 class ChunkRequest(BaseModel):
@@ -171,6 +234,10 @@ class ChunkRequest(BaseModel):
         description="Pose maps for ControlNet: uint8 RGB, shape (frames, height, width, 3)."
     )
     settings: GenerationSettings = Field(description="The batch key fields.")
+    anchor: AnchorInput | None = Field(
+        default=None,
+        description="The job's anchor; required when settings.anchor is on, refused when off.",
+    )
 
     @property
     def frames(self) -> int:

@@ -11,6 +11,16 @@ Decisions (the why):
   frame twice (unconditional and conditional halves), and both are counted twice.
 - Text encoding (one per distinct prompt per batch, about 2% of one UNet evaluation at SD 1.5
   size) is not counted in work units.
+- Anchor attention (settings.anchor on) costs two things, both counted. (1) The anchor's own
+  pass: one UNet row per chunk per step (twice with CFG), and ControlNet on it at the active
+  steps (the anchor is a keyframe); they are UNet and ControlNet evaluations like any other.
+  One per chunk, not per (job, batch): two chunks of one job in one batch each carry their own
+  (identical) anchor row, so a chunk's work never depends on its batch mates and the
+  prediction, made before any batch exists, equals the count. (2) The wider self-attention:
+  each frame's attn1 layers also take the anchor's tokens (1/pool^2 of them), which adds the
+  QK^T and AV products with them; counted per frame evaluation as `anchor_attention_weight`
+  (those FLOPs / UNet FLOPs at 512x512, measured on the loaded model) x area^2 / pool^2 (query
+  and anchor tokens both grow with the latent area; exact at sizes divisible by 64 pixels).
 """
 
 from __future__ import annotations
@@ -47,6 +57,13 @@ class WorkUnits(BaseModel):
         default=0.0, description="ControlNet evaluations x area x ControlNet weight."
     )
     vae_units: float = Field(default=0.0, description="VAE decodes x area x VAE weight.")
+    anchor_attention_evals: int = Field(
+        default=0, description="UNet evaluations whose self-attention also took an anchor."
+    )
+    anchor_attention_units: float = Field(
+        default=0.0,
+        description="Those evaluations x area^2 / anchor_pool^2 x anchor attention weight.",
+    )
 
     @field_validator("unet_units", "controlnet_units", "vae_units")
     @classmethod
@@ -55,12 +72,20 @@ class WorkUnits(BaseModel):
 
     @property
     def total(self) -> float:
-        return self.unet_units + self.controlnet_units + self.vae_units
+        return (
+            self.unet_units + self.controlnet_units + self.vae_units + self.anchor_attention_units
+        )
 
     def __add__(self, other: WorkUnits) -> WorkUnits:
         return WorkUnits(
             **{name: getattr(self, name) + getattr(other, name) for name in WorkUnits.model_fields}
         )
+
+
+# SD 1.5's UNet at 512x512: 16 attn1 layers (5 at each of 64x64, 32x32 and 16x16 tokens, 1 at
+# 8x8); a full-size anchor adds 4 x N^2 x channels FLOPs to each. Measured with
+# `measure_model_weights`; a test rebuilds the architecture on the meta device and checks it.
+SD15_ANCHOR_ATTENTION_WEIGHT = 0.152494
 
 
 class ModelWeights(BaseModel):
@@ -75,16 +100,24 @@ class ModelWeights(BaseModel):
         "copies of the loaded models (parameters would understate the decoder ~17x: it runs "
         "at pixel resolution).",
     )
+    anchor_attention_weight: float = Field(
+        default=SD15_ANCHOR_ATTENTION_WEIGHT,
+        ge=0,
+        description="FLOPs a full-size anchor adds to one UNet evaluation's self-attention "
+        "(QK^T and AV over the anchor's tokens in every attn1 layer) / UNet FLOPs, at 512x512.",
+    )
     unet_parameters: int = Field(default=0, ge=0, description="UNet parameter count.")
     controlnet_parameters: int = Field(default=0, ge=0, description="ControlNet parameter count.")
 
 
 # Measured with `measure_model_weights` on SD 1.5's UNet/VAE and ControlNet v1.x architectures
-# (859,520,964 and 361,279,120 parameters; VAE decode 2515 GFLOPs vs UNet 803 GFLOPs at 512x512).
+# (859,520,964 and 361,279,120 parameters; VAE decode 2515 GFLOPs vs UNet 803 GFLOPs at 512x512;
+# a full-size anchor adds 122 GFLOPs of self-attention to a UNet evaluation).
 # A test rebuilds these architectures on the meta device and checks the numbers.
 SD15_MODEL_WEIGHTS = ModelWeights(
     controlnet_weight=361_279_120 / 859_520_964,
     vae_weight=3.1303,
+    anchor_attention_weight=SD15_ANCHOR_ATTENTION_WEIGHT,
     unet_parameters=859_520_964,
     controlnet_parameters=361_279_120,
 )
@@ -114,6 +147,11 @@ def keyframe_indices(frames: int, every: int) -> list[int]:
     return keys
 
 
+def anchor_attention_scale(width: int, height: int, pool: int) -> float:
+    """Cost of one frame evaluation's wider attention in units of `anchor_attention_weight`."""
+    return latent_area_weight(width, height) ** 2 / pool**2
+
+
 def weigh_work(
     unet_evals: int,
     controlnet_evals: int,
@@ -123,8 +161,12 @@ def weigh_work(
     height: int,
     controlnet_weight: float,
     vae_weight: float,
+    anchor_attention_evals: int = 0,
+    anchor_attention_weight: float = 0.0,
+    anchor_pool: int = 1,
 ) -> WorkUnits:
     area = latent_area_weight(width, height)
+    anchor_scale = anchor_attention_scale(width, height, anchor_pool)
     return WorkUnits(
         unet_evals=unet_evals,
         controlnet_evals=controlnet_evals,
@@ -132,6 +174,8 @@ def weigh_work(
         unet_units=unet_evals * area,
         controlnet_units=controlnet_evals * area * controlnet_weight,
         vae_units=vae_decodes * area * vae_weight,
+        anchor_attention_evals=anchor_attention_evals,
+        anchor_attention_units=anchor_attention_evals * anchor_attention_weight * anchor_scale,
     )
 
 
@@ -146,23 +190,32 @@ def predict_work_units(
     height: int,
     controlnet_weight: float = SD15_MODEL_WEIGHTS.controlnet_weight,
     vae_weight: float = SD15_MODEL_WEIGHTS.vae_weight,
+    anchor: bool = False,
+    anchor_pool: int = 1,
+    anchor_attention_weight: float = SD15_ANCHOR_ATTENTION_WEIGHT,
 ) -> WorkUnits:
     """Work units of one chunk of `frames` frames, before running it.
 
     UNet: frames x steps (x2 with CFG). ControlNet: keyframes x active steps (x2 with CFG).
-    VAE: one decode per frame. `DiffusionEngine.generate` counts exactly this.
+    VAE: one decode per frame. With the anchor: one more UNet row per step and one more
+    ControlNet keyframe (the anchor's pass), and every frame evaluation's wider attention.
+    `DiffusionEngine.generate` counts exactly this.
     """
     passes = 2 if cfg_enabled(guidance_scale) else 1
     active = sum(controlnet_active_steps(steps, control_guidance_start, control_guidance_end))
     keyframes = len(keyframe_indices(frames, controlnet_every))
+    rows = frames + (1 if anchor else 0)
     return weigh_work(
-        frames * steps * passes,
-        keyframes * active * passes,
+        rows * steps * passes,
+        (keyframes + (1 if anchor else 0)) * active * passes,
         frames,
         width=width,
         height=height,
         controlnet_weight=controlnet_weight,
         vae_weight=vae_weight,
+        anchor_attention_evals=frames * steps * passes if anchor else 0,
+        anchor_attention_weight=anchor_attention_weight,
+        anchor_pool=anchor_pool,
     )
 
 
@@ -181,4 +234,7 @@ def predict_chunk_units(
         settings.height,
         weights.controlnet_weight,
         weights.vae_weight,
+        anchor=settings.anchor != "off",
+        anchor_pool=settings.anchor_pool,
+        anchor_attention_weight=weights.anchor_attention_weight,
     )

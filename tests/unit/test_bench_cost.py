@@ -92,3 +92,18 @@ def test_precision_rows_run_on_cpu(tiny_sd):
     rows = cost.measure_precisions(tiny_sd.path, "cpu", (64, 64), steps=1)
     assert [row["precision"] for row in rows] == ["fp32", "fp32"]
     assert all(row["s_per_unit"] > 0 and row["peak_gib"] is None for row in rows)
+
+
+def test_anchor_row_splits_its_overhead_and_keeps_the_budget():
+    standard = cost.full_size_prediction("standard")
+    anchored = cost.full_size_prediction("standard", cost.ANCHOR_OVERRIDES)
+    assert anchored["anchor"] == "first_keyframe" and standard["anchor"] == "off"
+    assert anchored["naive"]["work_units"] == standard["naive"]["work_units"]
+    row = cost.anchor_overhead(standard, anchored)
+    print(cost.format_anchor({"anchor": row, "ratios_vs_naive": {"work_units": 22.0}}))
+    parts = row["anchor_pass_pct"] + row["wider_attention_pct"]
+    assert row["overhead_pct"] == pytest.approx(parts, abs=0.02)
+    assert 0 < row["wider_attention_pct"] < row["anchor_pass_pct"] < row["overhead_pct"]
+    assert row["overhead_pct"] < cost.ANCHOR_BUDGET_PCT
+    naive = anchored["naive"]["work_units"]["total"]
+    assert naive / anchored["work_units"]["total"] >= 20

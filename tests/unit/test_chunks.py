@@ -15,3 +15,27 @@ def test_generation_key_is_the_one_the_untyped_request_gave():
     assert key == "122d188aca6766ed3c43cf8537052bcf4d5b7c5d152cb24523a9ef129ce2053f"
     other_job = spec.model_copy(update={"job_id": "k", "chunk_index": 5})
     assert generation_key(job_keys("f" * 64, plan), plan, (0, 16), other_job.key_fields()) == key
+
+
+def test_anchored_chunks_carry_the_jobs_anchor_and_other_keys():
+    import numpy as np
+    import pytest
+
+    from serve.chunks import chunk_request
+    from serve.stages import Frames
+
+    plain = make_plan("draft", 640, 360, model_id="tiny")
+    anchored = make_plan("draft", 640, 360, model_id="tiny", overrides={"anchor": "first_keyframe"})
+    spec = ChunkSpec(job_id="j", chunk_index=3, prompt="a dancer", seed=7)
+    g = anchored.generation
+    maps = np.zeros((4, g.height, g.width, 3), np.uint8)
+    first = np.full((g.height, g.width, 3), 9, np.uint8)
+    request = chunk_request(spec, Frames(maps, anchor_map=first), anchored)
+    assert request.anchor.seed == 7 and np.array_equal(request.anchor.control_image, first)
+    assert chunk_request(spec, Frames(maps), plain).anchor is None
+    with pytest.raises(RuntimeError, match="without its pose map"):
+        chunk_request(spec, Frames(maps), anchored)
+    keys = job_keys("f" * 64, plain)
+    assert job_keys("f" * 64, anchored) == keys  # pose and motion are shared
+    on = generation_key(keys, anchored, (0, 16), spec.key_fields())
+    assert on != generation_key(keys, plain, (0, 16), spec.key_fields())

@@ -167,6 +167,35 @@ def test_weights_from_measured_units_round_trip(plan):
     assert back.controlnet_weight == pytest.approx(0.43)
     assert back.vae_weight == pytest.approx(3.85)
     assert cost.weights_from_units(cost.WorkUnits(), 512, 512) is None
+    anchored = plan.generation.model_copy(update={"anchor": "first_keyframe", "anchor_pool": 3})
+    weights = ModelWeights(controlnet_weight=0.43, vae_weight=3.85, anchor_attention_weight=0.7)
+    units = predict_chunk_units(anchored, 16, weights)
+    g = plan.generation
+    back = cost.weights_from_units(units, g.width, g.height, anchored.anchor_pool)
+    assert back.anchor_attention_weight == pytest.approx(0.7)
+    assert predict_chunk_units(anchored, 16, back) == units
+
+
+def test_anchor_attention_on_the_standard_plan_of_a_10_s_1080p_clip():
+    """Issue 15's budget: anchor attention adds well under 12% to `standard` (which it shares
+    with seamless chunks), and `standard` stays >= 20x fewer work units than naive."""
+    width, height, fps = 1920, 1080, 25.0
+    args = dict(model_id="tiny", output_width=width, output_height=height, output_fps=fps)
+    standard = make_plan("standard", width, height, **args)
+    anchored = make_plan("standard", width, height, overrides={"anchor": "first_keyframe"}, **args)
+    frames = 120  # 10 s at 12 fps
+    assert anchored.generation.anchor == "first_keyframe" and anchored.generation.anchor_pool == 2
+    assert "anchor attention (first_keyframe, pool 2)" in anchored.explain()[1]
+    assert standard.generation.anchor == "off"  # the preset leaves it off (an override)
+    plain = cost.estimate_plan(standard, frames, tier="scale")
+    with_anchor = cost.estimate_plan(anchored, frames, tier="scale")
+    overhead = with_anchor.plan.work_units / plain.plan.work_units - 1
+    print(f"anchor attention on standard: +{overhead:.2%} work units")
+    assert 0.05 < overhead < 0.12
+    assert with_anchor.naive.work_units == plain.naive.work_units  # the baseline has no anchor
+    assert with_anchor.ratio >= 20
+    naive = cost.naive_settings(anchored.generation, width, height, fps)
+    assert naive.anchor == "off"
 
 
 # --- reports --------------------------------------------------------------------------------

@@ -577,6 +577,9 @@ def test_sd15_weights_match_the_architecture():
     assert measured.controlnet_parameters == d.SD15_MODEL_WEIGHTS.controlnet_parameters
     assert measured.controlnet_weight == pytest.approx(d.SD15_MODEL_WEIGHTS.controlnet_weight)
     assert measured.vae_weight == pytest.approx(d.SD15_MODEL_WEIGHTS.vae_weight, rel=1e-3)
+    assert measured.anchor_attention_weight == pytest.approx(
+        d.SD15_MODEL_WEIGHTS.anchor_attention_weight, rel=1e-4
+    )
 
 
 # --- settings and input checks ----------------------------------------------------------------
@@ -648,3 +651,249 @@ def test_over_long_prompt_is_truncated_and_reported(engine):
     assert any(note.startswith("prompt truncated to 77 tokens") for note in result.notes)
     (short,) = engine.generate([request(frames=1)])
     assert not any("truncated" in note for note in short.notes)
+
+
+# --- anchor attention -------------------------------------------------------------------------
+
+
+def anchor_input(seed: int = 7, maps_seed: int = 0, side: int = SIDE) -> d.AnchorInput:
+    """The job's anchor: its first pose map and its seed."""
+    return d.AnchorInput(seed=seed, control_image=pose_maps(1, seed=maps_seed, side=side)[0])
+
+
+def anchored(frames: int = 5, anchor: d.AnchorInput | None = None, **overrides) -> d.ChunkRequest:
+    key = overrides.pop("settings", settings(anchor="first_keyframe"))
+    return request(frames, settings=key, anchor=anchor or anchor_input(), **overrides)
+
+
+class BankSpy:
+    """Records, per step, the anchor keys/values each anchored forward wrote (a copy of the
+    bank when its step's anchors are done), wrapping the real AnchorBank method."""
+
+    def __init__(self, monkeypatch):
+        from deployments.diffusion.anchor import AnchorBank
+
+        self.steps: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        finish = AnchorBank.finish_writing
+
+        def spy(bank):
+            finish(bank)
+            self.steps.append(
+                {name: (bank.keys[name].clone(), bank.values[name].clone()) for name in bank.keys}
+            )
+
+        monkeypatch.setattr(AnchorBank, "finish_writing", spy)
+
+    def rows(self, first: int, count: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Bank rows [first, first + count) of every step."""
+        return [
+            {
+                name: (k[first : first + count], v[first : first + count])
+                for name, (k, v) in s.items()
+            }
+            for s in self.steps
+        ]
+
+
+def _processor_types(engine) -> set[str]:
+    return {type(p).__name__ for p in engine._modules.unet.attn_processors.values()}
+
+
+def test_anchor_off_keeps_keys_and_output_of_before(engine):
+    # Golden keys computed with the code before anchor attention existed: a request without
+    # the anchor keeps its batch key and its cache key (so nobody's cache is invalidated).
+    assert settings().batch_key() == "tiny-64x64-4-dpmpp_2m-fp32-4dbef27c1941"
+    assert "anchor" not in settings().model_dump() and "anchor_pool" not in settings().model_dump()
+    assert settings(anchor_pool=3).batch_key() == settings().batch_key()  # unused while off
+    on = settings(anchor="first_keyframe")
+    assert on.model_dump()["anchor"] == "first_keyframe" and on.model_dump()["anchor_pool"] == 2
+    assert on.batch_key() != settings().batch_key()
+    assert settings(anchor="first_keyframe", anchor_pool=1).batch_key() != on.batch_key()
+    assert d.GenerationSettings.model_validate(on.model_dump()) == on
+    assert d.GenerationSettings.model_validate(settings().model_dump()) == settings()
+    # An anchor-off batch never touches the UNet's attention processors; after an anchored
+    # batch the original processors are back and the anchor-off output is bit-identical.
+    before = _processor_types(engine)
+    chunk = request(4, settings=settings(controlnet_every=2), noise_sharing=0.5)
+    first = engine.generate([chunk], frames_dtype="float32")[0]
+    engine.generate([anchored(2)])
+    assert _processor_types(engine) == before and "AnchorAttnProcessor" not in before
+    again = engine.generate([chunk], frames_dtype="float32")[0]
+    assert np.array_equal(first.frames, again.frames)
+    assert again.work_units.anchor_attention_evals == 0
+    assert again.work_units == d.predict_chunk_units(chunk.settings, 4, engine.model_weights)
+
+
+def test_anchor_changes_every_generated_frame(engine):
+    base = engine.generate([anchored(5)], frames_dtype="float32")[0]
+    plain = engine.generate([request(5)], frames_dtype="float32")[0]
+    for other in (anchor_input(seed=8), anchor_input(maps_seed=4)):  # only the anchor differs
+        changed = engine.generate([anchored(5, anchor=other)], frames_dtype="float32")[0]
+        per_frame = np.abs(changed.frames - base.frames).reshape(5, -1).max(axis=1)
+        print(f"anchor changed: max abs change per frame {np.round(per_frame, 5)}")
+        assert (per_frame > 1e-4).all()  # deterministic run: any change is the anchor's
+    per_frame = np.abs(plain.frames - base.frames).reshape(5, -1).max(axis=1)
+    assert (per_frame > 1e-4).all()  # the anchor acts on every frame
+
+
+def test_anchor_keys_values_are_the_same_for_every_chunk_of_a_job(engine, monkeypatch):
+    spy = BankSpy(monkeypatch)
+    key = settings(anchor="first_keyframe", scheduler="euler_a", controlnet_every=2)
+    job = anchor_input(seed=21, maps_seed=9)
+    chunk0 = anchored(4, anchor=job, settings=key, job_id="j", seed=21)
+    engine.generate([chunk0])
+    alone = spy.rows(0, 2)  # [uncond, cond] of the only anchor
+    spy.steps.clear()
+    others = [
+        anchored(3, anchor=anchor_input(seed=s, maps_seed=s), settings=key, job_id=f"o{s}",
+                 seed=s, prompt=f"other {s}", control_images=pose_maps(3, seed=s))
+        for s in (1, 2, 3)
+    ]  # fmt: skip
+    chunk5 = anchored(
+        5, anchor=job, settings=key, job_id="j", seed=21, chunk_index=5,
+        control_images=pose_maps(5, seed=30, speed=5.0),
+    )  # fmt: skip
+    engine.generate([others[0], others[1], chunk5, others[2]])
+    batched = spy.rows(4, 2)  # the third request's anchor: bank rows 4 and 5
+    assert len(alone) == len(batched) == key.steps
+    for step, (a, b) in enumerate(zip(alone, batched, strict=True)):
+        assert a.keys() == b.keys() and len(a) > 0
+        for name in a:
+            assert torch.equal(a[name][0], b[name][0]), (step, name)  # keys, bit for bit
+            assert torch.equal(a[name][1], b[name][1]), (step, name)  # values
+    other_anchor = spy.rows(0, 2)
+    assert not torch.equal(other_anchor[0][name][0], batched[0][name][0])
+
+
+def test_anchored_chunk_alone_equals_it_in_a_batch_of_four(tiny_sd, tmp_path, monkeypatch):
+    """Run in float64: in fp32 the tiny random weights amplify the CPU kernels' batch-size
+    rounding to ~1e-2 over the steps even without the anchor, which would hide a wrong anchor
+    row; in float64 the same code must agree to the output's own float32 rounding."""
+    import deployments.diffusion.engine as engine_module
+
+    monkeypatch.setattr(
+        engine_module, "resolve_precision", lambda *_: (torch.float64, "fp32", None)
+    )
+    base, controlnet = tiny_sd_controlnet_sources(tiny_sd.path)
+    config = d.EngineConfig(
+        model_id="tiny", base=base, controlnet=controlnet, device="cpu", cache_dir=tmp_path
+    )
+    engine = d.DiffusionEngine(config)
+    key = settings(anchor="first_keyframe", controlnet_every=2, scheduler="unipc")
+    chunks = [
+        anchored(3 + s, anchor=anchor_input(seed=s, maps_seed=s), settings=key, job_id=f"j{s}",
+                 seed=s, prompt=f"dancer {s}", noise_sharing=0.8,
+                 control_images=pose_maps(3 + s, seed=s))
+        for s in range(4)
+    ]  # fmt: skip
+    alone = [engine.generate([c], frames_dtype="float32")[0] for c in chunks]
+    together = engine.generate(chunks, frames_dtype="float32")
+    assert engine._modules.unet.dtype == torch.float64
+    for single, batched in zip(alone, together, strict=True):
+        difference = float(np.abs(batched.frames - single.frames).max())
+        assert difference <= 1e-6, difference
+        assert batched.work_units == single.work_units
+    # The four jobs' anchors differ, so a row reading another job's anchor would show here.
+    assert float(np.abs(together[0].frames[0] - together[1].frames[0]).max()) > 0.01
+
+
+@pytest.mark.parametrize(
+    "frames, overrides",
+    [
+        (5, {}),
+        (6, {"controlnet_every": 4, "anchor_pool": 1}),
+        (4, {"guidance_scale": 1.0, "scheduler": "euler_a", "anchor_pool": 3}),
+        (3, {"control_guidance_start": 0.25, "control_guidance_end": 0.75, "steps": 4}),
+        (2, {"width": 96, "height": 72, "scheduler": "lcm", "steps": 2}),
+    ],
+)
+def test_anchor_work_is_counted_as_predicted(engine, frames, overrides):
+    key = settings(anchor="first_keyframe", **overrides)
+    maps = np.zeros((frames, key.height, key.width, 3), np.uint8)
+    maps[:, : SIDE // 2, : SIDE // 2] = pose_maps(frames)[:, : SIDE // 2, : SIDE // 2]
+    anchor = d.AnchorInput(seed=3, control_image=maps[0])
+    chunk = request(frames, settings=key, control_images=maps, anchor=anchor)
+    unet, control = ForwardCounter(engine._modules.unet), ForwardCounter(engine._modules.controlnet)
+    try:
+        result = engine.generate([chunk])[0]
+    finally:
+        unet.remove()
+        control.remove()
+    passes = 2 if key.cfg else 1
+    active = sum(d.controlnet_active_steps(key.steps, key.control_guidance_start,
+                                           key.control_guidance_end))  # fmt: skip
+    keyframes = len(d.keyframe_indices(frames, key.controlnet_every))
+    units = result.work_units
+    assert unet.rows == units.unet_evals == (frames + 1) * key.steps * passes  # + anchor row
+    assert control.rows == units.controlnet_evals == (keyframes + 1) * active * passes
+    assert units.anchor_attention_evals == frames * key.steps * passes
+    assert units.anchor_attention_units > 0
+    assert units == d.predict_chunk_units(key, frames, engine.model_weights)
+    plain = d.predict_chunk_units(key.model_copy(update={"anchor": "off"}), frames)
+    assert d.predict_chunk_units(key, frames).total > plain.total
+
+
+def test_anchor_attention_costs_what_its_weight_says(engine):
+    """The processor's extra FLOPs (counted by torch on a meta copy of the tiny UNet at
+    512x512: on the CPU torch counts no FLOPs for its attention kernel) are
+    `anchor_attention_weight` x the UNet's FLOPs, divided by pool^2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deployments.diffusion.anchor import AnchorBank, anchor_attention
+
+    weight = engine.model_weights.anchor_attention_weight
+    config = engine._modules.unet.config
+    with torch.device("meta"):
+        unet = type(engine._modules.unet).from_config(config)
+        x = torch.zeros(1, 4, 64, 64)
+        text = torch.zeros(1, 77, config.cross_attention_dim)
+        rows = torch.tensor([0])
+
+    def flops(run) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            run()
+        return counter.get_total_flops()
+
+    plain = flops(lambda: unet(x, 10, encoder_hidden_states=text))
+    for pool in (1, 2):
+        bank = AnchorBank(64, 64, pool)
+        with anchor_attention(unet, bank):
+            bank.start_step()
+            written = flops(lambda: unet(x, 10, encoder_hidden_states=text))
+            bank.finish_writing()
+            bank.rows = rows
+            wider = flops(lambda: unet(x, 10, encoder_hidden_states=text))
+        assert written == plain  # the anchor's own pass is a plain evaluation
+        assert wider - plain == pytest.approx(weight * plain / pool**2, rel=1e-9), pool
+    assert d.anchor_attention_scale(512, 512, 2) == 0.25
+    assert d.anchor_attention_scale(1024, 1024, 1) == 16.0  # quadratic in the latent area
+
+
+def test_anchored_batch_with_a_cancelled_request(engine):
+    key = settings(anchor="first_keyframe", scheduler="dpmpp_2m")
+    first = anchored(3, settings=key, job_id="a")
+    second = anchored(4, anchor=anchor_input(seed=9), settings=key, job_id="b", seed=9)
+    alone = engine.generate([second], frames_dtype="float32")[0]
+    left, stayed = engine.generate(
+        [first, second], frames_dtype="float32", cancelled=lambda step: (0,) if step >= 2 else ()
+    )
+    assert len(left.frames) == 0 and "cancelled_at_step 2" in left.notes
+    assert left.work_units.unet_evals == (3 + 1) * 2 * 2  # two steps of frames and anchor
+    assert float(np.abs(stayed.frames - alone.frames).max()) <= BATCH_TOLERANCE
+    assert stayed.work_units == alone.work_units
+    assert "AnchorAttnProcessor" not in _processor_types(engine)
+
+
+def test_anchor_inputs_are_checked(engine):
+    on = settings(anchor="first_keyframe")
+    cases = [
+        (request(2, settings=on), "has no anchor"),
+        (request(2, anchor=anchor_input()), "anchor was given but settings.anchor is off"),
+        (request(2, settings=on, anchor=anchor_input(side=72)), "anchor's pose map must be"),
+    ]
+    for chunk, message in cases:
+        with pytest.raises(InvalidSettingError, match=message):
+            engine.generate([chunk])
+    with pytest.raises(InvalidSettingError, match="anchor_pool must be between 1 and 4"):
+        settings(anchor="first_keyframe", anchor_pool=0)

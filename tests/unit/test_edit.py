@@ -92,3 +92,16 @@ def test_new_prompt_reuses_pose_and_motion(short_clip, app_args, tmp_path):
     hits = {s["stage"]: s["cache_hits"] for s in report["plan"]["stages"]}
     assert hits["pose"] == 1 and hits["motion"] == 1 and hits["diffusion"] == 0
     assert report["plan"]["work_units"]["unet_evals"] > 0
+
+
+def test_edit_with_anchor_attention_counts_what_it_predicts(short_clip, app_args, tmp_path):
+    chunk = 8  # three chunks: chunks 1 and 2 render the job's first pose map for their anchor
+    job = request(anchor="first_keyframe", chunk_frames=chunk)
+    report = asyncio.run(edit_video(short_clip, tmp_path / "anchored.mp4", job, app_args))
+    plan = report["plan"]
+    units = plan["work_units"]
+    assert plan["generated_frames"] == 24
+    assert units["unet_evals"] == (24 + 3) * 4 * 2  # + one anchor row per chunk and step
+    assert units["anchor_attention_evals"] == 24 * 4 * 2
+    assert plan["work_units"] == plan["predicted_work_units"]
+    assert any("anchor attention" in line for line in report["plan_explained"])
