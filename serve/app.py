@@ -65,6 +65,11 @@ def assigned_gpu_fraction() -> float:
 
 
 # ------------------------------------------------------------------------------- CPU stages
+#
+# Stage methods are async and run their work in a worker thread through `stages.stoppable`: a
+# cancelled call (`DeploymentResponse.cancel()`, the job was cancelled) raises CancelledError in
+# the method, which sets the work's stop flag; the stage stops at its next frame batch without
+# writing anything, and the call ends once the thread has (so the replica is free again).
 
 
 class StageServer:
@@ -81,8 +86,8 @@ class PoseServer(StageServer):
     def __init__(self, args: AppArgs):
         self.ctx = stage_context(args)
 
-    def extract(self, input_ref: str, keys, plan: Plan) -> StageRecord:
-        return stages.extract_pose(self.ctx, input_ref, keys, plan)
+    async def extract(self, input_ref: str, keys, plan: Plan) -> StageRecord:
+        return await stages.stoppable(stages.extract_pose, self.ctx, input_ref, keys, plan)
 
 
 class MotionServer(StageServer):
@@ -91,11 +96,11 @@ class MotionServer(StageServer):
     def __init__(self, args: AppArgs):
         self.ctx = stage_context(args)
 
-    def edit(self, keys, plan: Plan) -> StageRecord:
-        return stages.edit_motion(self.ctx, keys, plan)
+    async def edit(self, keys, plan: Plan) -> StageRecord:
+        return await stages.stoppable(stages.edit_motion, self.ctx, keys, plan)
 
-    def render(self, keys, plan: Plan, chunk: int, span: tuple[int, int]) -> Frames:
-        return stages.render_maps(self.ctx, keys, plan, chunk, span)
+    async def render(self, keys, plan: Plan, chunk: int, span: tuple[int, int]) -> Frames:
+        return await stages.stoppable(stages.render_maps, self.ctx, keys, plan, chunk, span)
 
 
 class UpscaleServer(StageServer):
@@ -106,15 +111,23 @@ class UpscaleServer(StageServer):
         self.upscaler.load()
         return self.upscaler.cache_identity()
 
-    def run(self, generated: Frames, next_generated: Frames | None, plan: Plan, chunk: int):
+    async def run(
+        self, generated: Frames, next_generated: Frames | None, plan: Plan, chunk: int
+    ) -> Frames:
         size = (plan.output_width, plan.output_height)
-        return stages.upscale_chunk(self.upscaler, generated, next_generated, size, chunk)
+        return await stages.stoppable(
+            stages.upscale_chunk, self.upscaler, generated, next_generated, size, chunk
+        )
 
 
 class InterpolateServer(StageServer):
-    def run(self, upscaled: Frames, first: int, count: int, total: int, plan: Plan, chunk: int):
+    async def run(
+        self, upscaled: Frames, first: int, count: int, total: int, plan: Plan, chunk: int
+    ) -> Frames:
         backend = interpolate.make_backend(plan.interpolation)
-        return stages.interpolate_chunk(backend, upscaled, first, count, total, plan, chunk)
+        return await stages.stoppable(
+            stages.interpolate_chunk, backend, upscaled, first, count, total, plan, chunk
+        )
 
 
 class VideoServer(StageServer):
@@ -123,11 +136,15 @@ class VideoServer(StageServer):
     def __init__(self, args: AppArgs):
         self.ctx = stage_context(args)
 
-    def encode(self, frames: Frames, key: str, plan: Plan, chunk: int):
-        return stages.encode_segment(self.ctx, frames, key, plan, chunk, plan.cache)
+    async def encode(self, frames: Frames, key: str, plan: Plan, chunk: int):
+        return await stages.stoppable(
+            stages.encode_segment, self.ctx, frames, key, plan, chunk, plan.cache
+        )
 
-    def join(self, segment_keys, plan: Plan, result_key: str, audio: tuple[str, str] | None):
-        return stages.join_segments(self.ctx, segment_keys, plan, result_key, audio, plan.cache)
+    async def join(self, segment_keys, plan: Plan, result_key: str, audio: tuple[str, str] | None):
+        return await stages.stoppable(
+            stages.join_segments, self.ctx, segment_keys, plan, result_key, audio, plan.cache
+        )
 
     def consistency(self, result_key: str, plan: Plan) -> dict[str, Any]:
         """The report's consistency section, measured on the joined result (CPU, cached)."""
