@@ -9,6 +9,7 @@ a stopped stage leaves no partial artifact: stages write their result only after
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -40,3 +41,22 @@ def until_stopped(
         if index % every == 0:
             check_stop(should_stop, where)
         yield item
+
+
+class StopFlag:
+    """A `ShouldStop` its caller sets from another thread; counts how often the work asked
+    (one question per frame batch begun), so a server can show how far a call got."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.asked = 0
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self._event.is_set()

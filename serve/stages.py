@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from deployments import consistency, diffusion, interpolate, motion, pose, pose_maps, upscale, video
-from deployments.stopping import ShouldStop, check_stop, until_stopped
+from deployments.stopping import ShouldStop, StopFlag, check_stop, until_stopped
 from serve.cache import ArtifactCache, content_key, hash_file
 from serve.storage import ObjectStore, open_store, parse_s3_uri
 
@@ -88,15 +88,15 @@ def measured(record: StageRecord) -> Iterator[StageRecord]:
             record.cpu_s += time.process_time() - cpu0
 
 
-async def stoppable(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """`function(*args, **kwargs, should_stop=...)` in a worker thread. When the awaiting task
+async def stoppable(
+    function: Callable[..., T], *args: Any, flag: StopFlag | None = None, **kwargs: Any
+) -> T:
+    """`function(*args, **kwargs, should_stop=flag)` in a worker thread. When the awaiting task
     is cancelled (a cancelled Serve call, a cancelled job in process), the stop flag is set and
     the cancellation waits for the thread to end (at its next frame batch), so the caller's
     slot is free only once the work really stopped; then CancelledError goes on."""
-    stop = threading.Event()
-    work = asyncio.ensure_future(
-        asyncio.to_thread(function, *args, **kwargs, should_stop=stop.is_set)
-    )
+    stop = flag if flag is not None else StopFlag()
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args, **kwargs, should_stop=stop))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
