@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.errors import InvalidPoseDataError, InvalidSettingError
+from deployments.stopping import ShouldStop, until_stopped
 
 # Bump when anything that changes the landmarks for the same frames and settings changes.
 POSE_CODE_VERSION = "pose-1"
@@ -471,8 +472,14 @@ class PoseExtractor:
             min_tracking_confidence=self.settings.min_tracking_confidence,
         )
 
-    def extract(self, frames: np.ndarray, fps: float) -> PoseSequence:
-        """Pose of each frame of `frames` (N, H, W, 3) uint8 RGB, the next chunk of the video."""
+    def extract(
+        self, frames: np.ndarray, fps: float, should_stop: ShouldStop | None = None
+    ) -> PoseSequence:
+        """Pose of each frame of `frames` (N, H, W, 3) uint8 RGB, the next chunk of the video.
+
+        `should_stop` is asked before each frame (a MediaPipe graph runs one frame at a time):
+        once it answers True, `Stopped` is raised and the tracker's state is stale (`reset()`).
+        """
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(
@@ -489,7 +496,7 @@ class PoseExtractor:
             self._video_pose = self._new_pose(static=not self.settings.tracking)
         landmarks = np.full((len(frames), NUM_LANDMARKS, 4), np.nan, dtype=np.float32)
         present = np.zeros(len(frames), dtype=bool)
-        for i, frame in enumerate(frames):
+        for i, frame in enumerate(until_stopped(frames, should_stop, "pose extraction")):
             present[i] = self._process(self._video_pose, frame, landmarks[i])
         return PoseSequence(landmarks, present, width, height, fps)
 

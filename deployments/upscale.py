@@ -45,6 +45,7 @@ from deployments.errors import (
     NotAnImageError,
 )
 from deployments.model_loading import s3_fetcher
+from deployments.stopping import ShouldStop, check_stop
 from deployments.video import (
     DecodeSettings,
     EncodeSettings,
@@ -417,11 +418,18 @@ class Upscaler:
             identity.pop(name)  # the sha256 names the weights; device shows through dtype
         return identity
 
-    def upscale(self, frames: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    def upscale(
+        self,
+        frames: np.ndarray,
+        out_size: tuple[int, int],
+        should_stop: ShouldStop | None = None,
+    ) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB -> (N, out_h, out_w, 3) uint8 RGB at exactly `out_size`.
 
         The model runs only when the target is larger than the input on some side: shrinking
-        gains nothing from a super-resolution model, so it is plain area resampling.
+        gains nothing from a super-resolution model, so it is plain area resampling. Frames go
+        `batch_frames` at a time; `should_stop` is asked before each batch, and once it answers
+        True `Stopped` is raised (the caller is gone: the device stops after that batch).
         """
         frames = _check_frames(frames)
         width, height = check_out_size(out_size)
@@ -430,12 +438,14 @@ class Upscaler:
         if count == 0:
             return result
         self.load()
-        if self._descriptor is None or (width <= in_w and height <= in_h):
-            for index, frame in enumerate(frames):
-                result[index] = self._resample(frame, (width, height))
-            return result
         step = self.settings.batch_frames
+        model = self._descriptor is not None and (width > in_w or height > in_h)
         for start in range(0, count, step):
+            check_stop(should_stop, "upscaling")
+            if not model:
+                for index in range(start, min(start + step, count)):
+                    result[index] = self._resample(frames[index], (width, height))
+                continue
             scaled = self.model_upscale(frames[start : start + step])
             for offset, frame in enumerate(scaled):
                 result[start + offset] = resize_rgb(frame, (width, height))

@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeStatus
 
 from deployments import diffusion, interpolate
+from deployments.stopping import StopFlag
 from serve import stages
 from serve.api import create_api
 from serve.auth import Authenticator
@@ -65,69 +66,110 @@ def assigned_gpu_fraction() -> float:
 
 
 # ------------------------------------------------------------------------------- CPU stages
+#
+# Stage methods are async and run their work in a worker thread through `stages.stoppable`: a
+# cancelled call (`DeploymentResponse.cancel()`, the job was cancelled) raises CancelledError in
+# the method, which sets the work's stop flag; the stage stops at its next frame batch without
+# writing anything, and the call ends once the thread has (so the replica is free again).
 
 
 class StageServer:
     """What every stage deployment answers besides its work."""
 
+    def __init__(self) -> None:
+        self.running: set[StopFlag] = set()  # the stop flags of the calls at work here
+
     def ready(self) -> bool:
         """The ingress's readiness probe: an answer means the replica is up and serving."""
         return True
+
+    async def _work(self, function, *args):
+        """`function(*args)` in a worker thread that stops at its next frame batch when this
+        call is cancelled; the call ends (and leaves `running`) once the thread has."""
+        flag = StopFlag()
+        self.running.add(flag)
+        try:
+            return await stages.stoppable(function, *args, flag=flag)
+        finally:
+            self.running.discard(flag)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "in_flight": len(self.running),  # calls whose work has not ended
+            "batches_begun": sum(flag.asked for flag in self.running),  # by those calls
+        }
 
 
 class PoseServer(StageServer):
     """Decode + pose per job (frames never leave this replica: only poses are stored)."""
 
     def __init__(self, args: AppArgs):
+        super().__init__()
         self.ctx = stage_context(args)
 
-    def extract(self, input_ref: str, keys, plan: Plan) -> list[StageRecord]:
-        return stages.extract_pose(self.ctx, input_ref, keys, plan)
+    async def extract(self, input_ref: str, keys, plan: Plan) -> list[StageRecord]:
+        return await self._work(stages.extract_pose, self.ctx, input_ref, keys, plan)
 
 
 class MotionServer(StageServer):
     """Motion editing per job and pose-map rendering per chunk."""
 
     def __init__(self, args: AppArgs):
+        super().__init__()
         self.ctx = stage_context(args)
 
-    def edit(self, keys, plan: Plan) -> StageRecord:
-        return stages.edit_motion(self.ctx, keys, plan)
+    async def edit(self, keys, plan: Plan) -> StageRecord:
+        return await self._work(stages.edit_motion, self.ctx, keys, plan)
 
-    def render(self, keys, plan: Plan, chunk: int, span: tuple[int, int]) -> Frames:
-        return stages.render_maps(self.ctx, keys, plan, chunk, span)
+    async def render(self, keys, plan: Plan, chunk: int, span: tuple[int, int]) -> Frames:
+        return await self._work(stages.render_maps, self.ctx, keys, plan, chunk, span)
 
 
 class UpscaleServer(StageServer):
     def __init__(self, args: AppArgs):
+        super().__init__()
         self.upscaler = make_upscaler(args)
 
     def identity(self) -> dict[str, Any]:
         self.upscaler.load()
         return self.upscaler.cache_identity()
 
-    def run(self, generated: Frames, next_generated: Frames | None, plan: Plan, chunk: int):
+    async def run(
+        self, generated: Frames, next_generated: Frames | None, plan: Plan, chunk: int
+    ) -> Frames:
         size = (plan.output_width, plan.output_height)
-        return stages.upscale_chunk(self.upscaler, generated, next_generated, size, chunk)
+        return await self._work(
+            stages.upscale_chunk, self.upscaler, generated, next_generated, size, chunk
+        )
 
 
 class InterpolateServer(StageServer):
-    def run(self, upscaled: Frames, first: int, count: int, total: int, plan: Plan, chunk: int):
+    async def run(
+        self, upscaled: Frames, first: int, count: int, total: int, plan: Plan, chunk: int
+    ) -> Frames:
         backend = interpolate.make_backend(plan.interpolation)
-        return stages.interpolate_chunk(backend, upscaled, first, count, total, plan, chunk)
+        return await self._work(
+            stages.interpolate_chunk, backend, upscaled, first, count, total, plan, chunk
+        )
 
 
 class VideoServer(StageServer):
     """Encodes chunk segments and joins them into the result (stream copy + audio)."""
 
     def __init__(self, args: AppArgs):
+        super().__init__()
         self.ctx = stage_context(args)
 
-    def encode(self, frames: Frames, key: str, plan: Plan, chunk: int):
-        return stages.encode_segment(self.ctx, frames, key, plan, chunk, plan.cache)
+    async def encode(self, frames: Frames, key: str, plan: Plan, chunk: int):
+        return await self._work(
+            stages.encode_segment, self.ctx, frames, key, plan, chunk, plan.cache
+        )
 
-    def join(self, segment_keys, plan: Plan, result_key: str, audio: tuple[str, str] | None):
-        return stages.join_segments(self.ctx, segment_keys, plan, result_key, audio, plan.cache)
+    async def join(self, segment_keys, plan: Plan, result_key: str, audio: tuple[str, str] | None):
+        return await self._work(
+            stages.join_segments, self.ctx, segment_keys, plan, result_key, audio, plan.cache
+        )
 
     def consistency(self, result_key: str, plan: Plan) -> dict[str, Any]:
         """The report's consistency section, measured on the joined result (CPU, cached)."""

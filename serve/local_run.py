@@ -40,7 +40,7 @@ class LocalStages(CacheLookup):
         return await asyncio.to_thread(_identity, self.upscaler)
 
     async def pose(self, input_ref: str, keys: JobKeys, plan: Plan) -> list[StageRecord]:
-        return await asyncio.to_thread(stages.extract_pose, self.ctx, input_ref, keys, plan)
+        return await stages.stoppable(stages.extract_pose, self.ctx, input_ref, keys, plan)
 
     async def preview(
         self, input_ref: str, keys: JobKeys, plan: Plan, result_key: str
@@ -50,7 +50,7 @@ class LocalStages(CacheLookup):
         )
 
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
-        return await asyncio.to_thread(stages.edit_motion, self.ctx, keys, plan)
+        return await stages.stoppable(stages.edit_motion, self.ctx, keys, plan)
 
     def render(self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int]):
         return _task(stages.render_maps, self.ctx, keys, plan, chunk, span)
@@ -94,7 +94,7 @@ class LocalStages(CacheLookup):
 
     async def join(self, segment_keys: list[str], plan: Plan, result_key: str,
                    audio: tuple[str, str] | None) -> StageRecord:  # fmt: skip
-        return await asyncio.to_thread(
+        return await stages.stoppable(
             stages.join_segments, self.ctx, segment_keys, plan, result_key, audio, plan.cache
         )
 
@@ -109,13 +109,14 @@ def _identity(upscaler: upscale.Upscaler) -> dict[str, Any]:
 
 def _task(function: Callable[..., Any], *args: Any) -> asyncio.Task:
     """`function` on the arguments once the awaitable ones are done: a coroutine function on
-    this loop, a plain one in a worker thread."""
+    this loop, a plain one (a stage taking `should_stop`) in a worker thread that stops at its
+    next frame batch when the task is cancelled."""
 
     async def run():
         resolved = [await arg if isinstance(arg, Awaitable) else arg for arg in args]
         if inspect.iscoroutinefunction(function):
             return await function(*resolved)
-        return await asyncio.to_thread(function, *resolved)
+        return await stages.stoppable(function, *resolved)
 
     return asyncio.ensure_future(run())
 

@@ -4,18 +4,25 @@ These functions are Ray-free: the Serve deployments (serve/app.py) call them on 
 and the in-process runner calls them directly, so both paths compute the same keys and report the
 same costs. Every result carries the `StageRecord`s of the work behind it, so a chunk's records
 travel with its frames from stage to stage and reach the job's ledger without extra calls.
+
+Each stage takes an optional `should_stop` (deployments/stopping.py): its caller sets it when the
+call is cancelled, and the stage raises `Stopped` at its next frame batch (and at once if it was
+waiting for MEASURE_LOCK). Stages write to the cache and the store only after their frame loop,
+and every write is atomic, so a stopped stage leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -31,12 +38,15 @@ from deployments import (
     upscale,
     video,
 )
+from deployments.stopping import ShouldStop, StopFlag, check_stop, until_stopped
 from serve.cache import ArtifactCache, content_key, hash_file
 from serve.storage import ObjectStore, open_store, parse_s3_uri
 
 SEGMENT_CODE_VERSION = "segment-1"
 RENDER_CODE_VERSION = "render-1"
 PREVIEW_CRF = 23  # a look at the motion, not a deliverable: smaller files, faster encode
+
+T = TypeVar("T")
 
 
 class StageRecord(BaseModel):
@@ -88,6 +98,24 @@ def measured(record: StageRecord) -> Iterator[StageRecord]:
         finally:
             record.wall_s += time.perf_counter() - wall0
             record.cpu_s += time.process_time() - cpu0
+
+
+async def stoppable(
+    function: Callable[..., T], *args: Any, flag: StopFlag | None = None, **kwargs: Any
+) -> T:
+    """`function(*args, **kwargs, should_stop=flag)` in a worker thread. When the awaiting task
+    is cancelled (a cancelled Serve call, a cancelled job in process), the stop flag is set and
+    the cancellation waits for the thread to end (at its next frame batch), so the caller's
+    slot is free only once the work really stopped; then CancelledError goes on."""
+    stop = flag if flag is not None else StopFlag()
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args, **kwargs, should_stop=stop))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        stop.set()
+        with suppress(BaseException):  # Stopped, or its result: nobody wants either
+            await work
+        raise
 
 
 @dataclass
@@ -182,7 +210,9 @@ def _cache_hit(ctx: StageContext, plan, key: str, record: StageRecord) -> bool:
     return True
 
 
-def extract_pose(ctx: StageContext, input_ref: str, keys: JobKeys, plan) -> list[StageRecord]:
+def extract_pose(
+    ctx: StageContext, input_ref: str, keys: JobKeys, plan, should_stop: ShouldStop | None = None
+) -> list[StageRecord]:
     """Decode at the generation rate and size and extract the pose (cached under keys.pose).
 
     Two records: `decode` (fetching the input and decoding it) and `pose`, each with its own
@@ -196,10 +226,11 @@ def extract_pose(ctx: StageContext, input_ref: str, keys: JobKeys, plan) -> list
             decode.cache_hit, decode.frames = True, poses.frames
             decode.notes.append("not decoded: the poses of these frames are cached")
             return [decode, poses]
+        check_stop(should_stop, "pose")
         with tempfile.TemporaryDirectory(prefix="motionserve-pose-") as scratch:
             with measured(decode):
                 local = ctx.fetch_input(input_ref, Path(scratch) / "input")
-            sequence = _decode_and_extract(local, ctx.limits, plan, decode, poses)
+            sequence = _decode_and_extract(local, ctx.limits, plan, decode, poses, should_stop)
         decode.frames = poses.frames = len(sequence)
         with measured(poses):
             ctx.cache.put(
@@ -209,7 +240,12 @@ def extract_pose(ctx: StageContext, input_ref: str, keys: JobKeys, plan) -> list
 
 
 def _decode_and_extract(
-    path: Path, limits: video.InputLimits, plan, decode: StageRecord, poses: StageRecord
+    path: Path,
+    limits: video.InputLimits,
+    plan,
+    decode: StageRecord,
+    poses: StageRecord,
+    should_stop: ShouldStop | None = None,
 ) -> pose.PoseSequence:
     """Decode chunk by chunk and extract each chunk's poses, billing each part to its record."""
     with measured(decode):
@@ -224,20 +260,25 @@ def _decode_and_extract(
                 chunk = next(chunks, None)
             if chunk is None:
                 break
+            check_stop(should_stop, "pose decoding")
             with measured(poses):
-                parts.append(extractor.extract(chunk.frames, plan.decode.fps))
+                parts.append(extractor.extract(chunk.frames, plan.decode.fps, should_stop))
     finally:
         with measured(poses):
             extractor.close()
     return pose.PoseSequence.concatenate(parts)
 
 
-def edit_motion(ctx: StageContext, keys: JobKeys, plan) -> StageRecord:
-    """Apply the motion styles to the cached poses (cached under keys.motion)."""
+def edit_motion(
+    ctx: StageContext, keys: JobKeys, plan, should_stop: ShouldStop | None = None
+) -> StageRecord:
+    """Apply the motion styles to the cached poses (cached under keys.motion). One numpy pass
+    over the whole sequence: `should_stop` is asked once, before it."""
     record = StageRecord(stage="motion")
     with measured(record):
         if _cache_hit(ctx, plan, keys.motion, record):
             return record
+        check_stop(should_stop, "motion")
         sequence = pose.PoseSequence.from_bytes(_require(ctx.cache, keys.pose))
         edited = motion.MotionEditor(plan.styles).edit(sequence)
         record.frames = len(edited)
@@ -299,11 +340,13 @@ def _require(cache: ArtifactCache, key: str) -> bytes:
 # ------------------------------------------------------------------------------ chunk stages
 
 
-def render_maps(ctx: StageContext, keys: JobKeys, plan, chunk: int, span: tuple[int, int]):
-    """The chunk's pose maps at generation size, for ControlNet; with anchor attention also
-    the job's first pose map (every chunk's anchor is the job's first keyframe)."""
+def render_maps(ctx: StageContext, keys: JobKeys, plan, chunk: int, span: tuple[int, int],
+                should_stop: ShouldStop | None = None):  # fmt: skip
+    """The chunk's pose maps at generation size, for ControlNet (milliseconds: `should_stop` is
+    asked once, before)."""
     record = StageRecord(stage="render", chunk=chunk)
     with measured(record):
+        check_stop(should_stop, "render")
         edited = load_edited_poses(ctx, keys)
         g = plan.generation
         maps = pose_maps.render_pose_maps(edited, g.width, g.height, frames=slice(*span))
@@ -351,14 +394,16 @@ def upscale_chunk(
     next_generated: Frames | None,
     out_size: tuple[int, int],
     chunk: int,
+    should_stop: ShouldStop | None = None,
 ) -> Frames:
-    """Upscale the chunk's frames plus the next chunk's first (interpolation needs it)."""
+    """Upscale the chunk's frames plus the next chunk's first (interpolation needs it); stops
+    at the next batch of `upscaler.settings.batch_frames` frames once `should_stop` says so."""
     record = StageRecord(stage="upscale", chunk=chunk)
     small = generated.frames
     if next_generated is not None:
         small = np.concatenate([small, next_generated.frames[:1]])
     with measured(record):
-        large = upscaler.upscale(small, out_size)
+        large = upscaler.upscale(small, out_size, should_stop)
         record.frames = len(large)
         record.device = upscaler.describe().get("device", "cpu")
     return Frames(large, generated.records + [record], guides=small)
@@ -380,11 +425,14 @@ def interpolate_chunk(
     total: int,
     plan,
     chunk: int,
+    should_stop: ShouldStop | None = None,
 ) -> Frames:
-    """Output-rate frames for the chunk's time span; motion measured at generation size."""
+    """Output-rate frames for the chunk's time span; motion measured at generation size.
+    `should_stop` is asked before each pair of generated frames (one flow, its in-betweens)."""
     record = StageRecord(stage="interpolate", chunk=chunk)
     with measured(record):
-        frames = list(_interpolate_span(backend, upscaled, first, count, total, plan))
+        span = _interpolate_span(backend, upscaled, first, count, total, plan, should_stop)
+        frames = list(span)
         record.frames = len(frames)
     if not frames:  # below the generation rate a chunk's span can hold no output time at all
         empty = np.empty((0, *upscaled.frames.shape[1:]), dtype=upscaled.frames.dtype)
@@ -392,7 +440,7 @@ def interpolate_chunk(
     return Frames(np.stack(frames), upscaled.records + [record])
 
 
-def _interpolate_span(backend, upscaled: Frames, first, count, total, plan):
+def _interpolate_span(backend, upscaled: Frames, first, count, total, plan, should_stop=None):
     positions = interpolation_positions(
         first, count, total, plan.generation.fps, plan.output_fps, plan.interpolation.pad_tail
     )
@@ -402,6 +450,7 @@ def _interpolate_span(backend, upscaled: Frames, first, count, total, plan):
     for index, t in positions + [(-1, 0.0)]:  # the sentinel flushes the last run
         local = index - first
         if run and (t == 0 or local != run_pair):
+            check_stop(should_stop, "interpolation")
             yield from backend.interpolate_with_flow_from(
                 small[run_pair], small[run_pair + 1], large[run_pair], large[run_pair + 1], run
             )
@@ -416,14 +465,18 @@ def _interpolate_span(backend, upscaled: Frames, first, count, total, plan):
 
 
 def encode_segment(
-    ctx: StageContext, frames: Frames, key: str, plan, chunk: int, store: bool
-) -> tuple[str, list[StageRecord]]:
-    """Encode the chunk's output frames as an H.264 segment under its content key."""
+    ctx: StageContext, frames: Frames, key: str, plan, chunk: int, store: bool,
+    should_stop: ShouldStop | None = None,
+) -> tuple[str, list[StageRecord]]:  # fmt: skip
+    """Encode the chunk's output frames as an H.264 segment under its content key; the
+    segment is stored only once whole (`should_stop` is asked before each frame)."""
     record = StageRecord(stage="encode", chunk=chunk)
     with measured(record), tempfile.TemporaryDirectory(prefix="motionserve-seg-") as scratch:
         path = Path(scratch) / "segment.mp4"
+        check_stop(should_stop, "encode")
         if len(frames.frames):
-            record.frames = video.encode_mp4(frames.frames, path, plan.output_encoding())
+            encoding = plan.output_encoding()
+            record.frames = video.encode_mp4(frames.frames, path, encoding, should_stop)
         else:  # a chunk with no output frame: an empty file, which `join_segments` skips
             path.write_bytes(b"")
         meta = {"stage": "segment", "frames": record.frames, "chunk": chunk}
@@ -456,6 +509,7 @@ def join_segments(
     result_key: str,
     audio: tuple[str, str] | None,
     cached: bool,
+    should_stop: ShouldStop | None = None,
 ) -> StageRecord:
     """Stream-copy the segments into the result MP4 in the store, with the audio of
     `audio` = (input ref, its sha256); a repeat copies the cached result instead."""
@@ -469,12 +523,12 @@ def join_segments(
         else:
             paths = [
                 segment_path(ctx, key, folder / f"{i:05d}.mp4", cached)
-                for i, key in enumerate(segment_keys)
+                for i, key in enumerate(until_stopped(segment_keys, should_stop, "join"))
             ]
             paths = [path for path in paths if path.stat().st_size > 0]  # chunks with no frame
             source = ctx.fetch_input(audio[0], folder / "audio-source") if audio else None
             record.frames = video.concat_mp4(
-                paths, out, plan.output_fps, str(source) if source else None
+                paths, out, plan.output_fps, str(source) if source else None, should_stop
             )
             if cached:
                 ctx.cache.put_file(ckey, out, {"stage": "result", "frames": record.frames})

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from deployments.errors import InvalidSettingError
+from deployments.stopping import ShouldStop, until_stopped
 
 # Audio codecs an MP4 can carry as they are; anything else is transcoded to AAC.
 _MP4_AUDIO_COPY = {"aac", "mp3", "alac", "opus", "ac3", "eac3"}
@@ -32,17 +33,24 @@ class EncodeSettings(BaseModel):
     )
 
 
-def encode_mp4(frames: Iterable[np.ndarray], path: str | os.PathLike, settings: EncodeSettings):
+def encode_mp4(
+    frames: Iterable[np.ndarray],
+    path: str | os.PathLike,
+    settings: EncodeSettings,
+    should_stop: ShouldStop | None = None,
+):
     """Encode RGB uint8 frames (any iterable of (H, W, 3) arrays or chunks) to an MP4.
 
     Writes to a temporary file beside `path` and renames it, so a failure leaves no half-written
     result. Odd sizes are padded to even (yuv420p needs it) by repeating the edge. Returns the
-    number of frames written.
+    number of frames written. `should_stop` is asked before each frame; once it answers True,
+    `Stopped` is raised and nothing is left at `path`.
     """
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     rate = exact_rate(settings.fps)
     try:
+        frames = until_stopped(_iter_frames(frames), should_stop, "encoding")
         count = _write_mp4(frames, partial, rate, settings)
         os.replace(partial, path)
     finally:
@@ -205,9 +213,11 @@ def concat_mp4(
     path: str | os.PathLike,
     fps: float,
     audio_from: str | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> int:
     """Join H.264 MP4 segments made by `encode_mp4` at the same size and rate, without
-    re-encoding (stream copy), optionally adding the source's audio; atomic like `encode_mp4`.
+    re-encoding (stream copy), optionally adding the source's audio; atomic like `encode_mp4`
+    (`should_stop` is asked before each segment: `Stopped` leaves nothing at `path`).
 
     Returns the number of video frames written. Timestamps are rewritten to one continuous
     timeline at exactly `fps`, whatever each segment's own timing.
@@ -216,21 +226,22 @@ def concat_mp4(
     partial = path.with_name(f".{path.name}.partial")
     rate = exact_rate(fps)
     try:
-        count = _concat(list(segments), partial, rate, audio_from)
+        count = _concat(list(segments), partial, rate, audio_from, should_stop)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
     return count
 
 
-def _concat(segments: list, partial: Path, rate: Fraction, audio_from: str | None) -> int:
+def _concat(segments: list, partial: Path, rate: Fraction, audio_from: str | None,
+            should_stop: ShouldStop | None) -> int:  # fmt: skip
     if not segments:
         raise InvalidSettingError("there are no segments to join")
     count = 0
     with av.open(str(partial), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
         with _AudioCarrier(audio_from) as audio:
             stream = None
-            for segment in segments:
+            for segment in until_stopped(segments, should_stop, "joining"):
                 with av.open(str(segment)) as source:
                     video = source.streams.video[0]
                     if stream is None:
