@@ -100,8 +100,20 @@ class Browser:
         body = {"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}
         self._call("POST", "/actions", body)
 
-    def window_size(self, width: int, height: int) -> None:
-        self._call("POST", "/window/rect", {"width": width, "height": height})
+    def emulate_screen(self, size: tuple[int, int] | None) -> None:
+        """A phone's screen (CSS pixels, touch, the page's viewport meta honoured), or None for
+        the desktop window again (Chrome DevTools' device emulation, through chromedriver)."""
+        if size is None:
+            self.cdp("Emulation.clearDeviceMetricsOverride")
+            return
+        width, height = size
+        self.cdp(
+            "Emulation.setDeviceMetricsOverride",
+            width=width, height=height, deviceScaleFactor=2, mobile=True,
+        )  # fmt: skip
+
+    def cdp(self, command: str, **params: Any) -> Any:
+        return self._call("POST", "/goog/cdp/execute", {"cmd": command, "params": params})
 
     def screenshot(self, path: Path) -> Path:
         path.write_bytes(base64.b64decode(self._call("GET", "/screenshot")))
