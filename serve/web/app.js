@@ -561,11 +561,32 @@
     element.textContent = status.cancel_requested ? `${status.state} (cancel requested)` : status.state;
   }
 
-  function follow(kind, id) {
-    const tracker = { id, timer: null };
-    const ui = kind === "job"
+  function trackerUi(kind) {
+    return kind === "job"
       ? { state: $("job-state"), progress: $("job-progress"), error: $("job-error"), cancel: $("job-cancel"), path: "v1/jobs" }
       : { state: $("preview-state"), progress: $("preview-progress"), error: $("preview-error"), cancel: $("preview-cancel"), path: "v1/previews" };
+  }
+
+  // Shows a status; at a terminal state stops following and shows what came of it.
+  function show(kind, tracker, status) {
+    if (state[kind] !== tracker || tracker.finished) return;
+    const ui = trackerUi(kind);
+    renderState(ui.state, status);
+    renderProgress(ui.progress, status.progress);
+    if (!TERMINAL.has(status.state)) return;
+    tracker.finished = true;
+    clearTimeout(tracker.timer);
+    ui.cancel.disabled = true;
+    if (status.state === "failed" && status.error) {
+      showError(ui.error, new ApiError(0, status.error.code || "", status.error.message || "failed"));
+    }
+    if (kind === "job") jobFinished(tracker.id, status);
+    else previewFinished(tracker.id, status);
+  }
+
+  function follow(kind, id) {
+    const tracker = { id, timer: null, finished: false };
+    const ui = trackerUi(kind);
     const previous = state[kind];
     if (previous) clearTimeout(previous.timer);
     state[kind] = tracker;
@@ -576,44 +597,36 @@
     ui.state.textContent = "queued";
 
     const poll = async () => {
-      if (state[kind] !== tracker) return;
+      if (state[kind] !== tracker || tracker.finished) return;
       try {
         const status = await callJson(`${ui.path}/${encodeURIComponent(id)}`);
-        if (state[kind] !== tracker) return;
         showError(ui.error, null);
-        renderState(ui.state, status);
-        renderProgress(ui.progress, status.progress);
-        if (TERMINAL.has(status.state)) {
-          ui.cancel.disabled = true;
-          if (status.state === "failed" && status.error) {
-            showError(ui.error, new ApiError(0, status.error.code || "", status.error.message || "failed"));
-          }
-          if (kind === "job") jobFinished(id, status);
-          else previewFinished(id, status);
-          return;
-        }
+        show(kind, tracker, status);
       } catch (err) {
+        if (state[kind] !== tracker) return;
         showError(ui.error, err);
         if (err.status === 401 || err.status === 404) {
           ui.cancel.disabled = true;
           return; // nothing to poll: a key changed, or the job is not this tenant's
         }
       }
-      tracker.timer = setTimeout(poll, POLL_MS);
+      if (state[kind] === tracker && !tracker.finished) tracker.timer = setTimeout(poll, POLL_MS);
     };
     poll();
   }
 
   async function cancel(kind) {
     const tracker = state[kind];
-    if (!tracker) return;
-    const path = kind === "job" ? "v1/jobs" : "v1/previews";
-    const ui = kind === "job" ? { state: $("job-state"), error: $("job-error") } : { state: $("preview-state"), error: $("preview-error") };
+    if (!tracker || tracker.finished) return;
+    const ui = trackerUi(kind);
+    ui.cancel.disabled = true;
     try {
-      const status = await callJson(`${path}/${encodeURIComponent(tracker.id)}`, { method: "DELETE" });
-      renderState(ui.state, status); // polling goes on until the job is cancelled
+      const status = await callJson(`${ui.path}/${encodeURIComponent(tracker.id)}`, { method: "DELETE" });
+      // 200: stopped (or already finished); 202: another replica stops it, polling shows when.
+      show(kind, tracker, status);
     } catch (err) {
       showError(ui.error, err);
+      if (!tracker.finished) ui.cancel.disabled = false;
     }
   }
 

@@ -162,6 +162,29 @@ def test_a_bad_file_shows_the_servers_error(server, browser, tmp_path, shots):
         )
 
 
+def test_cancel_a_job_from_the_page(server, browser, sample_video, shots):
+    with browser.screenshot_on_failure(shots, "cancel"):
+        open_page(browser, server)
+        browser.type("#video", str(sample_video))
+        browser.type("#prompt", "a robot dancing in the rain")
+        browser.type("#seed", "99")  # not the edit test's job: nothing of it is cached
+        browser.click("#preset option[value='draft']")
+        browser.click("#advanced summary")
+        browser.type("#overrides", json.dumps(FAST_OVERRIDES))
+        browser.click("#submit-button")
+        browser.wait_js("return !document.querySelector('#job-section').hidden;", 60, "the job")
+        browser.click("#job-cancel")
+        state = browser.wait_js(
+            "const s = document.querySelector('#job-state').dataset.state;"
+            "return ['done', 'failed', 'cancelled'].includes(s) ? s : null;",
+            30,
+            "the job to stop",
+        )
+        assert state == "cancelled"
+        assert browser.js("return document.querySelector('#job-cancel').disabled;") is True
+        assert browser.js("return document.querySelector('#result-section').hidden;") is True
+
+
 def test_the_page_is_usable_by_keyboard_and_on_a_phone(server, browser, shots):
     with browser.screenshot_on_failure(shots, "phone"):
         open_page(browser, server)
