@@ -13,11 +13,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# ffprobe (Debian's ffmpeg) is the independent reader the tests check our videos with.
+# ffprobe (Debian's ffmpeg) is the independent reader the tests check our videos with;
+# Debian's chromium and its driver run the web page's browser test (no browser download).
 system-deps:
 	@command -v ffprobe >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null; \
 	  else echo "ffprobe is missing: install ffmpeg (e.g. sudo apt-get install ffmpeg)" >&2; exit 1; fi; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	  else echo "chromium or chromedriver is missing: install them (e.g. sudo apt-get install chromium chromium-driver)" >&2; exit 1; fi; }
 
 sample: $(STAMP)
 	$(VENV)/bin/motionserve sample-video

@@ -3,6 +3,10 @@
 Every error is JSON ``{"error": {"code", "message"}}`` (`ErrorResponse`), and each operation's
 OpenAPI lists every status it can send (tests/e2e/test_fuzz.py holds the server to that).
 Another tenant's job answers 404, the same as a job that does not exist, so ids reveal nothing.
+
+The web page (serve/web/: plain HTML, CSS and JS shipped in the package) is served at `/` and
+`/static/...`, outside the OpenAPI document and without an API key: it holds no data, and it
+calls the public `/v1` API like any client, sending the key the user types in.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,10 +42,20 @@ from serve.schemas import (
     PreviewStatus,
     Readiness,
     S3JobRequest,
+    motion_style_schemas,
 )
 from serve.storage import ObjectNotFound
 
 API_VERSION = "v1"
+WEB_DIR = Path(__file__).parent / "web"
+# The page loads nothing from elsewhere (it must work offline) and runs no inline script; videos
+# play from blob: URLs (fetched with the API key, which a <video src> cannot send).
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; img-src 'self' "
+    "blob: data:; object-src 'none'; base-uri 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 class ApiError(Exception):
@@ -128,10 +143,15 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def _allowed_methods(request: Request) -> str:
     methods: set[str] = set()
+    # Inside a Mount (the web page's files) the scope's root_path is the mount's: match from
+    # the application's own root.
+    scope = {**request.scope, "root_path": request.scope.get("app_root_path", "")}
     for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
+        match, _ = route.matches(scope)
         if match != Match.NONE:
             methods |= getattr(route, "methods", None) or set()
+            if isinstance(getattr(route, "app", None), StaticFiles):
+                methods |= {"GET", "HEAD"}  # the web page's files
     return ", ".join(sorted(methods))
 
 
@@ -204,6 +224,12 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
             code = "missing_api_key" if not presented else "invalid_api_key"
             raise ApiError(401, code, "send a valid API key in the X-API-Key header")
         return tenant
+
+    @app.get("/", include_in_schema=False)
+    async def web_page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers=_PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> Health:
@@ -491,6 +517,9 @@ def _openapi(app: FastAPI) -> dict:
     components = document.setdefault("components", {}).setdefault("schemas", {})
     extra = S3JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     for name, schema in {**extra.pop("$defs", {}), "S3JobRequest": extra}.items():
+        components.setdefault(name, schema)
+    # The styles' parameters: `JobRequest.styles` holds them as texts, documented here.
+    for name, schema in motion_style_schemas().items():
         components.setdefault(name, schema)
     # Keys are checked by hand (tenant_of); with none configured every caller is `local`.
     document["components"]["securitySchemes"] = {

@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
@@ -55,6 +56,16 @@ StyleText = Annotated[
         }
     ),
 ]
+
+
+def motion_style_schemas(ref_template: str = "#/components/schemas/{model}") -> dict[str, dict]:
+    """JSON schemas of the motion styles and their parameters (types, defaults, bounds), by
+    name, plus `MotionStyle`, their union: the OpenAPI document carries them so clients (the web
+    page) build the `name:key=value,...` texts of `JobRequest.styles` from one definition."""
+    schema = TypeAdapter(MotionStyle).json_schema(ref_template=ref_template)
+    return {**schema.pop("$defs", {}), "MotionStyle": schema}
+
+
 PresetText = Annotated[
     str | None,
     WithJsonSchema({"anyOf": [{"type": "string", "enum": list(PUBLIC_PRESETS)}, {"type": "null"}]}),
