@@ -108,7 +108,9 @@ class UpscaleServer(StageServer):
 
     def run(self, generated: Frames, next_generated: Frames | None, plan: Plan, chunk: int):
         size = (plan.output_width, plan.output_height)
-        return stages.upscale_chunk(self.upscaler, generated, next_generated, size, chunk)
+        return stages.upscale_chunk(
+            self.upscaler, generated, next_generated, size, chunk, plan.chunk_overlap
+        )
 
 
 class InterpolateServer(StageServer):

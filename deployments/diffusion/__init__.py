@@ -16,6 +16,7 @@ from deployments.diffusion.noise import (
     build_scheduler,
     derive_seed,
     initial_latents,
+    job_window_noise,
     step_generators,
 )
 from deployments.diffusion.settings import (
@@ -32,6 +33,7 @@ from deployments.diffusion.settings import (
     ChunkResult,
     EngineConfig,
     GenerationSettings,
+    NoiseMode,
     Precision,
     SchedulerName,
     check_settings,
@@ -71,6 +73,7 @@ __all__ = [
     "EngineConfig",
     "GenerationSettings",
     "ModelWeights",
+    "NoiseMode",
     "Precision",
     "SchedulerName",
     "WorkUnits",
@@ -80,6 +83,7 @@ __all__ = [
     "controlnet_active_steps",
     "derive_seed",
     "initial_latents",
+    "job_window_noise",
     "keyframe_blend",
     "keyframe_indices",
     "latent_area_weight",

@@ -6,7 +6,7 @@ Decisions (the why):
   precision, fps, and also guidance scale, controlnet_every, control window and conditioning
   scale, because they decide the shape of the work: CFG doubles a forward, the keyframes choose
   which frames reach ControlNet). Only the `ChunkRequest` fields vary within a batch: prompts,
-  seeds, noise sharing and control images.
+  seeds, noise sharing and mode, first frame and control images.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ DIFFUSION_CODE_VERSION = "diffusion-1"
 
 SchedulerName = Literal["dpmpp_2m", "unipc", "euler_a", "lcm"]
 Precision = Literal["fp16", "bf16", "fp32"]
+# Where a frame's own noise comes from (see noise.py): its chunk position, or the job's frame
+# index in one noise sequence (seamless chunks).
+NoiseMode = Literal["per_chunk", "job_windows"]
+MAX_NOISE_WINDOW = 1024
 
 MIN_STEPS, MAX_STEPS = 1, 150
 MAX_LCM_STEPS = 50  # LCMScheduler's default original_inference_steps
@@ -165,7 +169,27 @@ class ChunkRequest(BaseModel):
         ge=0.0,
         le=1.0,
         description="Share of the initial noise common to all frames (1 = identical noise, the "
-        "most temporally stable; 0 = independent noise per frame).",
+        "most temporally stable; 0 = each frame's own noise only).",
+    )
+    noise: NoiseMode = Field(
+        default="per_chunk",
+        description="Each frame's own noise (the 1 - noise_sharing part, and the step noise of "
+        "ancestral schedulers): 'per_chunk' draws it per (seed, chunk, frame in chunk), "
+        "independent frame to frame; 'job_windows' reads it from the job's one noise sequence at "
+        "the frame's index in the job (first_frame + i), drifting across windows of "
+        "noise_window frames, so a frame gets the same noise in any chunk that generates it.",
+    )
+    noise_window: int = Field(
+        default=16,
+        ge=1,
+        le=MAX_NOISE_WINDOW,
+        description="job_windows: frames from one knot of the noise sequence to the next.",
+    )
+    first_frame: int = Field(
+        default=0,
+        ge=0,
+        description="Index in the job's generated frames of this request's first frame "
+        "(job_windows noise is indexed by it; with an overlap it is before the chunk's span).",
     )
     control_images: np.ndarray = Field(
         description="Pose maps for ControlNet: uint8 RGB, shape (frames, height, width, 3)."
