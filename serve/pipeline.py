@@ -260,8 +260,7 @@ def _first_error(exc: ValidationError) -> str:
 
 
 _PRESET_FIELDS = set(Preset.model_fields)
-_PLAN_FIELDS = {"chunk_frames", "noise", "noise_sharing", "noise_window", "chunk_overlap",
-                "output_crf"}  # fmt: skip
+_PLAN_FIELDS = {"chunk_frames", "noise", "noise_sharing", "noise_window", "chunk_overlap"}
 _GENERATION_FIELDS = {"guidance_scale", "control_guidance_start", "control_guidance_end",
                       "controlnet_conditioning_scale"}  # fmt: skip
 

@@ -311,3 +311,16 @@ def test_a_retried_chunk_with_overlap_gives_the_same_video_and_is_billed_once(
     report, retried = run_job(short_clip, tmp_path, monkeypatch, "flaky", **SEAMLESS)
     assert FlakyStages.failed and np.array_equal(clean, retried)
     assert report["plan"]["work_units"] == report["plan"]["predicted_work_units"]
+
+
+def test_cost_benchmark_rows_for_seamless_chunks():
+    from benchmarks.cost import format_seamless, seamless_rows
+
+    section = seamless_rows()
+    rows = {row["row"]: row for row in section["rows"]}
+    assert rows["job noise"]["overhead_pct"] == 0.0  # the noise is free
+    # 120 frames in 8 chunks of 16: 7 chunks generate 1 (2) overlap frames more
+    assert [row["generated_frames"] for row in rows.values()] == [120, 127, 134]
+    assert 0 < rows["job noise + 1 overlap frame"]["overhead_pct"] < section["budget_pct"]
+    assert all(row["x_naive"] >= 20 for row in rows.values())
+    assert "+5.20%" in format_seamless(section)
