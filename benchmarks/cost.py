@@ -28,6 +28,11 @@ output. What is measured and what is predicted:
   over `standard` split into the anchor's own pass and the wider attention, and a run at the
   run size that checks the loop counts what the formula predicts. Its CPU side is the standard
   run's (the anchor adds one pose map per chunk to render, nothing else on the CPU).
+- Seamless chunks (issue 15): the standard plan with job-level noise (`noise: job_windows`)
+  and with 1 and 2 overlap frames per chunk, as rows beside it (`seamless`): full-size work
+  units by the same formula, the overhead over `standard` and the budget (anchor attention plus
+  seamless chunks at most +12%). Predicted only: the unit tests run seamless jobs and check the
+  loop counts what the formula predicts (tests/unit/test_seamless.py).
 - Levers: each alone on top of naive and cumulatively (micro-batching, 12 fps + interpolation,
   768 px + upscaling, 18 steps, fp16, keyframe ControlNet, cache), beside the figure each was
   expected to give. Work units are exact for the levers that change work; micro-batching's
@@ -64,6 +69,13 @@ PLANS = ("draft", "standard", "high")
 ANCHOR_ROW = "standard_anchor"  # the standard plan with anchor attention (issue 15)
 ANCHOR_OVERRIDES = {"anchor": "first_keyframe"}
 ANCHOR_BUDGET_PCT = 12.0  # issue 15: anchor attention + seamless chunks over `standard`
+# Seamless chunks (issue 15) on the standard plan: job-level noise alone, and with overlaps.
+SEAMLESS_ROWS = {
+    "job noise": {"noise": "job_windows"},
+    "job noise + 1 overlap frame": {"noise": "job_windows", "chunk_overlap": 1},
+    "job noise + 2 overlap frames": {"noise": "job_windows", "chunk_overlap": 2},
+}
+SEAMLESS_BUDGET_PCT = 12.0  # issue 15: anchor attention + seamless chunks over `standard`
 RUN_LONG_SIDE = 128  # generation size of the runs (16:9 -> 128x72); full size is predicted
 PROMPT = "a robot dancing in a park"
 BATCH_FOR_GAIN = 4  # max_batch_size of serve/configs/local.yaml's Diffusion
@@ -190,13 +202,13 @@ def generated_frames(plan, seconds: float = CLIP_SECONDS) -> int:
 
 def full_size_prediction(preset: str, overrides: dict | None = None) -> dict[str, Any]:
     """Work units (SD 1.5 weights) of a plan on the 10 s clip, and of its naive baseline."""
-    from serve.cost import estimate_plan, naive_frame_count, naive_settings
+    from serve.cost import estimate_plan, generated_frame_count, naive_frame_count, naive_settings
     from serve.cost import predict_generation_units as predict
 
     plan = full_plan(preset, overrides)
     g = plan.generation
     frames = generated_frames(plan)
-    units = predict(g, frames, plan.chunk_frames)
+    units = predict(g, frames, plan.chunk_frames, overlap=plan.chunk_overlap)
     naive_gen = naive_settings(g, plan.output_width, plan.output_height, plan.output_fps)
     naive_frames = naive_frame_count(frames, g.fps, plan.output_fps)
     naive_units = predict(naive_gen, naive_frames, plan.chunk_frames)
@@ -210,7 +222,7 @@ def full_size_prediction(preset: str, overrides: dict | None = None) -> dict[str
         "controlnet_every": g.controlnet_every,
         "precision": g.precision,
         "anchor": g.anchor,
-        "generated_frames": frames,
+        "generated_frames": generated_frame_count(frames, plan.chunk_frames, plan.chunk_overlap),
         "chunks": math.ceil(frames / plan.chunk_frames),
         "work_units": _units(units),
         "naive": {
@@ -222,6 +234,53 @@ def full_size_prediction(preset: str, overrides: dict | None = None) -> dict[str
         },
         "plan_explained": plan.explain(),
     }
+
+
+def seamless_rows() -> dict[str, Any]:
+    """The standard plan with seamless chunks: full-size work units, overhead over `standard`,
+    ratio to naive, and the issue's budget (shared with anchor attention)."""
+    standard = full_size_prediction("standard")
+    base = standard["work_units"]["total"]
+    naive = standard["naive"]["work_units"]["total"]
+    rows = []
+    for label, overrides in SEAMLESS_ROWS.items():
+        predicted = full_size_prediction("standard", overrides)
+        units = predicted["work_units"]["total"]
+        rows.append(
+            {
+                "row": label,
+                "overrides": overrides,
+                "generated_frames": predicted["generated_frames"],
+                "work_units": predicted["work_units"],
+                "overhead_pct": round(100.0 * (units / base - 1.0), 2),
+                "x_naive": _ratio(naive, units),
+                "within_budget_alone": 100.0 * (units / base - 1.0) <= SEAMLESS_BUDGET_PCT,
+            }
+        )
+    return {
+        "standard_units": base,
+        "standard_generated_frames": standard["generated_frames"],
+        "naive_units": naive,
+        "rows": rows,
+        "budget_pct": SEAMLESS_BUDGET_PCT,
+        "budget_note": "issue 15: anchor attention plus seamless chunks at most +12% work units "
+        "over standard (their overheads add); standard >= 20x fewer work units than naive. Job "
+        "noise is free; each overlap frame is generated (and billed) by two chunks",
+    }
+
+
+def format_seamless(section: dict[str, Any]) -> str:
+    lines = [
+        f"seamless chunks on the standard plan, 10 s clip (budget with anchor attention: "
+        f"+{section['budget_pct']:g}% over standard's {section['standard_units']:,.0f} units)",
+        f"{'row':30} {'frames':>6} {'work units':>10} {'overhead':>8} {'x naive':>7}",
+    ]
+    for row in section["rows"]:
+        lines.append(
+            f"{row['row']:30} {row['generated_frames']:>6} {row['work_units']['total']:>10,.0f} "
+            f"{row['overhead_pct']:>+7.2f}% {row['x_naive']:>7}"
+        )
+    return "\n".join(lines)
 
 
 def _units(units) -> dict[str, float]:
@@ -858,6 +917,7 @@ def run(args) -> dict[str, Any]:
         "runs": runs,
         "plans": plans,
         "levers": lever_table(fp16, batching, args.tier),
+        "seamless": seamless_rows(),
         "fp16": fp16,
         "batching": batching,
         "checks": checks(runs, plans),
@@ -926,6 +986,8 @@ def print_report(result: dict[str, Any]) -> None:
     print("\n" + format_stage_seconds(result["plans"], s["lever_tier"]))
     print("\n" + format_dollars(result["plans"]))
     print("\n" + format_levers(result["levers"]))
+    if "seamless" in result:
+        print("\n" + format_seamless(result["seamless"]))
     c = result["checks"]
     print(
         f"\nchecks: counted == predicted {c['counted_equals_predicted']}; repeat ran no "

@@ -140,7 +140,13 @@ class UpscaleServer(StageServer):
     ) -> Frames:
         size = (plan.output_width, plan.output_height)
         return await self._work(
-            stages.upscale_chunk, self.upscaler, generated, next_generated, size, chunk
+            stages.upscale_chunk,
+            self.upscaler,
+            generated,
+            next_generated,
+            size,
+            chunk,
+            plan.chunk_overlap,
         )
 
 

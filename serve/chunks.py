@@ -30,12 +30,31 @@ class ChunkSpec(BaseModel):
     prompt: str = Field(description="What the frames should show.")
     negative_prompt: str = Field(default="", description="What to steer away from (with CFG).")
     seed: int = Field(default=0, description="The job's seed (0 when the request gave none).")
+    noise_sharing: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="The plan's noise_sharing."
+    )
+    noise: diffusion.NoiseMode = Field(default="per_chunk", description="The plan's noise.")
+    noise_window: int = Field(default=16, ge=1, description="The plan's noise_window.")
+    first_frame: int = Field(
+        default=0,
+        ge=0,
+        description="Index in the job's generated frames of the chunk's first generated frame "
+        "(before its span by the plan's overlap, except chunk 0).",
+    )
 
     def key_fields(self) -> dict[str, Any]:
         """The fields the generation key hashes: the prompt and seed, not the job or position
         (another job's identical chunk is a cache hit). Same dict as before this model existed,
-        so cache keys did not change."""
-        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed}
+        so cache keys did not change; the noise fields join it only when they differ from
+        today's defaults (the generated frames' span, hashed beside it, gives first_frame)."""
+        fields: dict[str, Any] = {
+            "prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed
+        }  # fmt: skip
+        if self.noise_sharing != 1.0:
+            fields["noise_sharing"] = self.noise_sharing
+        if self.noise != "per_chunk":
+            fields.update(noise=self.noise, noise_window=self.noise_window)
+        return fields
 
 
 RunChunk = Callable[[diffusion.ChunkRequest], Awaitable[diffusion.ChunkResult]]

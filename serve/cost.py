@@ -199,9 +199,12 @@ def predict_generation_units(
     frames: int,
     chunk_frames: int,
     weights: ModelWeights = SD15_MODEL_WEIGHTS,
+    overlap: int = 0,
 ) -> WorkUnits:
     """Work units of generating `frames` frames in chunks of `chunk_frames` (keyframes are per
-    chunk: each chunk's last frame is one)."""
+    chunk: each chunk's last frame is one). With an `overlap` (seamless chunks) every chunk but
+    the first also generates the previous chunk's last `overlap` frames: they are counted in
+    both chunks, as both generate them (and keyframes are those of the longer chunk)."""
     total = WorkUnits()
     if frames <= 0:  # e.g. a naive side with no output frame: nothing to generate
         return total
@@ -209,11 +212,30 @@ def predict_generation_units(
     # Every full chunk costs the same: one prediction times their count, so an estimate of an
     # hour at 60 fps in 1-frame chunks costs the ingress microseconds, not seconds.
     full, rest = divmod(frames, chunk_frames)
-    one = predict_chunk_units(settings, chunk_frames, weights)
-    total = WorkUnits(**{name: value * full for name, value in one.model_dump().items()})
+    if overlap and frames > chunk_frames:  # chunk 0 (full) has no overlap; the others do
+        first = predict_chunk_units(settings, chunk_frames, weights)
+        total = first + _times(predict_chunk_units(settings, chunk_frames + overlap, weights),
+                               full - 1)  # fmt: skip
+        if rest:
+            total = total + predict_chunk_units(settings, rest + overlap, weights)
+        return total
+    total = _times(predict_chunk_units(settings, chunk_frames, weights), full)
     if rest:
         total = total + predict_chunk_units(settings, rest, weights)
     return total
+
+
+def _times(units: WorkUnits, count: int) -> WorkUnits:
+    return WorkUnits(**{name: value * count for name, value in units.model_dump().items()})
+
+
+def generated_frame_count(frames: int, chunk_frames: int, overlap: int = 0) -> int:
+    """Frames the diffusion model generates for `frames` frames in chunks: with an overlap,
+    every chunk but the first generates `overlap` frames more."""
+    if frames <= 0:
+        return 0
+    chunks = math.ceil(frames / max(1, chunk_frames))
+    return frames + overlap * (chunks - 1)
 
 
 def naive_frame_count(frames: int, generation_fps: float, output_fps: float) -> int:
@@ -385,7 +407,8 @@ def build_report(
 
     `plan` is a `serve.pipeline.Plan` (its `generation`, `chunk_frames`, `output_*`), `records`
     the job's stage records (`serve.stages.StageRecord`: stage, device, gpu_s, cpu_s, wall_s,
-    load_s, cache_hit, work_units) and `frames` the number of generated frames.
+    load_s, cache_hit, work_units) and `frames` the number of frames of the edited motion
+    (the chunks' spans; with an overlap, the plan side's generated frames count its frames too).
     """
     hardware, price = prices.for_tier(tier)
     settings: GenerationSettings = plan.generation
@@ -395,8 +418,10 @@ def build_report(
     )
     weights = weights or SD15_MODEL_WEIGHTS
     plan_stages = _stage_costs(records, price, prices)
-    predicted = predict_generation_units(settings, frames, plan.chunk_frames, weights)
-    plan_side = _side(frames, measured, predicted, plan_stages, estimated=False)
+    overlap = getattr(plan, "chunk_overlap", 0)
+    predicted = predict_generation_units(settings, frames, plan.chunk_frames, weights, overlap)
+    generated = generated_frame_count(frames, plan.chunk_frames, overlap)
+    plan_side = _side(generated, measured, predicted, plan_stages, estimated=False)
 
     naive_gen = naive_settings(settings, plan.output_width, plan.output_height, plan.output_fps)
     naive_frames = naive_frame_count(frames, settings.fps, plan.output_fps)
@@ -502,7 +527,8 @@ def estimate_plan(
     naive baseline, at the tier's reference seconds per work unit."""
     _, price = prices.for_tier(tier)
     settings = plan.generation
-    units = predict_generation_units(settings, frames, plan.chunk_frames, weights)
+    overlap = getattr(plan, "chunk_overlap", 0)
+    units = predict_generation_units(settings, frames, plan.chunk_frames, weights, overlap)
     naive_gen = naive_settings(settings, plan.output_width, plan.output_height, plan.output_fps)
     naive_frames = naive_frame_count(frames, settings.fps, plan.output_fps)
     naive_units = predict_generation_units(naive_gen, naive_frames, naive_frames, weights)
@@ -518,7 +544,7 @@ def estimate_plan(
 
     return CostEstimate(
         tier=tier,
-        plan=side(frames, units, gpu_fraction),
+        plan=side(generated_frame_count(frames, plan.chunk_frames, overlap), units, gpu_fraction),
         naive=side(naive_frames, naive_units, 1.0),
         ratio=savings_ratio(naive_units.total, units.total),
         notes=[f"reference speed and GPU price: {price.source} (estimates)"],

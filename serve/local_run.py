@@ -83,7 +83,10 @@ class LocalStages(CacheLookup):
 
     def upscale(self, generated, next_generated, plan: Plan, chunk: int):
         size = (plan.output_width, plan.output_height)
-        return _task(stages.upscale_chunk, self.upscaler, generated, next_generated, size, chunk)
+        return _task(
+            stages.upscale_chunk, self.upscaler, generated, next_generated, size, chunk,
+            plan.chunk_overlap,
+        )  # fmt: skip
 
     def interpolate(self, upscaled, first: int, count: int, total: int, plan: Plan, chunk: int):
         backend = interpolate.make_backend(plan.interpolation)

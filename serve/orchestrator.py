@@ -95,6 +95,12 @@ def chunk_spans(frames: int, chunk_frames: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_frames, frames)) for start in range(0, frames, chunk_frames)]
 
 
+def generation_spans(spans: list[tuple[int, int]], plan: Plan) -> list[tuple[int, int]]:
+    """The frames each chunk generates: its span, and before it the plan's overlap (the
+    previous chunk's last frames) for every chunk but the first."""
+    return [(start - plan.overlap_before(i), stop) for i, (start, stop) in enumerate(spans)]
+
+
 class Orchestrator:
     """Turns a manifest into a result MP4 and a cost report."""
 
@@ -180,15 +186,18 @@ class Orchestrator:
     ) -> list[str]:  # fmt: skip
         """Run every chunk (records go to the job's ledger); returns the segment keys."""
         job = manifest.request
+        generated = generation_spans(spans, plan)
         chunks = [
             ChunkSpec(job_id=manifest.job_id, chunk_index=index, prompt=job.prompt,
                       negative_prompt=job.negative_prompt,
-                      seed=job.seed if job.seed is not None else 0)
+                      seed=job.seed if job.seed is not None else 0,
+                      noise_sharing=plan.noise_sharing, noise=plan.noise,
+                      noise_window=plan.noise_window, first_frame=generated[index][0])
             for index in range(len(spans))
         ]  # fmt: skip
         gen_keys = [
             stages.generation_key(keys, plan, span, chunk.key_fields())
-            for span, chunk in zip(spans, chunks, strict=True)
+            for span, chunk in zip(generated, chunks, strict=True)
         ]
         identity = await self.calls.upscaler_identity()
         seg_keys = [
@@ -246,7 +255,7 @@ class _ChunkRun:
             maps = (
                 None
                 if cached
-                else self.calls.render(self.keys, self.plan, chunk, self.spans[chunk])
+                else self.calls.render(self.keys, self.plan, chunk, self._generated_span(chunk))
             )
             self.generated[chunk] = self.calls.generate(
                 maps, self.chunks[chunk], self.gen_keys[chunk], self.plan
@@ -255,6 +264,10 @@ class _ChunkRun:
         if self.maps.get(chunk) is not None:
             self._made(for_chunk, self.maps[chunk])
         return self._made(for_chunk, self.generated[chunk])
+
+    def _generated_span(self, chunk: int) -> tuple[int, int]:
+        start, stop = self.spans[chunk]
+        return start - self.plan.overlap_before(chunk), stop
 
     def _pipeline(self, chunk: int):
         first, stop = self.spans[chunk]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from deployments.diffusion import GenerationSettings
+from deployments.diffusion.settings import MAX_NOISE_WINDOW, NoiseMode
 from deployments.diffusion.settings import MIN_SIDE as GENERATION_SIDE_MIN
 from deployments.errors import InvalidSettingError
 from deployments.interpolate import InterpolationSettings
@@ -26,6 +27,8 @@ from serve.schemas import (
     OUTPUT_SIDE_MAX,
     OUTPUT_SIDE_MIN,
 )
+
+MAX_CHUNK_OVERLAP = 8
 
 
 class Plan(BaseModel):
@@ -51,6 +54,35 @@ class Plan(BaseModel):
     chunk_frames: int = Field(
         default=16, ge=1, le=256, description="Generated frames per chunk (cache/retry unit)."
     )
+    noise: NoiseMode = Field(
+        default="per_chunk",
+        description="Each frame's own noise: 'per_chunk' (per chunk and frame in it) or "
+        "'job_windows' (the job's one noise sequence at the frame's index in the job, so "
+        "chunks meet on continuous noise; seamless chunks). Only the 1 - noise_sharing part "
+        "(and ancestral schedulers' step noise) is a frame's own.",
+    )
+    noise_sharing: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of the initial noise common to all frames (1 = one noise tensor "
+        "for every frame of the job: stable, but textures stick to the frame).",
+    )
+    noise_window: int = Field(
+        default=16,
+        ge=1,
+        le=MAX_NOISE_WINDOW,
+        description="job_windows: frames from one knot of the job's noise sequence to the next.",
+    )
+    chunk_overlap: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_CHUNK_OVERLAP,
+        description="Seamless chunks: every chunk but the first also generates the previous "
+        "chunk's last N frames (same frame indices, same noise: needs noise 'job_windows'), and "
+        "the previous chunk's segment cross-fades its last N frames into them. Each overlap "
+        "frame is generated, and billed, by both chunks.",
+    )
     interpolation: InterpolationSettings = Field(
         default_factory=InterpolationSettings, description="Frame interpolation."
     )
@@ -63,6 +95,24 @@ class Plan(BaseModel):
     def _styles_parse(cls, styles: list[str]) -> list[str]:
         parse_styles(styles)  # raises InvalidSettingError naming the valid styles
         return styles
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> Plan:
+        if self.chunk_overlap and self.chunk_overlap >= self.chunk_frames:
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be less than chunk_frames "
+                f"({self.chunk_frames})"
+            )
+        if self.chunk_overlap and self.noise != "job_windows":
+            raise ValueError(
+                "chunk_overlap needs noise 'job_windows' (an overlap frame must get the same "
+                "noise in both chunks that generate it)"
+            )
+        return self
+
+    def overlap_before(self, chunk: int) -> int:
+        """Frames chunk `chunk` generates before its span (the previous chunk's last ones)."""
+        return self.chunk_overlap if chunk > 0 else 0
 
     @property
     def interpolation_factor(self) -> float:
@@ -91,7 +141,22 @@ class Plan(BaseModel):
             f"(x{self.upscale_factor:.2f})",
             f"micro-batching {'on' if self.batching else 'off'}, "
             f"cache {'on' if self.cache else 'off'}",
-        ]
+        ] + self._explain_seamless()
+
+    def _explain_seamless(self) -> list[str]:
+        if self.noise == "per_chunk" and self.noise_sharing == 1.0 and not self.chunk_overlap:
+            return []  # today's plans explain themselves as before
+        noise = (
+            f"job noise in windows of {self.noise_window} frames"
+            if self.noise == "job_windows"
+            else "per-chunk noise"
+        )
+        overlap = (
+            f", {self.chunk_overlap} overlap frame(s) per chunk cross-faded at each boundary"
+            if self.chunk_overlap
+            else ""
+        )
+        return [f"{noise}, noise sharing {self.noise_sharing:g}{overlap}"]
 
 
 def long_side_by_aspect(width: int, height: int) -> int:
@@ -198,7 +263,7 @@ def _first_error(exc: ValidationError) -> str:
 
 
 _PRESET_FIELDS = set(Preset.model_fields)
-_PLAN_FIELDS = {"chunk_frames"}
+_PLAN_FIELDS = {"chunk_frames", "noise", "noise_sharing", "noise_window", "chunk_overlap"}
 _GENERATION_FIELDS = {"guidance_scale", "control_guidance_start", "control_guidance_end",
                       "controlnet_conditioning_scale", "anchor", "anchor_pool"}  # fmt: skip
 

@@ -179,6 +179,8 @@ def segment_key(plan, generated: str, next_generated: str | None, upscaler_ident
         "output": [plan.output_width, plan.output_height, plan.output_fps, plan.output_crf],
         "generation_fps": plan.generation.fps,
     }
+    if plan.chunk_overlap:  # only then, so the keys of plans without it did not change
+        settings["chunk_overlap"] = plan.chunk_overlap
     inputs = [generated] + ([next_generated] if next_generated else [])
     return content_key("segment", SEGMENT_CODE_VERSION, settings, inputs)
 
@@ -342,8 +344,9 @@ def _require(cache: ArtifactCache, key: str) -> bytes:
 
 def render_maps(ctx: StageContext, keys: JobKeys, plan, chunk: int, span: tuple[int, int],
                 should_stop: ShouldStop | None = None):  # fmt: skip
-    """The chunk's pose maps at generation size, for ControlNet (milliseconds: `should_stop` is
-    asked once, before)."""
+    """The chunk's pose maps at generation size, for ControlNet; with anchor attention also the
+    job's first pose map (every chunk's anchor is the job's first keyframe). Milliseconds:
+    `should_stop` is asked once, before."""
     record = StageRecord(stage="render", chunk=chunk)
     with measured(record):
         check_stop(should_stop, "render")
@@ -394,19 +397,51 @@ def upscale_chunk(
     next_generated: Frames | None,
     out_size: tuple[int, int],
     chunk: int,
+    overlap: int = 0,
     should_stop: ShouldStop | None = None,
 ) -> Frames:
     """Upscale the chunk's frames plus the next chunk's first (interpolation needs it); stops
-    at the next batch of `upscaler.settings.batch_frames` frames once `should_stop` says so."""
+    at the next batch of `upscaler.settings.batch_frames` frames once `should_stop` says so.
+
+    With an overlap (seamless chunks), `generated` starts with `overlap` frames of the previous
+    chunk's span (chunk 0 has none), which are left out here: the previous chunk's segment used
+    them. The next chunk's generation starts with `overlap` frames of this chunk's span, which
+    this chunk's last frames cross-fade into (`cross_fade`) before its first frame after them."""
     record = StageRecord(stage="upscale", chunk=chunk)
     small = generated.frames
+    if overlap:
+        small = small[overlap if chunk > 0 else 0 :]
     if next_generated is not None:
-        small = np.concatenate([small, next_generated.frames[:1]])
+        following = next_generated.frames
+        if overlap:
+            small = cross_fade(small, following[:overlap])
+            following = following[overlap:]
+        small = np.concatenate([small, following[:1]])
     with measured(record):
         large = upscaler.upscale(small, out_size, should_stop)
         record.frames = len(large)
         record.device = upscaler.describe().get("device", "cpu")
     return Frames(large, generated.records + [record], guides=small)
+
+
+def cross_fade(frames: np.ndarray, incoming: np.ndarray) -> np.ndarray:
+    """`frames` with its last len(incoming) frames blended into `incoming` (the same frames as
+    the next chunk generated them): overlap frame j of n takes weight (j + 1) / (n + 1) from the
+    next chunk, so the change from one chunk to the next is spread over n + 1 intervals instead
+    of one. Deterministic, and downstream of both chunks' cached generations: a chunk's frames
+    never depend on its neighbour's, and a segment recomputed on resume or retry is the same."""
+    count = len(incoming)
+    if count == 0:
+        return frames
+    if count > len(frames):
+        raise ValueError(f"an overlap of {count} frames is longer than the chunk ({len(frames)})")
+    weights = (np.arange(1, count + 1, dtype=np.float32) / (count + 1)).reshape(-1, 1, 1, 1)
+    tail = frames[-count:].astype(np.float32)
+    mixed = tail + weights * (incoming.astype(np.float32) - tail)
+    if np.issubdtype(frames.dtype, np.integer):
+        info = np.iinfo(frames.dtype)
+        mixed = np.clip(np.rint(mixed), info.min, info.max)
+    return np.concatenate([frames[:-count], mixed.astype(frames.dtype)])
 
 
 def interpolation_positions(

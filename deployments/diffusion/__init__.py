@@ -17,6 +17,7 @@ from deployments.diffusion.noise import (
     build_scheduler,
     derive_seed,
     initial_latents,
+    job_window_noise,
     step_generators,
 )
 from deployments.diffusion.settings import (
@@ -35,6 +36,7 @@ from deployments.diffusion.settings import (
     ChunkResult,
     EngineConfig,
     GenerationSettings,
+    NoiseMode,
     Precision,
     SchedulerName,
     check_settings,
@@ -79,6 +81,7 @@ __all__ = [
     "EngineConfig",
     "GenerationSettings",
     "ModelWeights",
+    "NoiseMode",
     "Precision",
     "SchedulerName",
     "WorkUnits",
@@ -89,6 +92,7 @@ __all__ = [
     "controlnet_active_steps",
     "derive_seed",
     "initial_latents",
+    "job_window_noise",
     "keyframe_blend",
     "keyframe_indices",
     "latent_area_weight",

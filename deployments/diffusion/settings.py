@@ -6,7 +6,7 @@ Decisions (the why):
   precision, fps, and also guidance scale, controlnet_every, control window and conditioning
   scale, because they decide the shape of the work: CFG doubles a forward, the keyframes choose
   which frames reach ControlNet). Only the `ChunkRequest` fields vary within a batch: prompts,
-  seeds, noise sharing, control images and anchors.
+  seeds, noise sharing and mode, first frame, control images and anchors.
 - Anchor attention (`anchor`, `anchor_pool`) is a key field too (it adds an anchor pass and widens
   every frame's self-attention), but only when it is on: with `anchor="off"` both fields are left
   out of the settings' serialisation, so batch keys, cache keys and stored plans of requests
@@ -45,6 +45,10 @@ Precision = Literal["fp16", "bf16", "fp32"]
 AnchorMode = Literal["off", "first_keyframe"]
 ANCHOR_FIELDS = ("anchor", "anchor_pool")
 MAX_ANCHOR_POOL = 4
+# Where a frame's own noise comes from (see noise.py): its chunk position, or the job's frame
+# index in one noise sequence (seamless chunks).
+NoiseMode = Literal["per_chunk", "job_windows"]
+MAX_NOISE_WINDOW = 1024
 
 MIN_STEPS, MAX_STEPS = 1, 150
 MAX_LCM_STEPS = 50  # LCMScheduler's default original_inference_steps
@@ -228,7 +232,27 @@ class ChunkRequest(BaseModel):
         ge=0.0,
         le=1.0,
         description="Share of the initial noise common to all frames (1 = identical noise, the "
-        "most temporally stable; 0 = independent noise per frame).",
+        "most temporally stable; 0 = each frame's own noise only).",
+    )
+    noise: NoiseMode = Field(
+        default="per_chunk",
+        description="Each frame's own noise (the 1 - noise_sharing part, and the step noise of "
+        "ancestral schedulers): 'per_chunk' draws it per (seed, chunk, frame in chunk), "
+        "independent frame to frame; 'job_windows' reads it from the job's one noise sequence at "
+        "the frame's index in the job (first_frame + i), drifting across windows of "
+        "noise_window frames, so a frame gets the same noise in any chunk that generates it.",
+    )
+    noise_window: int = Field(
+        default=16,
+        ge=1,
+        le=MAX_NOISE_WINDOW,
+        description="job_windows: frames from one knot of the noise sequence to the next.",
+    )
+    first_frame: int = Field(
+        default=0,
+        ge=0,
+        description="Index in the job's generated frames of this request's first frame "
+        "(job_windows noise is indexed by it; with an overlap it is before the chunk's span).",
     )
     control_images: np.ndarray = Field(
         description="Pose maps for ControlNet: uint8 RGB, shape (frames, height, width, 3)."

@@ -97,7 +97,7 @@ def test_upscale_stops_at_its_next_batch(tiny_compact, model):
     stop = threading.Event()
     stopped = CountingUpscaler(settings, stop)
     with pytest.raises(Stopped):
-        stages.upscale_chunk(stopped, generated, following, (64, 48), 0, stop.is_set)
+        stages.upscale_chunk(stopped, generated, following, (64, 48), 0, should_stop=stop.is_set)
     # the batch running when the flag was set finished; the next three never started
     assert (stopped.batches, stopped.resampled) == ((1, 0) if model else (0, 2))
 
