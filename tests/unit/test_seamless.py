@@ -169,8 +169,9 @@ class Recording:
         self.small: dict[int, np.ndarray] = {}
         self.real = stages.upscale_chunk
 
-    def __call__(self, upscaler, generated, next_generated, out_size, chunk, overlap=0):
-        out = self.real(upscaler, generated, next_generated, out_size, chunk, overlap)
+    def __call__(self, upscaler, generated, next_generated, out_size, chunk, overlap=0,
+                 should_stop=None):  # fmt: skip
+        out = self.real(upscaler, generated, next_generated, out_size, chunk, overlap, should_stop)
         self.small[chunk] = out.guides[: len(out.guides) - (next_generated is not None)]
         return out
 
