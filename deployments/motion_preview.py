@@ -48,7 +48,8 @@ def overlay(frames: np.ndarray, maps: np.ndarray) -> np.ndarray:
     return np.where(drawn, maps, dimmed)
 
 
-def _label(panel: np.ndarray, text: str) -> None:
+def label(panel: np.ndarray, text: str) -> None:
+    """Write `text` in the panel's top-left corner (in place), white on a dark outline."""
     scale = max(0.35, panel.shape[0] / 720)
     thickness = max(1, round(scale * 2))
     origin = (max(4, round(8 * scale)), max(12, round(24 * scale)))
@@ -92,9 +93,9 @@ def side_by_side(
             right = overlay(background, _maps(edited, edited_idx, width, height))
             if labels:
                 for panel in left:
-                    _label(panel, LABELS[0])
+                    label(panel, LABELS[0])
                 for panel in right:
-                    _label(panel, LABELS[1])
+                    label(panel, LABELS[1])
             yield np.concatenate([left, right], axis=2)
         done, offset = stop, end
     if done < len(sources):

@@ -28,6 +28,7 @@ from starlette.routing import Match
 
 from deployments.errors import InputError
 from serve.auth import Authenticator
+from serve.cost import EstimateResponse
 from serve.jobs import JobManifest, JobNotFound, Overloaded
 from serve.schemas import (
     PUBLIC_PRESETS,
@@ -432,7 +433,7 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         return JSONResponse(status.model_dump(mode="json"), status_code=code)
 
     @app.post(f"/{API_VERSION}/estimate", tags=["jobs"], responses=_errors(400, 401, 422))
-    async def estimate(body: EstimateRequest, request: Request) -> dict:
+    async def estimate(body: EstimateRequest, request: Request) -> EstimateResponse:
         tenant_of(request)
         _check_preset(body.request)
         return service.estimate(body.request, body.duration_s, body.width, body.height)

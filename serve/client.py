@@ -28,21 +28,24 @@ class Client:
         headers = {"X-API-Key": api_key} if api_key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
 
-    def submit(self, video: Path, request: JobRequest) -> dict[str, Any]:
+    def submit(self, video: Path, request: JobRequest, kind: str = "jobs") -> dict[str, Any]:
+        """POST the video and request to /v1/jobs (or /v1/previews with kind="previews")."""
         with video.open("rb") as handle:
             files = {"video": (video.name, handle, "video/mp4")}
             data = {"request": request.model_dump_json(exclude_none=True)}
-            return self._json(self.http.post("/v1/jobs", files=files, data=data))
+            return self._json(self.http.post(f"/v1/{kind}", files=files, data=data))
 
-    def status(self, job_id: str) -> dict[str, Any]:
-        return self._json(self.http.get(f"/v1/jobs/{job_id}"))
+    def status(self, job_id: str, kind: str = "jobs") -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/{kind}/{job_id}"))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json(self.http.delete(f"/v1/jobs/{job_id}"))
 
-    def download(self, job_id: str, dest: Path) -> Path:
+    def download(self, job_id: str, dest: Path, kind: str = "jobs") -> Path:
+        """The job's result MP4 (or, with kind="previews", the preview's video) into `dest`."""
         partial = dest.with_name(f".{dest.name}.partial")
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/result") as response:
+        what = "result" if kind == "jobs" else "video"
+        with self.http.stream("GET", f"/v1/{kind}/{job_id}/{what}") as response:
             if response.status_code != 200:
                 response.read()
                 self._json(response)
@@ -52,11 +55,12 @@ class Client:
         partial.replace(dest)
         return dest
 
-    def wait(self, job_id: str, poll_s: float = 1.0, timeout_s: float = 3600, show=None) -> dict:
-        """Poll until the job ends; `show(status)` is called on every poll (progress bars)."""
+    def wait(self, job_id: str, poll_s: float = 1.0, timeout_s: float = 3600, show=None,
+             kind: str = "jobs") -> dict:  # fmt: skip
+        """Poll until the job (or preview) ends; `show(status)` is called on every poll."""
         deadline = time.monotonic() + timeout_s
         while True:
-            status = self.status(job_id)
+            status = self.status(job_id, kind)
             if show:
                 show(status)
             if status["state"] in TERMINAL:

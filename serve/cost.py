@@ -514,6 +514,15 @@ class CostEstimate(BaseModel):
     notes: list[str] = Field(default_factory=list, description="Assumptions.")
 
 
+class EstimateResponse(CostEstimate):
+    """The body of POST /v1/estimate: the estimate and the plan it was made for."""
+
+    plan_explained: list[str] = Field(
+        description="The plan's levers, one line each (preset, generation size and rate, steps, "
+        "keyframe interval, upscale, interpolation), as the job's report lists them."
+    )
+
+
 def estimate_plan(
     plan: Any,
     frames: int,

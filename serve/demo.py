@@ -3,16 +3,21 @@
 It starts the app on a private local Ray cluster (serve/configs/local.yaml: every stage a Serve
 deployment, the tiny random-weight models on CPU), submits the sample clip over HTTP like any
 client, follows the job, downloads the MP4 and prints the cost table of the plan against the
-naive baseline. The frames look like noise (the models are untrained); the pipeline, timing and
-costs are real. Run it twice to see the cache: the second run generates nothing.
+naive baseline. Then it asks the same app for the motion preview (`POST /v1/previews`, CPU only)
+and writes side_by_side.mp4: source | edited skeleton | generated frames on the result's
+timeline (deployments/comparison.py). The generated frames look like noise (the models are
+untrained); the pipeline, timing and costs are real. Run it twice to see the cache: the second
+run generates nothing.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from deployments.comparison import compose_comparison
 from deployments.diffusion.work_units import WorkUnits
 from serve.config import Settings
 from serve.samples import sample_video_path
@@ -38,24 +43,43 @@ def run_demo(output_dir: Path, settings: Settings | None = None) -> dict[str, An
     video = sample_video_path(settings.cache_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     output = output_dir / "edited.mp4"
+    side_by_side = output_dir / "side_by_side.mp4"
     print(f"input:   {video}")
     print(f"request: {DEMO_REQUEST.prompt!r}, styles {', '.join(DEMO_REQUEST.styles)}")
     started = time.perf_counter()
     print("starting the app on a local Ray cluster (serve/configs/local.yaml) ...", flush=True)
-    with local_app(load_config(port=free_port()), quiet=True) as url:
-        print(f"app up in {time.perf_counter() - started:.0f} s at {url}", flush=True)
-        client = Client(url)
-        job_id = client.submit(video, DEMO_REQUEST)["job_id"]
-        print(f"job:     {job_id} (POST {url}/v1/jobs)")
-        status = client.wait(job_id, poll_s=0.5, show=progress_bars)
-        if status["state"] != "done":
-            error = status.get("error") or {}
-            raise RuntimeError(f"demo job {status['state']}: {error.get('message', '')}")
-        client.download(job_id, output)
+    with tempfile.TemporaryDirectory(prefix="motionserve-demo-") as scratch:
+        skeletons = Path(scratch) / "preview.mp4"
+        with local_app(load_config(port=free_port()), quiet=True) as url:
+            print(f"app up in {time.perf_counter() - started:.0f} s at {url}", flush=True)
+            client = Client(url)
+            job_id = client.submit(video, DEMO_REQUEST)["job_id"]
+            print(f"job:     {job_id} (POST {url}/v1/jobs)")
+            status = client.wait(job_id, poll_s=0.5, show=progress_bars)
+            _check_done("job", status)
+            client.download(job_id, output)
+            # The comparison's edited skeleton is the service's own motion preview (CPU only;
+            # the job left the poses and the edited motion in the cache: only the drawing runs).
+            preview_id = client.submit(video, DEMO_REQUEST, kind="previews")["preview_id"]
+            print(f"preview: {preview_id} (POST {url}/v1/previews)")
+            _check_done("preview", client.wait(preview_id, poll_s=0.5, kind="previews"))
+            client.download(preview_id, skeletons, kind="previews")
+        # After the app has stopped: the composition is plain CPU work on three files.
+        composed = compose_comparison(video, skeletons, output, side_by_side)
     print(f"\ndone in {time.perf_counter() - started:.0f} s (app start included)")
     print(format_report(status["report"]))
     print(f"output:  {output.resolve()}")
+    print(
+        f"side by side: {composed.path.resolve()} (source | edited skeleton | generated, "
+        f"{composed.frames} frames at {composed.fps:g} fps)"
+    )
     return status
+
+
+def _check_done(what: str, status: dict[str, Any]) -> None:
+    if status["state"] != "done":
+        error = status.get("error") or {}
+        raise RuntimeError(f"demo {what} {status['state']}: {error.get('message', '')}")
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -26,3 +26,21 @@ def test_demo_edits_the_sample_through_local_serve_and_prints_the_cost(tmp_path,
     source = next(s for s in ffprobe(sample_video)["streams"] if s["codec_type"] == "video")
     assert abs(float(video["duration"]) - float(source["duration"])) < 0.2
     assert any(s["codec_type"] == "audio" for s in streams)  # the source's audio carried over
+    # side_by_side.mp4: source | edited skeleton | generated, on the result's timeline
+    assert "/v1/previews" in out  # the skeleton panel is the service's own motion preview
+    compare = next(s for s in ffprobe(tmp_path / "side_by_side.mp4")["streams"]
+                   if s["codec_type"] == "video")  # fmt: skip
+    assert compare["codec_name"] == "h264" and compare["avg_frame_rate"] == "25/1"
+    assert compare["nb_read_frames"] == video["nb_read_frames"]  # one row per result frame
+    width, height = compare["width"], compare["height"]
+    assert width % 3 == 0 and height <= video["height"]
+    assert abs(width / 3 / height - video["width"] / video["height"]) < 0.02  # 3 panels
+    printed = {}  # both paths are printed
+    for line in out.splitlines():
+        name, _, rest = line.partition(": ")
+        if name in ("output", "side by side"):
+            printed[name] = rest.split()[0]
+    assert printed == {
+        "output": str((tmp_path / "edited.mp4").resolve()),
+        "side by side": str((tmp_path / "side_by_side.mp4").resolve()),
+    }
