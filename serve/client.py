@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,14 @@ class Client:
         headers = {"X-API-Key": api_key} if api_key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
 
-    def submit(self, video: Path, request: JobRequest) -> dict[str, Any]:
-        with video.open("rb") as handle:
-            files = {"video": (video.name, handle, "video/mp4")}
+    def submit(
+        self, video: Path, request: JobRequest, reference: Path | None = None
+    ) -> dict[str, Any]:
+        with ExitStack() as stack:
+            files = {"video": (video.name, stack.enter_context(video.open("rb")), "video/mp4")}
+            if reference is not None:
+                handle = stack.enter_context(reference.open("rb"))
+                files["reference"] = (reference.name, handle, "application/octet-stream")
             data = {"request": request.model_dump_json(exclude_none=True)}
             return self._json(self.http.post("/v1/jobs", files=files, data=data))
 
