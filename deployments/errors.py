@@ -69,3 +69,10 @@ class InvalidWeightsError(InputError):
 class NotAnImageError(InputError):
     code = "not_an_image"
     http_status = 415
+
+
+class CorruptImageError(InputError):
+    """An image whose header reads but whose pixels do not decode."""
+
+    code = "corrupt_image"
+    http_status = 422

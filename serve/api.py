@@ -162,13 +162,14 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
 _ERROR_REASONS = {
     400: "Malformed body (invalid JSON or multipart, undecodable text) or an empty upload.",
     401: "Missing or unknown API key.",
-    403: "An s3:// input outside the allowed buckets, or not an s3:// URI.",
+    403: "An s3:// input (video or reference) outside the allowed buckets, or not an s3:// URI.",
     404: "No such job (or preview) for this tenant (another tenant's is not found either).",
     409: "The job (or preview) is not done yet.",
-    413: "The upload is over the size, duration, pixel or frame limits.",
-    415: "Not a video, an unsupported codec, or a body neither multipart nor JSON.",
-    422: "The request does not validate (fields, styles, preset), the video is corrupt or "
-    "the s3:// input does not exist.",
+    413: "The upload (or reference image) is over the size, duration, pixel or frame limits.",
+    415: "Not a video, an unsupported codec, a reference that is not a single-frame PNG, JPEG "
+    "or WebP image, or a body neither multipart nor JSON.",
+    422: "The request does not validate (fields, styles, preset), the video or the reference "
+    "image is corrupt (or the reference too small), or the s3:// input does not exist.",
     503: "Too many jobs (previews: too many previews, a pool of their own) in flight; retry "
     "after the `Retry-After` seconds.",
 }
@@ -280,23 +281,38 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         )
 
     async def _submit_upload(request: Request, tenant: str, kind: str) -> JobManifest:
-        limit = service.limits.max_bytes
+        limits = service.limits
+        limit = limits.max_bytes
         declared = int(request.headers.get("content-length") or 0)
-        if declared > limit + 1024 * 1024:  # multipart overhead on top of the file
+        # multipart overhead and an optional reference image on top of the video
+        if declared > limit + limits.max_reference_bytes + 1024 * 1024:
             raise ApiError(413, "limit_exceeded", f"uploads are limited to {limit / 1e6:.0f} MB")
         service.check_capacity(kind)  # refuse before reading a large body we cannot take
-        form = await request.form(max_files=1, max_fields=4)
+        form = await request.form(max_files=2, max_fields=4)
         try:
             video, spec = form.get("video"), form.get("request")
+            reference = form.get("reference")
             if not isinstance(video, UploadFile):
                 raise ApiError(422, "missing_video", "the multipart field 'video' is missing")
+            if reference is not None and not isinstance(reference, UploadFile):
+                raise ApiError(
+                    422, "invalid_reference", "the multipart field 'reference' must be a file"
+                )
             job_request = _parse_request(spec if isinstance(spec, str) else "{}")
             with tempfile.TemporaryDirectory(prefix="motionserve-upload-") as scratch:
                 local = Path(scratch) / "input"
                 size = await _save_upload(video, local, limit)
                 if size == 0:
                     raise ApiError(400, "empty_input", "the uploaded video is empty")
-                return await service.submit_file(tenant, job_request, local, kind)
+                reference_path = None
+                if reference is not None:
+                    reference_path = Path(scratch) / "reference"
+                    await _save_upload(
+                        reference, reference_path, limits.max_reference_bytes, "reference images"
+                    )
+                return await service.submit_file(
+                    tenant, job_request, local, kind, reference=reference_path
+                )
         finally:
             await form.close()
 
@@ -308,11 +324,15 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         if not isinstance(body, dict) or not isinstance(body.get("input"), str):
             raise ApiError(422, "missing_input", "JSON requests need an 'input' s3:// URI")
         uri = body.pop("input")
+        reference = body.pop("reference", None)
+        if reference is not None and not isinstance(reference, str):
+            raise ApiError(422, "invalid_reference", "'reference' must be an s3:// URI")
         job_request = _parse_request(json.dumps(body))
         try:
-            return await service.submit_s3(tenant, job_request, uri, kind)
+            return await service.submit_s3(tenant, job_request, uri, kind, reference)
         except ObjectNotFound:
-            raise ApiError(422, "input_not_found", f"no object at {uri}") from None
+            where = uri if reference is None else f"{uri} or {reference}"
+            raise ApiError(422, "input_not_found", f"no object at {where}") from None
 
     @app.get(
         f"/{API_VERSION}/jobs/{{job_id}}",
@@ -493,6 +513,15 @@ _SUBMIT_BODY = {
                         "format": "binary",
                         "description": "The input video (any container and codec PyAV reads).",
                     },
+                    "reference": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "Optional reference image (PNG, JPEG or WebP, one frame; "
+                        "limits `max_reference_bytes`, `max_reference_pixels`, short side at "
+                        "least `min_reference_side`): the character's look. It turns anchor "
+                        "attention on with the reference as the anchor (override `anchor` "
+                        "to change that) and is part of the job's content keys.",
+                    },
                     "request": {
                         "$ref": "#/components/schemas/JobRequest",
                         "description": "The edit request as a JSON text field; `prompt` is "
@@ -541,15 +570,13 @@ def _openapi(app: FastAPI) -> dict:
     return document
 
 
-async def _save_upload(upload: UploadFile, dest: Path, limit: int) -> int:
+async def _save_upload(upload: UploadFile, dest: Path, limit: int, what: str = "uploads") -> int:
     size = 0
     with dest.open("wb") as out:
         while chunk := await upload.read(1 << 20):
             size += len(chunk)
             if size > limit:
-                raise ApiError(
-                    413, "limit_exceeded", f"uploads are limited to {limit / 1e6:.0f} MB"
-                )
+                raise ApiError(413, "limit_exceeded", f"{what} are limited to {limit / 1e6:.0f} MB")
             out.write(chunk)
     return size
 

@@ -483,7 +483,7 @@ class IngressServer:
             max_active_jobs=args.max_active_jobs,
             max_active_previews=args.max_active_previews,
             probe=lambda path, digest: stages.probe_input(ctx, path, digest),
-            plan_for=lambda request, info: plan_for(args, request, info),
+            plan_for=lambda request, info, ref=False: plan_for(args, request, info, ref),
             estimate=lambda request, duration, w, h: estimate(args, request, duration, w, h),
             fetch_s3=lambda uri, dest: ctx.fetch_input(uri, dest),
             metrics=JobMetrics(),

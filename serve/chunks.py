@@ -103,13 +103,18 @@ def chunk_request(chunk: ChunkSpec, maps: Frames, plan: Plan) -> diffusion.Chunk
     """The diffusion request for a chunk, once its pose maps exist (where the call runs).
 
     With anchor attention the request carries the job's anchor: the job's first pose map
-    (rendered with every chunk's maps) and the job's seed, the same for all its chunks. Both
-    are in the chunk's generation key already (the motion key and `key_fields`)."""
+    (rendered with every chunk's maps) or its reference image (prepared at the generation
+    size), and the job's seed, the same for all its chunks. All are in the chunk's generation
+    key already (the motion key, the reference's hash and `key_fields`)."""
     anchor = None
-    if plan.generation.anchor == "first_keyframe":
+    source = plan.generation.anchor
+    if source != "off":
         if maps.anchor_map is None:
-            raise RuntimeError(f"chunk {chunk.chunk_index}: anchor attention without its pose map")
-        anchor = diffusion.AnchorInput(seed=chunk.seed, control_image=maps.anchor_map)
+            raise RuntimeError(
+                f"chunk {chunk.chunk_index}: anchor attention without its pose map or reference"
+            )
+        image = "reference_image" if source == "reference" else "control_image"
+        anchor = diffusion.AnchorInput(source=source, seed=chunk.seed, **{image: maps.anchor_map})
     return diffusion.ChunkRequest(
         **chunk.model_dump(), control_images=maps.frames, settings=plan.generation, anchor=anchor
     )

@@ -148,6 +148,10 @@ def _job_request(args: argparse.Namespace):
     )
 
 
+def _reference(args: argparse.Namespace) -> Path | None:
+    return Path(args.reference) if getattr(args, "reference", None) else None
+
+
 def _app_args(config: str | None):
     """AppArgs from a Serve config file (its first application's args), else defaults."""
     import yaml
@@ -171,9 +175,10 @@ def _cmd_edit(args: argparse.Namespace) -> None:
 
     report = asyncio.run(
         edit_video(
-            Path(args.video), Path(args.output), _job_request(args), _app_args(args.config), show
+            Path(args.video), Path(args.output), _job_request(args), _app_args(args.config), show,
+            reference=_reference(args),
         )
-    )
+    )  # fmt: skip
     print(file=sys.stderr)
     print(format_report(report))
     if args.report:
@@ -188,7 +193,7 @@ def _cmd_preview(args: argparse.Namespace) -> None:
 
     report = asyncio.run(
         preview_video(Path(args.video), Path(args.output), _job_request(args),
-                      _app_args(args.config))
+                      _app_args(args.config), reference=_reference(args))
     )  # fmt: skip
     print(format_preview_report(report))
     if args.report:
@@ -256,7 +261,13 @@ def _cmd_submit(args: argparse.Namespace) -> None:
     from serve.client import Client, progress_bars
 
     client = Client(args.url, args.api_key)
-    accepted = client.submit(Path(args.video), _job_request(args))
+    reference = _reference(args)
+    if reference is not None:  # the server checks it too; a bad one never leaves the machine
+        from deployments.reference import check_reference
+        from serve.config import Settings
+
+        check_reference(reference, Settings().input_limits())
+    accepted = client.submit(Path(args.video), _job_request(args), reference)
     print(accepted["job_id"])
     if not args.wait:
         return
@@ -456,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--fps", type=float, default=None, help="output frame rate")
         command.add_argument("--width", type=int, default=None, help="output width")
         command.add_argument("--height", type=int, default=None, help="output height")
+        command.add_argument(
+            "--reference",
+            metavar="IMG",
+            default=None,
+            help="reference image (PNG, JPEG or WebP): the character's look; turns anchor "
+            "attention on with it as the anchor",
+        )
 
     edit = commands.add_parser("edit", help="edit a video in this process (no server)")
     edit.add_argument("video")

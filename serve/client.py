@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,20 @@ class Client:
         headers = {"X-API-Key": api_key} if api_key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
 
-    def submit(self, video: Path, request: JobRequest, kind: str = "jobs") -> dict[str, Any]:
-        """POST the video and request to /v1/jobs (or /v1/previews with kind="previews")."""
-        with video.open("rb") as handle:
-            files = {"video": (video.name, handle, "video/mp4")}
+    def submit(
+        self,
+        video: Path,
+        request: JobRequest,
+        reference: Path | None = None,
+        kind: str = "jobs",
+    ) -> dict[str, Any]:
+        """POST the video (and reference image) and request to /v1/jobs (or /v1/previews with
+        kind="previews")."""
+        with ExitStack() as stack:
+            files = {"video": (video.name, stack.enter_context(video.open("rb")), "video/mp4")}
+            if reference is not None:
+                handle = stack.enter_context(reference.open("rb"))
+                files["reference"] = (reference.name, handle, "application/octet-stream")
             data = {"request": request.model_dump_json(exclude_none=True)}
             return self._json(self.http.post(f"/v1/{kind}", files=files, data=data))
 

@@ -278,6 +278,8 @@ def weights_from_units(
         anchor["anchor_attention_weight"] = units.anchor_attention_units / (
             units.anchor_attention_evals * scale
         )
+    if units.vae_encodes:
+        anchor["vae_encode_weight"] = units.vae_encode_units / (units.vae_encodes * area)
     return ModelWeights(
         controlnet_weight=units.controlnet_units / (units.controlnet_evals * area),
         vae_weight=units.vae_units / (units.vae_decodes * area),

@@ -150,29 +150,30 @@ class LocalEvents:
 
 
 async def edit_video(
-    video_path: Path, output: Path, request, args, on_progress=None
+    video_path: Path, output: Path, request, args, on_progress=None, reference: Path | None = None
 ) -> dict[str, Any]:
     """The whole pipeline in this process (no Ray, no HTTP): `motionserve edit` and `demo`.
 
-    Same stages, keys, cache and cost report as the service; returns the report.
+    Same stages, keys, cache and cost report as the service; returns the report. `reference`:
+    a reference image, checked as the service checks one (see plan_for for the anchor).
     """
     from serve.factory import make_engine, make_upscaler
 
     return await _run_local(
         video_path, output, request, args, on_progress, "job",
-        lambda: LocalStages(_context(args), make_engine(args), make_upscaler(args)),
+        lambda: LocalStages(_context(args), make_engine(args), make_upscaler(args)), reference,
     )  # fmt: skip
 
 
 async def preview_video(
-    video_path: Path, output: Path, request, args, on_progress=None
+    video_path: Path, output: Path, request, args, on_progress=None, reference: Path | None = None
 ) -> dict[str, Any]:
     """The motion preview in this process (`motionserve preview`): the job's decode, pose and
     motion stages in the same cache, the side-by-side MP4 at `output`, and the estimate of the
     full job; no diffusion engine and no upscaler are even built. Returns the preview report."""
     return await _run_local(
         video_path, output, request, args, on_progress, "preview",
-        lambda: LocalStages(_context(args), None, None),
+        lambda: LocalStages(_context(args), None, None), reference,
     )  # fmt: skip
 
 
@@ -182,11 +183,18 @@ def _context(args) -> StageContext:
     return stage_context(args)
 
 
-async def _run_local(video_path, output, request, args, on_progress, kind: str, make_calls):
+async def _run_local(video_path, output, request, args, on_progress, kind: str, make_calls,
+                     reference: Path | None = None):  # fmt: skip
+    from deployments.reference import check_reference
     from serve.jobs import new_job_id
     from serve.planning import plan_for
 
     video_path = Path(video_path).resolve()
+    reference_sha = None
+    if reference is not None:  # checked before anything is built or written
+        reference = Path(reference).resolve()
+        await asyncio.to_thread(check_reference, reference, args.input_limits())
+        reference_sha = await asyncio.to_thread(hash_file, reference)
     calls = make_calls()
     ctx = calls.ctx
     digest = await asyncio.to_thread(hash_file, video_path)
@@ -198,7 +206,9 @@ async def _run_local(video_path, output, request, args, on_progress, kind: str, 
         request=request,
         input_key=str(video_path),
         input_sha256=digest,
-        plan=plan_for(args, request, info),
+        reference_key=str(reference) if reference is not None else None,
+        reference_sha256=reference_sha,
+        plan=plan_for(args, request, info, reference is not None),
         attempts=1,
     )
     orchestrator = Orchestrator(

@@ -101,6 +101,13 @@ def generation_spans(spans: list[tuple[int, int]], plan: Plan) -> list[tuple[int
     return [(start - plan.overlap_before(i), stop) for i, (start, stop) in enumerate(spans)]
 
 
+def job_keys_of(manifest: JobManifest, plan: Plan) -> JobKeys:
+    """The manifest's job keys (its reference image counted where it acts)."""
+    return stages.job_keys(
+        manifest.input_sha256, plan, manifest.reference_sha256, manifest.reference_key
+    )
+
+
 class Orchestrator:
     """Turns a manifest into a result MP4 and a cost report."""
 
@@ -118,7 +125,7 @@ class Orchestrator:
         if manifest.kind == "preview":
             return await self.run_preview(manifest, events)
         plan = Plan.model_validate(manifest.plan)
-        keys = stages.job_keys(manifest.input_sha256, plan)
+        keys = job_keys_of(manifest, plan)
         motion_record = await self._poses(manifest, plan, keys, events)
         spans = chunk_spans(motion_record.frames, plan.chunk_frames)
         segment_keys = await self._run_chunks(manifest, plan, keys, spans, events)
@@ -170,7 +177,7 @@ class Orchestrator:
         job then hits), the side-by-side MP4, and the estimate of the full job. Never calls
         the diffusion stage: its report shows zero work units and zero GPU seconds."""
         plan = Plan.model_validate(manifest.plan)
-        keys = stages.job_keys(manifest.input_sha256, plan)
+        keys = job_keys_of(manifest, plan)
         motion_record = await self._poses(manifest, plan, keys, events)
         events.check_cancelled()
         result_key = self.result_key_for(manifest)

@@ -12,7 +12,19 @@ from serve.cost import estimate_plan
 from serve.pipeline import Plan, make_plan
 
 
-def plan_for(args: AppArgs, request, info) -> dict[str, Any]:
+def plan_for(args: AppArgs, request, info, reference: bool | None = None) -> dict[str, Any]:
+    """The job's plan. `reference`: whether the job has a reference image (None: not known, as
+    for an estimate). A reference turns anchor attention on with the reference as its anchor
+    (`anchor: "reference"`) unless the overrides name another anchor (`"off"` turns it off);
+    `anchor: "reference"` without a reference image is refused."""
+    overrides = dict(request.overrides or {})
+    if reference and "anchor" not in overrides:
+        overrides["anchor"] = "reference"
+    if reference is False and overrides.get("anchor") == "reference":
+        raise InvalidSettingError(
+            "anchor 'reference' needs a reference image (multipart file 'reference', or "
+            "'reference': 's3://...')"
+        )
     plan = make_plan(
         request.preset or args.default_preset,
         info.width,
@@ -22,7 +34,7 @@ def plan_for(args: AppArgs, request, info) -> dict[str, Any]:
         output_fps=request.output.fps,
         output_width=request.output.width,
         output_height=request.output.height,
-        overrides=request.overrides,
+        overrides=overrides,
     )
     return plan.model_dump(mode="json")
 

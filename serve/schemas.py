@@ -259,6 +259,12 @@ class S3JobRequest(JobRequest):
         description="s3://bucket/key of the video, in one of the app's allowed input buckets "
         "(anything else is refused with 403)."
     )
+    reference: str | None = Field(
+        default=None,
+        description="s3://bucket/key of an optional reference image (PNG, JPEG or WebP, one "
+        "frame), under the same allowed buckets: the character's look. It turns anchor "
+        "attention on with the reference as the anchor (override `anchor` to change that).",
+    )
 
 
 class ErrorDetail(BaseModel):

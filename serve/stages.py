@@ -35,9 +35,11 @@ from deployments import (
     motion_preview,
     pose,
     pose_maps,
+    reference,
     upscale,
     video,
 )
+from deployments.errors import InvalidSettingError
 from deployments.stopping import ShouldStop, StopFlag, check_stop, until_stopped
 from serve.cache import ArtifactCache, content_key, hash_file
 from serve.storage import ObjectStore, open_store, parse_s3_uri
@@ -79,7 +81,8 @@ class Frames:
     frames: np.ndarray
     records: list[StageRecord] = field(default_factory=list)
     guides: np.ndarray | None = None  # the same frames at generation size (interpolation)
-    anchor_map: np.ndarray | None = None  # pose maps: the job's first one (anchor attention)
+    # pose maps with anchor attention: the job's first pose map, or its reference image
+    anchor_map: np.ndarray | None = None
 
 
 # CPU seconds are read process-wide (stages use native worker threads), so two measured calls
@@ -155,20 +158,61 @@ class JobKeys(BaseModel):
     decode: str
     pose: str
     motion: str
+    reference: str | None = Field(
+        default=None,
+        description="sha256 of the reference image's bytes, when the job's anchor is one.",
+    )
+    reference_input: str | None = Field(
+        default=None,
+        description="Where the reference image is read from (store key, s3:// URI or, in "
+        "process, a local path); not part of any key (its bytes' hash is).",
+    )
 
 
-def job_keys(source_sha256: str, plan) -> JobKeys:
+def job_keys(
+    source_sha256: str,
+    plan,
+    reference_sha256: str | None = None,
+    reference_input: str | None = None,
+) -> JobKeys:
+    """The job's keys. The reference image counts only where it acts: with anchor attention
+    on the reference (`plan.generation.anchor == "reference"`); otherwise it is left out, so a
+    job without one (or with its anchor elsewhere) keeps the keys it always had."""
     decode = content_key("decode", video.VIDEO_CODE_VERSION, plan.decode, [source_sha256])
     poses = content_key("pose", pose.POSE_CODE_VERSION, plan.pose, [decode])
     editor = motion.MotionEditor(plan.styles)
     edited = content_key("motion", motion.MOTION_CODE_VERSION, editor.settings_key(), [poses])
-    return JobKeys(source=source_sha256, decode=decode, pose=poses, motion=edited)
+    keys = JobKeys(source=source_sha256, decode=decode, pose=poses, motion=edited)
+    if plan.generation.anchor == "reference":
+        if not reference_sha256 or not reference_input:
+            raise InvalidSettingError("anchor 'reference' needs a reference image")
+        keys.reference, keys.reference_input = reference_sha256, reference_input
+    return keys
 
 
 def generation_key(keys: JobKeys, plan, span: tuple[int, int], request: dict) -> str:
-    """Key of one chunk's generated frames: its poses, the diffusion settings and the prompt."""
+    """Key of one chunk's generated frames: its poses, the diffusion settings and the prompt
+    (and, when the anchor is a reference image, that image's bytes)."""
     settings = {"generation": plan.generation, "request": request, "frames": list(span)}
-    return content_key("diffusion", diffusion.DIFFUSION_CODE_VERSION, settings, [keys.motion])
+    inputs = [keys.motion] + ([keys.reference] if keys.reference else [])
+    return content_key("diffusion", diffusion.DIFFUSION_CODE_VERSION, settings, inputs)
+
+
+def reference_image(ctx: StageContext, keys: JobKeys, plan) -> np.ndarray:
+    """The job's reference image at the generation size (uint8 RGB), prepared once per job
+    and size and cached under its content key (the bytes' hash, the size, the code version)."""
+    g = plan.generation
+    key = content_key(
+        "reference", reference.REFERENCE_CODE_VERSION, [g.width, g.height], [keys.reference]
+    )
+    data = ctx.cache.get(key)
+    if data is None:
+        with tempfile.TemporaryDirectory(prefix="motionserve-reference-") as scratch:
+            local = ctx.fetch_input(keys.reference_input, Path(scratch) / "reference")
+            image = reference.prepare_reference(local, g.width, g.height)
+        ctx.cache.put(key, image.tobytes(), {"stage": "reference"})
+        return image
+    return np.frombuffer(data, np.uint8).reshape(g.height, g.width, 3).copy()
 
 
 def segment_key(plan, generated: str, next_generated: str | None, upscaler_identity: dict) -> str:
@@ -359,6 +403,8 @@ def render_maps(ctx: StageContext, keys: JobKeys, plan, chunk: int, span: tuple[
             if first is None:
                 first = pose_maps.render_pose_maps(edited, g.width, g.height, frames=slice(0, 1))
             anchor = first[0].copy()
+        elif g.anchor == "reference":
+            anchor = reference_image(ctx, keys, plan)
         record.frames = len(maps)
     return Frames(maps, [record], anchor_map=anchor)
 

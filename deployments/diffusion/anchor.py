@@ -26,9 +26,14 @@ Decisions (the why):
   linear, so this equals projecting pooled hidden states, at no extra cost).
 - The processors are installed only while an anchored batch runs and the originals are put
   back after, so a batch without the anchor runs the UNet exactly as before.
-- Planned second source (`reference`): the anchor's model input at each step is then a
-  reference image's latent noised to that step with noise fixed by the seed, instead of a
-  trajectory; `Anchor.model_input`/`advance` are the seam where it plugs in.
+- Second source, `reference` (`ReferenceAnchor`): the anchor is a user's reference image. Its
+  latent (the VAE encoder's mean, so no sampling noise) is computed once per chunk, and at
+  each step the anchor's UNet input is that latent noised to the step's timestep,
+  sqrt(a_t) x0 + sqrt(1 - a_t) e (a_t: the scheduler's cumulative alpha; this is what every
+  scheduler's `scale_model_input` hands the UNet for a latent noised to t), with one noise e
+  drawn from the job's seed: the keys/values depend on the job alone, and no trajectory is
+  stepped (`advance` does nothing). No ControlNet runs on it: a reference has no pose map, and
+  its pose is not the frames' anyway; it lends appearance, not pose.
 """
 
 from __future__ import annotations
@@ -256,6 +261,51 @@ class FirstKeyframeAnchor:
     def advance(self, noise: torch.Tensor, timestep: torch.Tensor) -> None:
         step = self.scheduler.step
         self.latents = step(noise, timestep, self.latents, **self.step_kwargs, return_dict=False)[0]
+
+
+class ReferenceAnchor:
+    """A request's anchor when it is the job's reference image (see the module's decisions).
+
+    The constructor VAE-encodes the image (the caller counts one VAE encode for its owner);
+    `model_input` noises the latent to each step; `advance` ignores the step's prediction.
+    """
+
+    def __init__(
+        self,
+        owner: int,
+        request: Any,
+        scheduler: Any,
+        vae: Any,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        device: Any,
+        dtype: Any,
+    ):
+        import torch
+
+        from deployments.diffusion.noise import derive_seed
+
+        anchor = request.anchor
+        self.owner = owner
+        self.cond, self.uncond = cond, uncond
+        self.control = None  # no ControlNet on a reference
+        image = torch.from_numpy(anchor.reference_image).permute(2, 0, 1)[None].contiguous()
+        image = (image.to(torch.float32) / 127.5 - 1.0).to(device=device, dtype=dtype)
+        latent = vae.encode(image, return_dict=False)[0].mode()
+        self.latent = latent * vae.config.scaling_factor
+        generator = torch.Generator().manual_seed(derive_seed(anchor.seed, "reference"))
+        noise = torch.randn(tuple(self.latent.shape), generator=generator)
+        self.noise = noise.to(device=device, dtype=dtype)
+        self.alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+
+    def model_input(self, timestep: torch.Tensor) -> torch.Tensor:
+        index = int(round(float(timestep)))
+        alpha = self.alphas[min(max(index, 0), len(self.alphas) - 1)]
+        noised = alpha.sqrt() * self.latent.float() + (1.0 - alpha).sqrt() * self.noise.float()
+        return noised.to(self.latent.dtype)
+
+    def advance(self, noise: torch.Tensor, timestep: torch.Tensor) -> None:
+        """Nothing to step: the next step noises the same latent afresh."""
 
 
 def _step_parameters(scheduler: Any) -> Any:

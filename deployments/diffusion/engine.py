@@ -27,6 +27,7 @@ import numpy as np
 from deployments.diffusion.anchor import (
     AnchorBank,
     FirstKeyframeAnchor,
+    ReferenceAnchor,
     anchor_attention,
     self_attention_flops,
 )
@@ -52,6 +53,8 @@ from deployments.errors import InvalidSettingError
 # process) must not load it.
 if TYPE_CHECKING:
     import torch
+
+Anchor = FirstKeyframeAnchor | ReferenceAnchor
 
 
 def measure_model_weights(unet: Any, controlnet: Any, vae: Any) -> ModelWeights:
@@ -86,10 +89,13 @@ def measure_model_weights(unet: Any, controlnet: Any, vae: Any) -> ModelWeights:
         with torch.no_grad():
             anchor_flops = self_attention_flops(unet_meta, unet_run)
         vae_flops = flops(lambda: vae_meta.decode(latents[:, : vae.config.latent_channels]))
+        image = torch.zeros(1, vae.config.in_channels, side * 8, side * 8)
+        encode_flops = flops(lambda: vae_meta.encode(image))
     unet_parameters, controlnet_parameters = parameters(unet), parameters(controlnet)
     return ModelWeights(
         controlnet_weight=controlnet_parameters / unet_parameters,
         vae_weight=vae_flops / unet_flops,
+        vae_encode_weight=encode_flops / unet_flops,
         anchor_attention_weight=anchor_flops / unet_flops,
         unet_parameters=unet_parameters,
         controlnet_parameters=controlnet_parameters,
@@ -245,11 +251,19 @@ class DiffusionEngine:
             raise InvalidSettingError(
                 f"{where}: settings.anchor is '{settings.anchor}' but the request has no anchor"
             )
-        image = anchor.control_image
         expected = (settings.height, settings.width, 3)
+        if anchor.source != settings.anchor:
+            raise InvalidSettingError(
+                f"{where}: settings.anchor is '{settings.anchor}' but the anchor's source is "
+                f"'{anchor.source}'"
+            )
+        if anchor.source == "reference":
+            image, what = anchor.reference_image, "reference image"
+        else:
+            image, what = anchor.control_image, "pose map"
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != expected:
             raise InvalidSettingError(
-                f"{where}: the anchor's pose map must be a uint8 array of shape {expected}"
+                f"{where}: the anchor's {what} must be a uint8 array of shape {expected}"
             )
 
     def _check_control_images(self, request: ChunkRequest) -> None:
@@ -304,8 +318,8 @@ class DiffusionEngine:
             dtype, precision, note = resolve_precision(settings.precision, self._device.type)
             self._ensure_dtype(dtype)
             truncations = [self.truncation_notes(r) for r in requests]  # needs the tokenizer
-            # unet, controlnet, vae, anchor attention
-            counts = np.zeros((len(requests), 4), dtype=np.int64)
+            # unet, controlnet, vae, anchor attention, vae encodes
+            counts = np.zeros((len(requests), 5), dtype=np.int64)
             dropped: dict[int, int] = {}  # request index -> step it was dropped before
             with torch.inference_mode():
                 self._synchronize()
@@ -366,7 +380,7 @@ class DiffusionEngine:
         """Encode prompts, denoise all frames, decode; returns float images in [0, 1], NCHW, of
         the requests not dropped (None when all were). Fills `dropped` as rows leave."""
         cond, uncond = self._encode_prompts(requests, settings.cfg)
-        anchors = self._anchors(requests, settings, cond, uncond)
+        anchors = self._anchors(requests, settings, cond, uncond, counts)
         bank = None
         if anchors:
             bank = AnchorBank(settings.latent_height, settings.latent_width, settings.anchor_pool)
@@ -384,7 +398,7 @@ class DiffusionEngine:
         dropped: dict[int, int],
         cond: torch.Tensor,
         uncond: torch.Tensor | None,
-        anchors: list[FirstKeyframeAnchor],
+        anchors: list[Anchor],
         bank: AnchorBank | None,
     ) -> torch.Tensor | None:
         """The denoising loop and the decode (`_run`), the anchors stepped beside the frames."""
@@ -474,33 +488,35 @@ class DiffusionEngine:
         settings: GenerationSettings,
         cond: torch.Tensor,
         uncond: torch.Tensor | None,
-    ) -> list[FirstKeyframeAnchor]:
+        counts: np.ndarray,
+    ) -> list[Anchor]:
         """One anchor per request (none with the anchor off), each on its own scheduler, with
-        its request's text embeddings."""
+        its request's text embeddings; a reference anchor's VAE encode is counted here."""
         if settings.anchor == "off":
             return []
-        anchors, start = [], 0
+        anchors: list[Anchor] = []
+        start = 0
         for index, request in enumerate(requests):
             scheduler = build_scheduler(settings.scheduler, self._modules.scheduler_config)
             scheduler.set_timesteps(settings.steps, device=self._device)
             first = slice(start, start + 1)
-            anchors.append(
-                FirstKeyframeAnchor(
-                    index,
-                    request,
-                    scheduler,
-                    cond[first],
-                    uncond[first] if uncond is not None else None,
-                    self._device,
-                    self._dtype,
+            texts = (cond[first], uncond[first] if uncond is not None else None)
+            if settings.anchor == "reference":
+                anchor: Anchor = ReferenceAnchor(
+                    index, request, scheduler, self._modules.vae, *texts, self._device, self._dtype
                 )
-            )
+                counts[index, 4] += 1
+            else:
+                anchor = FirstKeyframeAnchor(
+                    index, request, scheduler, *texts, self._device, self._dtype
+                )
+            anchors.append(anchor)
             start += request.frames
         return anchors
 
     def _anchor_pass(
         self,
-        anchors: list[FirstKeyframeAnchor],
+        anchors: list[Anchor],
         bank: AnchorBank,
         timestep: torch.Tensor,
         controlnet_active: bool,
@@ -517,10 +533,10 @@ class DiffusionEngine:
             cfg = anchor.uncond is not None
             passes = 2 if cfg else 1
             if cfg:
-                x, images = torch.cat([x, x]), torch.cat([images, images])
-                text = torch.cat([anchor.uncond, text])
+                x, text = torch.cat([x, x]), torch.cat([anchor.uncond, text])
+                images = torch.cat([images, images]) if images is not None else None
             extra = {}
-            if controlnet_active:
+            if controlnet_active and images is not None:  # a reference has no pose map
                 down, mid = self._modules.controlnet(
                     x,
                     timestep,
@@ -630,7 +646,7 @@ class DiffusionEngine:
         settings: GenerationSettings,
         counts: np.ndarray,
         bank: AnchorBank | None = None,
-        anchors: Sequence[FirstKeyframeAnchor] = (),
+        anchors: Sequence[Anchor] = (),
     ) -> torch.Tensor:
         import torch
 
@@ -711,8 +727,10 @@ class DiffusionEngine:
                 anchor_attention_evals=int(anchor),
                 anchor_attention_weight=weights.anchor_attention_weight,
                 anchor_pool=settings.anchor_pool,
+                vae_encodes=int(encodes),
+                vae_encode_weight=weights.vae_encode_weight,
             )
-            for unet, control, vae, anchor in counts
+            for unet, control, vae, anchor, encodes in counts
         ]
         total = sum(u.total for u in units) or 1.0
         results, start = [], 0

@@ -40,9 +40,9 @@ DIFFUSION_CODE_VERSION = "diffusion-1"
 
 SchedulerName = Literal["dpmpp_2m", "unipc", "euler_a", "lcm"]
 Precision = Literal["fp16", "bf16", "fp32"]
-# Where a job's anchor comes from ("reference", a user's image VAE-encoded once per job, is the
-# planned second source; `AnchorInput.source` names the same choices per request).
-AnchorMode = Literal["off", "first_keyframe"]
+# Where a job's anchor comes from (`AnchorInput.source` names the same choices per request).
+AnchorMode = Literal["off", "first_keyframe", "reference"]
+AnchorSource = Literal["first_keyframe", "reference"]
 ANCHOR_FIELDS = ("anchor", "anchor_pool")
 MAX_ANCHOR_POOL = 4
 # Where a frame's own noise comes from (see noise.py): its chunk position, or the job's frame
@@ -102,7 +102,9 @@ class GenerationSettings(BaseModel):
         description="Anchor attention: every frame's UNet self-attention also attends to the "
         "keys/values of one anchor per job, so identity holds across chunks. 'first_keyframe': "
         "the job's first frame generated alone (its pose map and the job's seed and prompt; "
-        "one extra UNet row per chunk and step). 'off': none (and no extra work).",
+        "one extra UNet row per chunk and step). 'reference': the job's reference image, "
+        "VAE-encoded once per chunk and noised to each step with noise fixed by the seed (one "
+        "extra UNet row per chunk and step, no ControlNet). 'off': none (and no extra work).",
     )
     anchor_pool: int = Field(
         default=2,
@@ -195,21 +197,29 @@ class AnchorInput(BaseModel):
     """What a chunk's anchor is made from; the same for every chunk of a job, so every chunk
     (in any batch, on any replica) computes the same anchor keys/values.
 
-    `first_keyframe`: the anchor is the job's first frame generated alone: its pose map, the
-    request's prompts and noise sharing, and the initial noise of frame 0 of chunk 0 drawn from
-    `seed` (the job's seed): a full denoising trajectory of its own, stepped beside the chunk.
-    A later `reference` source will carry a reference image's latent instead, noised at each
-    step with noise fixed by `seed` (no trajectory, no pose map).
+    `first_keyframe`: the anchor is the job's first frame generated alone: its pose map
+    (`control_image`), the request's prompts and noise sharing, and the initial noise of frame
+    0 of chunk 0 drawn from `seed` (the job's seed): a full denoising trajectory of its own,
+    stepped beside the chunk.
+    `reference`: the anchor is the job's reference image (`reference_image`, at the generation
+    size), VAE-encoded by the chunk and, at each step, noised to that step's timestep with one
+    noise drawn from `seed` (no trajectory, no pose map, no ControlNet).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
-    source: Literal["first_keyframe"] = Field(
+    source: AnchorSource = Field(
         default="first_keyframe", description="Where the anchor comes from."
     )
     seed: int = Field(ge=0, lt=2**63, description="The job's seed: the anchor's noise.")
-    control_image: np.ndarray = Field(
-        description="The job's first pose map: uint8 RGB, shape (height, width, 3)."
+    control_image: np.ndarray | None = Field(
+        default=None,
+        description="first_keyframe: the job's first pose map, uint8 RGB (height, width, 3).",
+    )
+    reference_image: np.ndarray | None = Field(
+        default=None,
+        description="reference: the reference image at the generation size, uint8 RGB "
+        "(height, width, 3).",
     )
 
 

@@ -21,6 +21,12 @@ Decisions (the why):
   QK^T and AV products with them; counted per frame evaluation as `anchor_attention_weight`
   (those FLOPs / UNet FLOPs at 512x512, measured on the loaded model) x area^2 / pool^2 (query
   and anchor tokens both grow with the latent area; exact at sizes divisible by 64 pixels).
+- A reference-image anchor (settings.anchor "reference") has no trajectory and no pose map: its
+  pass is one UNet row per chunk per step (twice with CFG) and no ControlNet, plus one VAE
+  encode of the reference per chunk (`vae_encodes`, weighted by the encoder's FLOPs relative
+  to the UNet's). Encoding per chunk rather than once per job keeps a chunk's work independent
+  of the others (any chunk may run on any replica, be retried or be cached); it is about 1.4
+  UNet evaluations per chunk, under 0.3% of a standard chunk's work.
 """
 
 from __future__ import annotations
@@ -57,6 +63,12 @@ class WorkUnits(BaseModel):
         default=0.0, description="ControlNet evaluations x area x ControlNet weight."
     )
     vae_units: float = Field(default=0.0, description="VAE decodes x area x VAE weight.")
+    vae_encodes: int = Field(
+        default=0, description="Images encoded by the VAE (a reference-image anchor's)."
+    )
+    vae_encode_units: float = Field(
+        default=0.0, description="VAE encodes x area x VAE encoder weight."
+    )
     anchor_attention_evals: int = Field(
         default=0, description="UNet evaluations whose self-attention also took an anchor."
     )
@@ -65,7 +77,7 @@ class WorkUnits(BaseModel):
         description="Those evaluations x area^2 / anchor_pool^2 x anchor attention weight.",
     )
 
-    @field_validator("unet_units", "controlnet_units", "vae_units")
+    @field_validator("unet_units", "controlnet_units", "vae_units", "vae_encode_units")
     @classmethod
     def _rounded(cls, units: float) -> float:
         return round(units, UNIT_DECIMALS)
@@ -73,7 +85,11 @@ class WorkUnits(BaseModel):
     @property
     def total(self) -> float:
         return (
-            self.unet_units + self.controlnet_units + self.vae_units + self.anchor_attention_units
+            self.unet_units
+            + self.controlnet_units
+            + self.vae_units
+            + self.vae_encode_units
+            + self.anchor_attention_units
         )
 
     def __add__(self, other: WorkUnits) -> WorkUnits:
@@ -86,6 +102,8 @@ class WorkUnits(BaseModel):
 # 8x8); a full-size anchor adds 4 x N^2 x channels FLOPs to each. Measured with
 # `measure_model_weights`; a test rebuilds the architecture on the meta device and checks it.
 SD15_ANCHOR_ATTENTION_WEIGHT = 0.152494
+# SD 1.5's VAE encoder at 512x512 / its UNet, measured the same way (see SD15_MODEL_WEIGHTS).
+SD15_VAE_ENCODE_WEIGHT = 1.3901
 
 
 class ModelWeights(BaseModel):
@@ -99,6 +117,12 @@ class ModelWeights(BaseModel):
         description="VAE-decoder FLOPs / UNet FLOPs per frame at 512x512, counted on meta "
         "copies of the loaded models (parameters would understate the decoder ~17x: it runs "
         "at pixel resolution).",
+    )
+    vae_encode_weight: float = Field(
+        default=SD15_VAE_ENCODE_WEIGHT,
+        ge=0,
+        description="VAE-encoder FLOPs / UNet FLOPs per image at 512x512 (meta copies, as the "
+        "decoder's).",
     )
     anchor_attention_weight: float = Field(
         default=SD15_ANCHOR_ATTENTION_WEIGHT,
@@ -117,6 +141,7 @@ class ModelWeights(BaseModel):
 SD15_MODEL_WEIGHTS = ModelWeights(
     controlnet_weight=361_279_120 / 859_520_964,
     vae_weight=3.1303,
+    vae_encode_weight=SD15_VAE_ENCODE_WEIGHT,
     anchor_attention_weight=SD15_ANCHOR_ATTENTION_WEIGHT,
     unet_parameters=859_520_964,
     controlnet_parameters=361_279_120,
@@ -164,6 +189,8 @@ def weigh_work(
     anchor_attention_evals: int = 0,
     anchor_attention_weight: float = 0.0,
     anchor_pool: int = 1,
+    vae_encodes: int = 0,
+    vae_encode_weight: float = 0.0,
 ) -> WorkUnits:
     area = latent_area_weight(width, height)
     anchor_scale = anchor_attention_scale(width, height, anchor_pool)
@@ -174,6 +201,8 @@ def weigh_work(
         unet_units=unet_evals * area,
         controlnet_units=controlnet_evals * area * controlnet_weight,
         vae_units=vae_decodes * area * vae_weight,
+        vae_encodes=vae_encodes,
+        vae_encode_units=vae_encodes * area * vae_encode_weight,
         anchor_attention_evals=anchor_attention_evals,
         anchor_attention_units=anchor_attention_evals * anchor_attention_weight * anchor_scale,
     )
@@ -190,24 +219,28 @@ def predict_work_units(
     height: int,
     controlnet_weight: float = SD15_MODEL_WEIGHTS.controlnet_weight,
     vae_weight: float = SD15_MODEL_WEIGHTS.vae_weight,
-    anchor: bool = False,
+    anchor: bool | str = False,
     anchor_pool: int = 1,
     anchor_attention_weight: float = SD15_ANCHOR_ATTENTION_WEIGHT,
+    vae_encode_weight: float = SD15_VAE_ENCODE_WEIGHT,
 ) -> WorkUnits:
     """Work units of one chunk of `frames` frames, before running it.
 
     UNet: frames x steps (x2 with CFG). ControlNet: keyframes x active steps (x2 with CFG).
     VAE: one decode per frame. With the anchor: one more UNet row per step and one more
     ControlNet keyframe (the anchor's pass), and every frame evaluation's wider attention.
+    `anchor="reference"`: the anchor's UNet row without ControlNet, plus one VAE encode.
     `DiffusionEngine.generate` counts exactly this.
     """
+    reference = anchor == "reference"
+    anchor = bool(anchor) and anchor != "off"
     passes = 2 if cfg_enabled(guidance_scale) else 1
     active = sum(controlnet_active_steps(steps, control_guidance_start, control_guidance_end))
     keyframes = len(keyframe_indices(frames, controlnet_every))
     rows = frames + (1 if anchor else 0)
     return weigh_work(
         rows * steps * passes,
-        (keyframes + (1 if anchor else 0)) * active * passes,
+        (keyframes + (1 if anchor and not reference else 0)) * active * passes,
         frames,
         width=width,
         height=height,
@@ -216,6 +249,8 @@ def predict_work_units(
         anchor_attention_evals=frames * steps * passes if anchor else 0,
         anchor_attention_weight=anchor_attention_weight,
         anchor_pool=anchor_pool,
+        vae_encodes=1 if reference else 0,
+        vae_encode_weight=vae_encode_weight,
     )
 
 
@@ -234,7 +269,8 @@ def predict_chunk_units(
         settings.height,
         weights.controlnet_weight,
         weights.vae_weight,
-        anchor=settings.anchor != "off",
+        anchor=settings.anchor,
         anchor_pool=settings.anchor_pool,
         anchor_attention_weight=weights.anchor_attention_weight,
+        vae_encode_weight=weights.vae_encode_weight,
     )

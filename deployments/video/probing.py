@@ -41,6 +41,22 @@ class InputLimits(BaseModel):
         description="Wall-clock bound on probing or decoding one input; a decoder stuck on "
         "hostile data fails instead of hanging a worker.",
     )
+    max_reference_bytes: int = Field(
+        default=20 * 1024**2,
+        gt=0,
+        description="Largest reference image file (anchor attention), in bytes.",
+    )
+    max_reference_pixels: int = Field(
+        default=4096 * 4096,
+        gt=0,
+        description="Largest reference image area (width x height), refused from its header "
+        "before any pixel is decoded.",
+    )
+    min_reference_side: int = Field(
+        default=64,
+        ge=1,
+        description="Smallest short side of a reference image, in pixels (SD 1.5 needs 64).",
+    )
 
 
 class VideoInfo(BaseModel):

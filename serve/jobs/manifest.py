@@ -54,6 +54,13 @@ class JobManifest(BaseModel):
     request: JobRequest = Field(description="The request as accepted.")
     input_key: str = Field(description="Storage key (or s3:// URI) of the input video.")
     input_sha256: str = Field(default="", description="Content hash of the input video.")
+    reference_key: str | None = Field(
+        default=None,
+        description="Storage key (or s3:// URI) of the reference image, when the job has one.",
+    )
+    reference_sha256: str | None = Field(
+        default=None, description="Content hash of the reference image, when the job has one."
+    )
     plan: dict[str, Any] | None = Field(default=None, description="The resolved plan.")
     progress: dict[str, StageProgress] = Field(
         default_factory=dict, description="Per stage: units done of total."

@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 # The service's dependencies, given by the app (serve/app.py) or by tests.
 ProbeInput = Callable[[Path, str], "VideoInfo"]
 """(local input file, its sha256) -> the input's video info; raises InputError if unusable."""
-PlanFor = Callable[[JobRequest, "VideoInfo"], dict[str, Any]]
-"""(request, probed input) -> the job's plan as JSON (serve/planning.plan_for)."""
+PlanFor = Callable[[JobRequest, "VideoInfo", bool], dict[str, Any]]
+"""(request, probed input, has a reference image) -> the job's plan as JSON
+(serve/planning.plan_for)."""
 EstimateCost = Callable[[JobRequest, float, int, int], dict[str, Any]]
 """(request, duration_s, width, height) -> the estimate of POST /v1/estimate."""
 FetchInput = Callable[[str, Path], object]
@@ -199,30 +200,68 @@ class JobService:
         }
 
     async def submit_file(
-        self, tenant: str, request: JobRequest, local: Path, kind: Kind = "job"
+        self,
+        tenant: str,
+        request: JobRequest,
+        local: Path,
+        kind: Kind = "job",
+        reference: Path | None = None,
     ) -> JobManifest:
-        """Validate an uploaded file, store it, record the job (or preview) and start it."""
+        """Validate an uploaded file (and reference image), store them, record the job (or
+        preview) and start it. Nothing is stored before every check has passed."""
         with self._admission(kind):
+            reference_sha = await self._check_reference(reference)
             digest = await asyncio.to_thread(hash_file, local)
             info = await asyncio.to_thread(self._probe, local, digest)
-            plan = self._plan_for(request, info)
+            plan = self._plan_for(request, info, reference_sha is not None)
             job_id = new_job_id()
             input_key = self.jobs.input_key(tenant, job_id)
+            reference_key = None
+            if reference is not None:
+                reference_key = self.jobs.reference_key(tenant, job_id)
+                await asyncio.to_thread(self.jobs.store.put_file, reference_key, reference)
             await asyncio.to_thread(self.jobs.store.put_file, input_key, local)
-            return self._start(tenant, job_id, request, input_key, digest, plan, kind)
+            return self._start(
+                tenant, job_id, request, input_key, digest, plan, kind,
+                reference=(reference_key, reference_sha) if reference_key else None,
+            )  # fmt: skip
 
     async def submit_s3(
-        self, tenant: str, request: JobRequest, uri: str, kind: Kind = "job"
+        self,
+        tenant: str,
+        request: JobRequest,
+        uri: str,
+        kind: Kind = "job",
+        reference_uri: str | None = None,
     ) -> JobManifest:
         check_input_uri(uri, self.allowed_input_buckets)
+        if reference_uri is not None:
+            check_input_uri(reference_uri, self.allowed_input_buckets)
         with self._admission(kind):
             with tempfile.TemporaryDirectory(prefix="motionserve-s3-") as scratch:
+                reference_sha = None
+                if reference_uri is not None:
+                    reference = Path(scratch) / "reference"
+                    await asyncio.to_thread(self._fetch_s3, reference_uri, reference)
+                    reference_sha = await self._check_reference(reference)
                 local = Path(scratch) / "input"
                 await asyncio.to_thread(self._fetch_s3, uri, local)
                 digest = await asyncio.to_thread(hash_file, local)
                 info = await asyncio.to_thread(self._probe, local, digest)
-            plan = self._plan_for(request, info)
-            return self._start(tenant, new_job_id(), request, uri, digest, plan, kind)
+            plan = self._plan_for(request, info, reference_sha is not None)
+            return self._start(
+                tenant, new_job_id(), request, uri, digest, plan, kind,
+                reference=(reference_uri, reference_sha) if reference_sha else None,
+            )  # fmt: skip
+
+    async def _check_reference(self, reference: Path | None) -> str | None:
+        """The reference image's sha256 once it passed `check_reference` (None: no image)."""
+        if reference is None:
+            return None
+        from deployments.reference import check_reference
+
+        await asyncio.to_thread(check_reference, reference, self.limits)
+        return await asyncio.to_thread(hash_file, reference)
 
     def _start(
         self,
@@ -233,7 +272,9 @@ class JobService:
         digest: str,
         plan: dict[str, Any],
         kind: Kind = "job",
+        reference: tuple[str, str] | None = None,
     ) -> JobManifest:
+        """`reference`: (storage key or s3:// URI, sha256) of the job's reference image."""
         manifest = JobManifest(
             job_id=job_id,
             tenant=tenant,
@@ -241,6 +282,8 @@ class JobService:
             request=request,
             input_key=input_key,
             input_sha256=digest,
+            reference_key=reference[0] if reference else None,
+            reference_sha256=reference[1] if reference else None,
             plan=plan,
         )
         if not self.leases.claim(self._folder(manifest), 1):  # a fresh random id: never taken

@@ -51,6 +51,10 @@ class JobStore:
     def input_key(self, tenant: str, job_id: str) -> str:
         return f"{self.folder(tenant, job_id)}/input"
 
+    def reference_key(self, tenant: str, job_id: str) -> str:
+        """Where an uploaded reference image is kept, next to the input video."""
+        return f"{self.folder(tenant, job_id)}/reference"
+
     def result_key(self, tenant: str, job_id: str) -> str:
         return f"{self.folder(tenant, job_id)}/result.mp4"
 
@@ -104,5 +108,7 @@ class JobStore:
         return self.store.exists(self.cancel_key(tenant, job_id))
 
     def delete_work(self, tenant: str, job_id: str) -> None:
-        """Free a cancelled or failed job's input; the manifest stays to report the outcome."""
+        """Free a cancelled or failed job's inputs (video and reference image); the manifest
+        stays to report the outcome."""
         self.store.delete(self.input_key(tenant, job_id))
+        self.store.delete(self.reference_key(tenant, job_id))

@@ -314,3 +314,104 @@ def test_restart_mid_job_resumes_without_recomputing(server, short_clip):
     first = {r["chunk"] for r in status["ledger"] if r["attempt"] == 1 and r["chunk"] is not None}
     assert checkpointed <= first  # their cost is still in the ledger and the report
     assert status["report"]["attempts"] == 2
+
+
+def reference_images(folder) -> dict[str, tuple[bytes, int, str]]:
+    """Bad reference images -> (bytes, status, code) the API must answer with."""
+    import io
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    def encoded(image, fmt: str, **kw) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **kw)
+        return buffer.getvalue()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    frames = [Image.fromarray(np.full((80, 80, 3), v, np.uint8)) for v in (0, 128, 255)]
+    return {
+        "random": (np.random.default_rng(3).bytes(5000), 415, "not_an_image"),
+        "one pixel": (encoded(Image.new("RGB", (1, 1)), "PNG"), 422, "invalid_setting"),
+        "20000x20000 header": (
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b""),
+            413,
+            "limit_exceeded",
+        ),
+        "animated gif": (
+            encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50),
+            415,
+            "not_an_image",
+        ),
+    }
+
+
+def test_reference_images_bad_ones_refused_good_one_anchors_the_job(
+    server, short_clip, moto_s3, tmp_path
+):
+    import numpy as np
+    from PIL import Image
+
+    s3 = moto_s3.client()
+
+    def stored_keys() -> set[str]:
+        listed = s3.list_objects_v2(Bucket=moto_s3.bucket, Prefix="")
+        return {o["Key"] for o in listed.get("Contents", []) if "/jobs/" in o["Key"]}
+
+    def post(client, path: str, reference: bytes, seed: int = 41) -> httpx.Response:
+        with open(short_clip, "rb") as handle:
+            return client.post(
+                path,
+                files={
+                    "video": ("clip.mp4", handle, "video/mp4"),
+                    "reference": ("ref.png", reference, "image/png"),
+                },
+                data={"request": job_request(seed, chunk_frames=8)},
+            )
+
+    body = json.loads(job_request(seed=41))
+    s3.upload_file(str(short_clip), moto_s3.bucket, "inputs/ref-clip.mp4")
+    video_uri = f"s3://{moto_s3.bucket}/inputs/ref-clip.mp4"
+    with server.client() as client:
+        before = stored_keys()
+        for name, (content, status, code) in reference_images(tmp_path).items():
+            for path in ("/v1/jobs", "/v1/previews"):
+                response = post(client, path, content)
+                assert response.status_code == status, (name, path, response.text)
+                assert response.json()["error"]["code"] == code, (name, response.text)
+            key = f"refs/{name.replace(' ', '-')}"
+            s3.put_object(Bucket=moto_s3.bucket, Key=key, Body=content)
+            reference = f"s3://{moto_s3.bucket}/{key}"
+            response = client.post(
+                "/v1/jobs", json={**body, "input": video_uri, "reference": reference}
+            )
+            assert response.status_code == status, (name, "s3", response.text)
+        foreign = {**body, "input": video_uri, "reference": "s3://someone-else/ref.png"}
+        response = client.post("/v1/jobs", json=foreign)
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["code"] == "forbidden_input"
+        assert not stored_keys() - before  # nothing half-written
+
+        pixels = np.random.default_rng(5).integers(0, 256, (100, 80, 3), dtype=np.uint8)
+        good = tmp_path / "good.png"
+        Image.fromarray(pixels).save(good)
+        response = post(client, "/v1/jobs", good.read_bytes())
+        assert response.status_code == 202, response.text
+        status = wait(client, response.json()["job_id"])
+        assert status["state"] == "done", status
+        plan = status["report"]["plan"]
+        assert plan["work_units"]["vae_encodes"] == 3  # one per chunk of 8 frames
+        assert plan["work_units"] == plan["predicted_work_units"]
+        assert any("reference" in line for line in status["report"]["plan_explained"])
+        repeat = post(client, "/v1/jobs", good.read_bytes())
+        again = wait(client, repeat.json()["job_id"])
+        assert again["state"] == "done"
+        assert again["report"]["plan"]["work_units"]["unet_evals"] == 0  # a full cache hit
+        preview = post(client, "/v1/previews", good.read_bytes())
+        assert preview.status_code == 202, preview.text

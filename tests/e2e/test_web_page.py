@@ -40,10 +40,10 @@ def open_page(browser, server) -> None:
     browser.type("#api-key", KEYS["acme"])
 
 
-def test_edit_the_sample_from_the_page(server, browser, sample_video, shots):
+def test_edit_the_sample_from_the_page(server, browser, sample_video, shots, tmp_path):
     with browser.screenshot_on_failure(shots, "edit"):
         open_page(browser, server)
-        # This server's OpenAPI lists no previews and no reference image: their controls hide.
+        # The preview and reference-image controls show exactly when the OpenAPI offers them.
         document = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
         multipart = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
         offers_reference = "reference" in multipart["multipart/form-data"]["schema"]["properties"]
@@ -53,6 +53,14 @@ def test_edit_the_sample_from_the_page(server, browser, sample_video, shots):
         )
         assert visible == [offers_reference, "/v1/previews" in document["paths"]]
         browser.type("#video", str(sample_video))
+        if offers_reference:  # sent as the multipart file `reference`; it becomes the anchor
+            import numpy as np
+            from PIL import Image
+
+            reference = tmp_path / "reference.png"
+            pixels = np.random.default_rng(2).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(reference)
+            browser.type("#reference", str(reference))
         browser.type("#prompt", "a robot dancing in a park")
         browser.click("#preset option[value='draft']")
         browser.click("#advanced summary")  # Advanced: small frames, few steps, fast
@@ -84,6 +92,8 @@ def test_edit_the_sample_from_the_page(server, browser, sample_video, shots):
             "li.querySelector('progress').max, li.querySelector('.count').textContent]);"
         )
         assert [stage for stage, *_ in counts] == list(status["progress"]), counts
+        if offers_reference:  # the page sent the reference, and the job anchored on it
+            assert status["report"]["plan"]["work_units"]["vae_encodes"] > 0
         for stage, done, total, text in counts:
             assert done == total == status["progress"][stage]["total"] > 0, counts
             assert text == f"{done}/{total}"

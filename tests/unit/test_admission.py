@@ -73,7 +73,7 @@ def service_with(tmp_path, probe, orchestrator, limit: int = LIMIT) -> JobServic
         max_active_jobs=limit,
         retry_after_s=7,
         probe=probe,
-        plan_for=lambda request, info: {"preset": "draft"},
+        plan_for=lambda request, info, reference=False: {"preset": "draft"},
         estimate=lambda *args: {},
         fetch_s3=lambda uri, dest: None,
         leases=JobLeases(store, "replica", lease_s=30),

@@ -101,7 +101,7 @@ def api_service(tmp_path, args: AppArgs) -> JobService:
         allowed_input_buckets=[],
         max_active_jobs=2,
         probe=lambda path, digest: pytest.fail("a request refused by its body is never probed"),
-        plan_for=lambda request, info: plan_for(args, request, info),
+        plan_for=lambda request, info, reference=False: plan_for(args, request, info, reference),
         estimate=lambda request, duration, w, h: estimate(args, request, duration, w, h),
         fetch_s3=lambda uri, dest: None,
     )

@@ -39,3 +39,41 @@ def test_anchored_chunks_carry_the_jobs_anchor_and_other_keys():
     assert job_keys("f" * 64, anchored) == keys  # pose and motion are shared
     on = generation_key(keys, anchored, (0, 16), spec.key_fields())
     assert on != generation_key(keys, plain, (0, 16), spec.key_fields())
+
+
+def test_reference_is_in_the_generation_key_only_where_it_acts():
+    import numpy as np
+    import pytest
+
+    from deployments.errors import InvalidSettingError
+    from serve.chunks import chunk_request
+    from serve.stages import Frames
+
+    spec = ChunkSpec(job_id="j", chunk_index=2, prompt="a dancer", negative_prompt="blur", seed=7)
+    plain = make_plan("draft", 640, 360, model_id="tiny", styles=["smooth"])
+    referenced = make_plan(
+        "draft", 640, 360, model_id="tiny", styles=["smooth"], overrides={"anchor": "reference"}
+    )
+    golden = "122d188aca6766ed3c43cf8537052bcf4d5b7c5d152cb24523a9ef129ce2053f"
+    # A reference with its anchor off (or elsewhere) is left out: the keys of before.
+    off = job_keys("f" * 64, plain, "a" * 64, "jobs/x/reference")
+    assert off.reference is None
+    assert generation_key(off, plain, (0, 16), spec.key_fields()) == golden
+    a = generation_key(job_keys("f" * 64, referenced, "a" * 64, "r"), referenced, (0, 16),
+                       spec.key_fields())  # fmt: skip
+    b = generation_key(job_keys("f" * 64, referenced, "b" * 64, "r"), referenced, (0, 16),
+                       spec.key_fields())  # fmt: skip
+    same_bytes_elsewhere = job_keys("f" * 64, referenced, "a" * 64, "s3://other/place")
+    assert len({a, b, golden}) == 3
+    assert generation_key(same_bytes_elsewhere, referenced, (0, 16), spec.key_fields()) == a
+    # decode, pose and motion never depend on it
+    shared = job_keys("f" * 64, referenced, "a" * 64, "r")
+    assert shared.motion == off.motion and shared.pose == off.pose
+    with pytest.raises(InvalidSettingError, match="needs a reference image"):
+        job_keys("f" * 64, referenced)
+    g = referenced.generation
+    picture = np.full((g.height, g.width, 3), 5, np.uint8)
+    maps = np.zeros((4, g.height, g.width, 3), np.uint8)
+    request = chunk_request(spec, Frames(maps, anchor_map=picture), referenced)
+    assert request.anchor.source == "reference" and request.anchor.control_image is None
+    assert np.array_equal(request.anchor.reference_image, picture)

@@ -150,3 +150,39 @@ def test_interpolate_and_upscale_commands(short_clip, tmp_path):
     assert cv2.imread(str(big)).shape == (562, 1000, 3)
     assert_user_error(motionserve("upscale", str(a), "-o", str(big)), "--scale or --size")
     assert_user_error(motionserve("interpolate", str(a), "-o", str(mid)), "--fps")
+
+
+def test_bad_reference_is_one_line_and_writes_nothing(short_clip, tmp_path):
+    import struct
+    import zlib
+
+    random_bytes = tmp_path / "random.png"
+    random_bytes.write_bytes(bytes(range(256)) * 8)
+    tiny = tmp_path / "tiny.png"
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tiny)
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    idat = b"IDAT"
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+        + struct.pack(">I", 0) + idat + struct.pack(">I", zlib.crc32(idat))
+    )  # fmt: skip
+    frames = [Image.fromarray(np.full((80, 80, 3), v, np.uint8)) for v in (0, 128, 255)]
+    gif = tmp_path / "animated.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    cases = [(random_bytes, "not a PNG, JPEG or WebP"), (tiny, "at least 64 pixels"),
+             (huge, "pixels"), (gif, "not a PNG, JPEG or WebP"),
+             (tmp_path / "missing.png", "missing.png")]  # fmt: skip
+    out = tmp_path / "out.mp4"
+    for image, phrase in cases:
+        for command in (
+            ["edit", str(short_clip), "-o", str(out), "--prompt", "x"],
+            ["preview", str(short_clip), "-o", str(out)],
+            ["submit", str(short_clip), "--url", "http://127.0.0.1:9", "--prompt", "x"],
+        ):
+            assert_user_error(motionserve(*command, "--reference", str(image)), phrase)
+            assert not out.exists()

@@ -577,6 +577,9 @@ def test_sd15_weights_match_the_architecture():
     assert measured.controlnet_parameters == d.SD15_MODEL_WEIGHTS.controlnet_parameters
     assert measured.controlnet_weight == pytest.approx(d.SD15_MODEL_WEIGHTS.controlnet_weight)
     assert measured.vae_weight == pytest.approx(d.SD15_MODEL_WEIGHTS.vae_weight, rel=1e-3)
+    assert measured.vae_encode_weight == pytest.approx(
+        d.SD15_MODEL_WEIGHTS.vae_encode_weight, rel=1e-4
+    )
     assert measured.anchor_attention_weight == pytest.approx(
         d.SD15_MODEL_WEIGHTS.anchor_attention_weight, rel=1e-4
     )
@@ -831,6 +834,72 @@ def test_anchor_work_is_counted_as_predicted(engine, frames, overrides):
     assert units == d.predict_chunk_units(key, frames, engine.model_weights)
     plain = d.predict_chunk_units(key.model_copy(update={"anchor": "off"}), frames)
     assert d.predict_chunk_units(key, frames).total > plain.total
+
+
+def reference_input(seed: int = 7, image_seed: int = 0, side: int = SIDE) -> d.AnchorInput:
+    """A reference-image anchor: a random picture at the generation size and the job's seed."""
+    picture = np.random.default_rng(image_seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return d.AnchorInput(source="reference", seed=seed, reference_image=picture)
+
+
+def test_reference_changes_every_generated_frame(engine):
+    key = settings(anchor="reference")
+
+    def run(anchor: d.AnchorInput) -> np.ndarray:
+        chunk = anchored(5, anchor=anchor, settings=key)
+        return engine.generate([chunk], frames_dtype="float32")[0].frames
+
+    base = run(reference_input())
+    assert np.array_equal(base, run(reference_input()))  # deterministic: changes are the anchor's
+    for other in (reference_input(image_seed=1), reference_input(seed=8)):  # only the anchor
+        per_frame = np.abs(run(other) - base).reshape(5, -1).max(axis=1)
+        print(f"reference changed: max abs change per frame {np.round(per_frame, 5)}")
+        assert (per_frame > 1e-4).all()
+    # and the reference anchor is not the first-keyframe anchor
+    keyframe = engine.generate([anchored(5)], frames_dtype="float32")[0].frames
+    assert (np.abs(keyframe - base).reshape(5, -1).max(axis=1) > 1e-4).all()
+
+
+def test_reference_anchor_is_checked(engine):
+    key = settings(anchor="reference")
+    with pytest.raises(InvalidSettingError, match="source"):  # a pose-map anchor for a reference
+        engine.generate([anchored(2, settings=key)])
+    small = reference_input(side=SIDE // 2)
+    with pytest.raises(InvalidSettingError, match="reference image must be"):
+        engine.generate([anchored(2, anchor=small, settings=key)])
+
+
+@pytest.mark.parametrize(
+    "frames, overrides",
+    [
+        (5, {}),
+        (4, {"guidance_scale": 1.0, "scheduler": "euler_a", "anchor_pool": 1}),
+        (3, {"control_guidance_start": 0.25, "control_guidance_end": 0.75, "steps": 4}),
+        (2, {"width": 96, "height": 72, "scheduler": "lcm", "steps": 2}),
+    ],
+)
+def test_reference_anchor_work_is_counted_as_predicted(engine, frames, overrides):
+    key = settings(anchor="reference", **overrides)
+    maps = np.zeros((frames, key.height, key.width, 3), np.uint8)
+    maps[:, : SIDE // 2, : SIDE // 2] = pose_maps(frames)[:, : SIDE // 2, : SIDE // 2]
+    picture = np.full((key.height, key.width, 3), 90, np.uint8)
+    anchor = d.AnchorInput(source="reference", seed=3, reference_image=picture)
+    chunk = request(frames, settings=key, control_images=maps, anchor=anchor)
+    unet, control = ForwardCounter(engine._modules.unet), ForwardCounter(engine._modules.controlnet)
+    try:
+        result = engine.generate([chunk])[0]
+    finally:
+        unet.remove()
+        control.remove()
+    passes = 2 if key.cfg else 1
+    active = sum(d.controlnet_active_steps(key.steps, key.control_guidance_start,
+                                           key.control_guidance_end))  # fmt: skip
+    keyframes = len(d.keyframe_indices(frames, key.controlnet_every))
+    units = result.work_units
+    assert unet.rows == units.unet_evals == (frames + 1) * key.steps * passes  # + anchor row
+    assert control.rows == units.controlnet_evals == keyframes * active * passes  # none on it
+    assert units.vae_encodes == 1 and units.vae_encode_units > 0
+    assert units == d.predict_chunk_units(key, frames, engine.model_weights)
 
 
 def test_anchor_attention_costs_what_its_weight_says(engine):

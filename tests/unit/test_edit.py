@@ -105,3 +105,42 @@ def test_edit_with_anchor_attention_counts_what_it_predicts(short_clip, app_args
     assert units["anchor_attention_evals"] == 24 * 4 * 2
     assert plan["work_units"] == plan["predicted_work_units"]
     assert any("anchor attention" in line for line in report["plan_explained"])
+
+
+def test_edit_with_a_reference_image_counts_what_it_predicts_and_repeats_free(
+    short_clip, app_args, tmp_path
+):
+    import numpy as np
+    from PIL import Image
+
+    def image(name: str, seed: int):
+        pixels = np.random.default_rng(seed).integers(0, 256, (120, 90, 3), dtype=np.uint8)
+        path = tmp_path / name
+        Image.fromarray(pixels).save(path)
+        return path
+
+    job = request(chunk_frames=8)  # no anchor override: the reference turns it on
+    first = image("a.png", 1)
+    report = asyncio.run(edit_video(short_clip, tmp_path / "a.mp4", job, app_args, reference=first))
+    plan = report["plan"]
+    units = plan["work_units"]
+    assert plan["generated_frames"] == 24
+    assert units["unet_evals"] == (24 + 3) * 4 * 2  # + one reference row per chunk and step
+    assert units["vae_encodes"] == 3 and units["vae_encode_units"] > 0  # one per chunk
+    assert units["anchor_attention_evals"] == 24 * 4 * 2
+    assert plan["work_units"] == plan["predicted_work_units"]
+    assert any("anchor attention (reference" in line for line in report["plan_explained"])
+    # the same bytes under another name: a full cache hit, the same video
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(first.read_bytes())
+    again = asyncio.run(edit_video(short_clip, tmp_path / "b.mp4", job, app_args, reference=copy))
+    assert again["plan"]["work_units"]["unet_evals"] == 0
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+    # another reference: every chunk is generated again, and the video differs
+    other = image("other.png", 2)
+    changed = asyncio.run(
+        edit_video(short_clip, tmp_path / "c.mp4", job, app_args, reference=other)
+    )
+    assert changed["plan"]["work_units"]["vae_encodes"] == 3
+    assert changed["plan"]["work_units"] == changed["plan"]["predicted_work_units"]
+    assert (tmp_path / "a.mp4").read_bytes() != (tmp_path / "c.mp4").read_bytes()

@@ -96,7 +96,7 @@ def replica(store, orchestrator, leases) -> JobService:
         allowed_input_buckets=[],
         max_active_jobs=4,
         probe=lambda path, digest: {"duration_s": 1.0},
-        plan_for=lambda request, info: {"preset": "draft"},
+        plan_for=lambda request, info, reference=False: {"preset": "draft"},
         estimate=lambda *args: {},
         fetch_s3=lambda uri, dest: None,
         leases=leases,
