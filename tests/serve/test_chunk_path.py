@@ -8,7 +8,6 @@ import asyncio
 
 import numpy as np
 import pytest
-import ray
 from ray import serve
 
 from deployments import diffusion
@@ -19,15 +18,6 @@ from serve.factory import engine_config, make_upscaler, stage_context
 from serve.local_run import LocalStages
 from serve.pipeline import Plan, make_plan
 from serve.stages import Frames, StageRecord
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
-    serve.start(proxy_location="Disabled")
-    yield
-    serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-import ray
 from ray import serve
 
 from serve.app import DiffusionServer
@@ -16,15 +14,6 @@ from serve.pipeline import make_plan
 from tests.serve.test_diffusion_deployment import fields, maps
 
 EMPTY_WITHIN_S = 5.0
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
-    serve.start(proxy_location="Disabled")
-    yield
-    serve.shutdown()
-    ray.shutdown()
 
 
 def wait_for(condition, timeout: float, what: str):

@@ -8,8 +8,6 @@ import asyncio
 import time
 
 import numpy as np
-import pytest
-import ray
 from ray import serve
 
 from serve.app import DiffusionServer
@@ -29,16 +27,6 @@ def maps(plan: Plan, frames: int, seed: int) -> Frames:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 255, (frames, g.height, g.width, 3), dtype=np.uint8)
     return Frames(images, [StageRecord(stage="render")])
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    # address="local": a cluster of our own even if another runs on the machine.
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
-    serve.start(proxy_location="Disabled")  # handles only: no HTTP port to collide on
-    yield
-    serve.shutdown()
-    ray.shutdown()
 
 
 def deploy(tmp_path, user_config: dict, name: str):

@@ -8,8 +8,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import pytest
-import ray
 from ray import serve
 
 from serve import app as serve_app
@@ -47,15 +45,6 @@ STAGES = {  # handle name -> (deployment name, server class)
     "interpolate": ("Interpolate", InterpolateServer),
     "video": ("Video", VideoServer),
 }
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
-    serve.start(proxy_location="Disabled")
-    yield
-    serve.shutdown()
-    ray.shutdown()
 
 
 def deploy(name: str, cls, *init_args, **options) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import ray
 from ray import serve
 from ray.serve.exceptions import RequestCancelledError
 
@@ -20,15 +19,6 @@ from serve.pipeline import make_plan
 from tests.media import make_clip
 
 FREE_WITHIN_S = 5.0  # from the cancel to no call at work on the replica
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    serve.start(proxy_location="Disabled")
-    yield
-    serve.shutdown()
-    ray.shutdown()
 
 
 def wait_for(condition, timeout: float, what: str):
