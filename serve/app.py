@@ -122,8 +122,9 @@ class MotionServer(StageServer):
     async def edit(self, keys, plan: Plan) -> StageRecord:
         return await self._work(stages.edit_motion, self.ctx, keys, plan)
 
-    async def render(self, keys, plan: Plan, chunk: int, span: tuple[int, int]) -> Frames:
-        return await self._work(stages.render_maps, self.ctx, keys, plan, chunk, span)
+    async def render(self, keys, plan: Plan, chunk: int, span: tuple[int, int],
+                     anchor_key: str | None = None) -> Frames:  # fmt: skip
+        return await self._work(stages.render_maps, self.ctx, keys, plan, chunk, span, anchor_key)
 
 
 class UpscaleServer(StageServer):
@@ -409,8 +410,9 @@ class ServeStages(CacheLookup):
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
         return await _awaited(self.h["motion"].edit.remote(keys, plan))
 
-    def render(self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int]):
-        return self.h["motion"].render.remote(keys, plan, chunk, span)
+    def render(self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int],
+               anchor_key: str | None = None):  # fmt: skip
+        return self.h["motion"].render.remote(keys, plan, chunk, span, anchor_key)
 
     def generate(self, maps, chunk: ChunkSpec, key: str, plan: Plan):
         handle = self.h["diffusion"].options(multiplexed_model_id=plan.generation.batch_key())

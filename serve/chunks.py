@@ -102,19 +102,15 @@ def require_maps(maps: Frames | None, key: str) -> None:
 def chunk_request(chunk: ChunkSpec, maps: Frames, plan: Plan) -> diffusion.ChunkRequest:
     """The diffusion request for a chunk, once its pose maps exist (where the call runs).
 
-    With anchor attention the request carries the job's anchor: the job's first pose map
-    (rendered with every chunk's maps) or its reference image (prepared at the generation
-    size), and the job's seed, the same for all its chunks. All are in the chunk's generation
-    key already (the motion key, the reference's hash and `key_fields`)."""
+    With anchor attention the request carries the job's anchor image (its anchor keyframe, or
+    for the keyframe's own call the reference image, read where the maps were rendered) and the
+    job's seed, the same for all its chunks. Both follow from the chunk's generation key already
+    (the motion key, the reference's hash and `key_fields` make the keyframe's key)."""
     anchor = None
-    source = plan.generation.anchor
-    if source != "off":
+    if plan.generation.anchor != "off":
         if maps.anchor_map is None:
-            raise RuntimeError(
-                f"chunk {chunk.chunk_index}: anchor attention without its pose map or reference"
-            )
-        image = "reference_image" if source == "reference" else "control_image"
-        anchor = diffusion.AnchorInput(source=source, seed=chunk.seed, **{image: maps.anchor_map})
+            raise RuntimeError(f"chunk {chunk.chunk_index}: anchor attention without its image")
+        anchor = diffusion.AnchorInput(seed=chunk.seed, image=maps.anchor_map)
     return diffusion.ChunkRequest(
         **chunk.model_dump(), control_images=maps.frames, settings=plan.generation, anchor=anchor
     )

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from deployments.diffusion.settings import GenerationSettings
+from deployments.diffusion.settings import GenerationSettings, keyframe_settings
 from deployments.diffusion.work_units import (
     SD15_MODEL_WEIGHTS,
     ModelWeights,
@@ -204,10 +204,27 @@ def predict_generation_units(
     """Work units of generating `frames` frames in chunks of `chunk_frames` (keyframes are per
     chunk: each chunk's last frame is one). With an `overlap` (seamless chunks) every chunk but
     the first also generates the previous chunk's last `overlap` frames: they are counted in
-    both chunks, as both generate them (and keyframes are those of the longer chunk)."""
-    total = WorkUnits()
+    both chunks, as both generate them (and keyframes are those of the longer chunk). With
+    anchor attention the job's anchor keyframe (its frame 0 generated alone, once) comes first.
+    """
     if frames <= 0:  # e.g. a naive side with no output frame: nothing to generate
-        return total
+        return WorkUnits()
+    keyframe = predict_keyframe_units(settings, weights)
+    return keyframe + _chunk_units(settings, frames, chunk_frames, weights, overlap)
+
+
+def predict_keyframe_units(
+    settings: GenerationSettings, weights: ModelWeights = SD15_MODEL_WEIGHTS
+) -> WorkUnits:
+    """Work units of a job's anchor keyframe (none without anchor attention)."""
+    if settings.anchor == "off":
+        return WorkUnits()
+    return predict_chunk_units(keyframe_settings(settings), 1, weights)
+
+
+def _chunk_units(settings: GenerationSettings, frames: int, chunk_frames: int,
+                 weights: ModelWeights, overlap: int) -> WorkUnits:  # fmt: skip
+    total = WorkUnits()
     chunk_frames = max(1, chunk_frames)
     # Every full chunk costs the same: one prediction times their count, so an estimate of an
     # hour at 60 fps in 1-frame chunks costs the ingress microseconds, not seconds.
@@ -229,13 +246,16 @@ def _times(units: WorkUnits, count: int) -> WorkUnits:
     return WorkUnits(**{name: value * count for name, value in units.model_dump().items()})
 
 
-def generated_frame_count(frames: int, chunk_frames: int, overlap: int = 0) -> int:
+def generated_frame_count(
+    frames: int, chunk_frames: int, overlap: int = 0, keyframe: bool = False
+) -> int:
     """Frames the diffusion model generates for `frames` frames in chunks: with an overlap,
-    every chunk but the first generates `overlap` frames more."""
+    every chunk but the first generates `overlap` frames more; with anchor attention
+    (`keyframe`) the job's anchor keyframe is one more."""
     if frames <= 0:
         return 0
     chunks = math.ceil(frames / max(1, chunk_frames))
-    return frames + overlap * (chunks - 1)
+    return frames + overlap * (chunks - 1) + int(keyframe)
 
 
 def naive_frame_count(frames: int, generation_fps: float, output_fps: float) -> int:
@@ -422,7 +442,8 @@ def build_report(
     plan_stages = _stage_costs(records, price, prices)
     overlap = getattr(plan, "chunk_overlap", 0)
     predicted = predict_generation_units(settings, frames, plan.chunk_frames, weights, overlap)
-    generated = generated_frame_count(frames, plan.chunk_frames, overlap)
+    keyframe = settings.anchor != "off"
+    generated = generated_frame_count(frames, plan.chunk_frames, overlap, keyframe)
     plan_side = _side(generated, measured, predicted, plan_stages, estimated=False)
 
     naive_gen = naive_settings(settings, plan.output_width, plan.output_height, plan.output_fps)
@@ -555,7 +576,11 @@ def estimate_plan(
 
     return CostEstimate(
         tier=tier,
-        plan=side(generated_frame_count(frames, plan.chunk_frames, overlap), units, gpu_fraction),
+        plan=side(
+            generated_frame_count(frames, plan.chunk_frames, overlap, settings.anchor != "off"),
+            units,
+            gpu_fraction,
+        ),
         naive=side(naive_frames, naive_units, 1.0),
         ratio=savings_ratio(naive_units.total, units.total),
         notes=[f"reference speed and GPU price: {price.source} (estimates)"],

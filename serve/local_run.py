@@ -52,8 +52,9 @@ class LocalStages(CacheLookup):
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
         return await stages.stoppable(stages.edit_motion, self.ctx, keys, plan)
 
-    def render(self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int]):
-        return _task(stages.render_maps, self.ctx, keys, plan, chunk, span)
+    def render(self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int],
+               anchor_key: str | None = None):  # fmt: skip
+        return _task(stages.render_maps, self.ctx, keys, plan, chunk, span, anchor_key)
 
     def generate(self, maps: Awaitable[Frames] | None, chunk: ChunkSpec, key: str, plan: Plan):
         return _task(self._generate, maps, chunk, key, plan)

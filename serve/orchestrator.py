@@ -59,8 +59,13 @@ class StageCalls(Protocol):
         ...
 
     def render(
-        self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int]
-    ) -> Awaitable[Frames]: ...
+        self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int],
+        anchor_key: str | None = None,
+    ) -> Awaitable[Frames]:  # fmt: skip
+        """The chunk's pose maps; with anchor attention also its anchor image: the keyframe
+        cached at `anchor_key`, or (the keyframe's own call, `anchor_key` None) the reference."""
+        ...
+
     def generate(
         self, maps: Awaitable[Frames] | None, chunk: ChunkSpec, key: str, plan: Plan
     ) -> Awaitable[Frames]: ...
@@ -202,8 +207,11 @@ class Orchestrator:
                       noise_window=plan.noise_window, first_frame=generated[index][0])
             for index in range(len(spans))
         ]  # fmt: skip
+        anchor_key = None
+        if plan.generation.anchor != "off":
+            anchor_key = stages.keyframe_key(keys, plan, chunks[0].key_fields())
         gen_keys = [
-            stages.generation_key(keys, plan, span, chunk.key_fields())
+            stages.generation_key(keys, plan, span, chunk.key_fields(), anchor_key)
             for span, chunk in zip(generated, chunks, strict=True)
         ]
         identity = await self.calls.upscaler_identity()
@@ -213,10 +221,50 @@ class Orchestrator:
             for i in range(len(spans))
         ]  # fmt: skip
         cached = await self._cached_generations(plan, gen_keys)
+        if anchor_key and len(cached) < len(spans):  # some chunk will anchor on it
+            await self.keyframe(keys, plan, chunks[0], anchor_key, events)
         run = _ChunkRun(self.calls, manifest, plan, keys, spans, chunks, gen_keys, seg_keys)
+        run.anchor_key = anchor_key
         run.cached_generations = cached
         await run.all(events, self.max_chunks_in_flight)
         return seg_keys
+
+    async def keyframe(
+        self, keys: JobKeys, plan: Plan, first_chunk: ChunkSpec, key: str, events: JobEvents
+    ) -> Frames:
+        """The job's anchor keyframe (its frame 0 generated alone; `stages.keyframe_plan`),
+        cached at `key` before any chunk anchors on it: from the cache when a preview or an
+        earlier job made it (a hit, free), else generated here and billed to this job, once.
+        Its records go to the ledger with no chunk (it belongs to the job), noted as such."""
+        plan_k = stages.keyframe_plan(plan)
+        spec = first_chunk.model_copy(update={"chunk_index": 0, "first_frame": 0})
+        attempt = 0
+        while True:
+            events.check_cancelled()
+            maps = None
+            if not await self.calls.in_cache(key):
+                maps = self.calls.render(keys, plan_k, 0, (0, 1))
+            call = self.calls.generate(maps, spec, key, plan_k)
+            try:
+                frames = await call
+                break
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            except Exception as error:
+                if not self.calls.is_transient(error) or attempt >= MAX_CHUNK_RETRIES:
+                    raise
+                attempt += 1
+                logger.warning("anchor keyframe failed (%s); retry %d", error, attempt)
+                await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+        note = "anchor keyframe (frame 0 alone; every chunk anchors on it)"
+        events.record(
+            [
+                r.model_copy(update={"chunk": None, "notes": [*r.notes, note]})
+                for r in frames.records
+            ]
+        )
+        return frames
 
     async def _cached_generations(self, plan: Plan, gen_keys: list[str]) -> set[int]:
         """Chunks whose generated frames are cached: their pose maps need not be rendered."""
@@ -241,6 +289,7 @@ class _ChunkRun:
         # all (the calls are chained: only encode's is awaited here).
         self.calls_of: dict[int, list[Any]] = {}
         self.maps: dict[int, Any] = {}  # the render call each generation call consumes
+        self.anchor_key: str | None = None  # the job's anchor keyframe (anchor attention)
 
     def _made(self, chunk: int, call: Any) -> Any:
         self.calls_of.setdefault(chunk, []).append(call)
@@ -262,7 +311,9 @@ class _ChunkRun:
             maps = (
                 None
                 if cached
-                else self.calls.render(self.keys, self.plan, chunk, self._generated_span(chunk))
+                else self.calls.render(
+                    self.keys, self.plan, chunk, self._generated_span(chunk), self.anchor_key
+                )
             )
             self.generated[chunk] = self.calls.generate(
                 maps, self.chunks[chunk], self.gen_keys[chunk], self.plan

@@ -190,12 +190,29 @@ def job_keys(
     return keys
 
 
-def generation_key(keys: JobKeys, plan, span: tuple[int, int], request: dict) -> str:
+def generation_key(keys: JobKeys, plan, span: tuple[int, int], request: dict,
+                   anchor_key: str | None = None) -> str:  # fmt: skip
     """Key of one chunk's generated frames: its poses, the diffusion settings and the prompt
-    (and, when the anchor is a reference image, that image's bytes)."""
+    (and, when the anchor is a reference image, that image's bytes; with anchor attention, the
+    key of the anchor keyframe it anchors on)."""
     settings = {"generation": plan.generation, "request": request, "frames": list(span)}
     inputs = [keys.motion] + ([keys.reference] if keys.reference else [])
+    inputs += [anchor_key] if anchor_key else []
     return content_key("diffusion", diffusion.DIFFUSION_CODE_VERSION, settings, inputs)
+
+
+def keyframe_plan(plan):
+    """The plan of a job's anchor keyframe: its generation settings (`keyframe_settings`), and
+    the cache on even where the plan's is off: the chunks read the keyframe from it."""
+    return plan.model_copy(
+        update={"generation": diffusion.keyframe_settings(plan.generation), "cache": True}
+    )
+
+
+def keyframe_key(keys: JobKeys, plan, request: dict) -> str:
+    """Key of a job's anchor keyframe: the generation key of its frame 0 generated alone under
+    `keyframe_plan` (`request`: the job's chunk 0 fields, `ChunkSpec.key_fields`)."""
+    return generation_key(keys, keyframe_plan(plan), (0, 1), request)
 
 
 def reference_image(ctx: StageContext, keys: JobKeys, plan) -> np.ndarray:
@@ -387,10 +404,12 @@ def _require(cache: ArtifactCache, key: str) -> bytes:
 
 
 def render_maps(ctx: StageContext, keys: JobKeys, plan, chunk: int, span: tuple[int, int],
+                anchor_key: str | None = None,
                 should_stop: ShouldStop | None = None):  # fmt: skip
-    """The chunk's pose maps at generation size, for ControlNet; with anchor attention also the
-    job's first pose map (every chunk's anchor is the job's first keyframe). Milliseconds:
-    `should_stop` is asked once, before."""
+    """The chunk's pose maps at generation size, for ControlNet; with anchor attention also its
+    anchor image: the job's anchor keyframe cached at `anchor_key` (every chunk's), or, for the
+    keyframe's own call with anchor 'reference' (`anchor_key` None), the reference image.
+    Milliseconds: `should_stop` is asked once, before."""
     record = StageRecord(stage="render", chunk=chunk)
     with measured(record):
         check_stop(should_stop, "render")
@@ -398,15 +417,19 @@ def render_maps(ctx: StageContext, keys: JobKeys, plan, chunk: int, span: tuple[
         g = plan.generation
         maps = pose_maps.render_pose_maps(edited, g.width, g.height, frames=slice(*span))
         anchor = None
-        if g.anchor == "first_keyframe":
-            first = maps if span[0] == 0 else None
-            if first is None:
-                first = pose_maps.render_pose_maps(edited, g.width, g.height, frames=slice(0, 1))
-            anchor = first[0].copy()
+        if g.anchor != "off" and anchor_key is not None:
+            anchor = keyframe_image(ctx, anchor_key)
         elif g.anchor == "reference":
             anchor = reference_image(ctx, keys, plan)
+        elif g.anchor != "off":
+            raise RuntimeError(f"chunk {chunk}: anchor '{g.anchor}' without its keyframe")
         record.frames = len(maps)
     return Frames(maps, [record], anchor_map=anchor)
+
+
+def keyframe_image(ctx: StageContext, key: str) -> np.ndarray:
+    """The job's anchor keyframe (uint8 RGB at the generation size) from the cache."""
+    return np.load(io.BytesIO(_require(ctx.cache, key)))["frames"][0]
 
 
 def cached_generation(ctx: StageContext, key: str, chunk: int, job_id: str) -> Frames | None:

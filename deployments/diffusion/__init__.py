@@ -40,6 +40,7 @@ from deployments.diffusion.settings import (
     Precision,
     SchedulerName,
     check_settings,
+    keyframe_settings,
 )
 from deployments.diffusion.work_units import (
     REFERENCE_LATENT_AREA,
@@ -59,6 +60,7 @@ from deployments.diffusion.work_units import (
 )
 
 __all__ = [
+    "keyframe_settings",
     "DIFFUSION_CODE_VERSION",
     "LATENT_CHANNELS",
     "MAX_CONDITIONING_SCALE",

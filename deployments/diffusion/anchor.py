@@ -9,13 +9,22 @@ attends to its own anchor's keys/values, the unconditional CFG half to the ancho
 unconditional half, the conditional to the conditional).
 
 Decisions (the why):
-- Without a reference image the anchor is "the job's first keyframe": frame 0 of the job, as
-  it would be generated alone (its pose map through ControlNet, the job's prompts, the initial
-  noise of frame 0 of chunk 0 from the job's seed), denoised on its own trajectory beside the
-  chunk. A chunk other than chunk 0 has no access to the job's generated first frame, but every
-  chunk can recompute this trajectory from inputs the job fixes (`AnchorInput`), so chunk 0 and
-  chunk 9 see the same anchor keys/values on any replica in any batch. The cost is the anchor's
-  UNet (and ControlNet) pass: one row per chunk per step (see work_units' decisions).
+- The anchor is an image: the job's anchor keyframe, its frame 0 generated once per job before
+  the chunks (alone, with the job's prompts, seed and first pose map; with a reference image it
+  itself anchors on the reference), cached under a content key (it is also the anchor-frame
+  preview a user sees before paying). Every chunk VAE-encodes it (the encoder's mean, so no
+  sampling noise) and, at each step, the anchor's UNet input is that latent noised to the
+  step's timestep, sqrt(a_t) x0 + sqrt(1 - a_t) e (a_t: the scheduler's cumulative alpha; this
+  is what every scheduler's `scale_model_input` hands the UNet for a latent noised to t), with
+  one noise e drawn from the job's seed: the keys/values depend on the job alone, so chunk 0
+  and chunk 9 see the same anchor on any replica in any batch. No trajectory is stepped and no
+  ControlNet runs on it (an image lends appearance; the frames' poses come from their own maps).
+- Why an image and not the keyframe's own trajectory stepped beside every chunk (the first
+  design): the trajectory cost every chunk an anchor ControlNet pass per step and could not be
+  shown or reused; the image costs one 1-frame generation per job, is what the anchor-frame
+  preview renders, and a job after that preview takes it from the cache (billed once). At each
+  step the noised image gives the frames the finished keyframe's features, not a half-denoised
+  one's.
 - Batch independence: each anchor runs in its own forward (one row, two with CFG) and its own
   scheduler, so its keys/values are bit-identical whatever else is in the batch; only the
   frames' forwards mix requests.
@@ -26,14 +35,6 @@ Decisions (the why):
   linear, so this equals projecting pooled hidden states, at no extra cost).
 - The processors are installed only while an anchored batch runs and the originals are put
   back after, so a batch without the anchor runs the UNet exactly as before.
-- Second source, `reference` (`ReferenceAnchor`): the anchor is a user's reference image. Its
-  latent (the VAE encoder's mean, so no sampling noise) is computed once per chunk, and at
-  each step the anchor's UNet input is that latent noised to the step's timestep,
-  sqrt(a_t) x0 + sqrt(1 - a_t) e (a_t: the scheduler's cumulative alpha; this is what every
-  scheduler's `scale_model_input` hands the UNet for a latent noised to t), with one noise e
-  drawn from the job's seed: the keys/values depend on the job alone, and no trajectory is
-  stepped (`advance` does nothing). No ControlNet runs on it: a reference has no pose map, and
-  its pose is not the frames' anyway; it lends appearance, not pose.
 """
 
 from __future__ import annotations
@@ -212,62 +213,12 @@ def self_attention_flops(unet_meta: Any, run: Any) -> int:
     return sum(4 * tokens * tokens * channels for tokens, channels in shapes)
 
 
-class FirstKeyframeAnchor:
-    """A request's anchor when it is the job's first keyframe: frame 0 of chunk 0 denoised on
-    its own scheduler (the same noise, prompts and pose map as that frame, alone).
-
-    The engine asks each step for `model_input`, evaluates it, and hands the guided noise to
-    `advance`. (A reference-image source would return the reference latent noised to the step
-    from `model_input` and ignore `advance`.)
-    """
-
-    def __init__(
-        self,
-        owner: int,
-        request: Any,
-        scheduler: Any,
-        cond: torch.Tensor,
-        uncond: torch.Tensor | None,
-        device: Any,
-        dtype: Any,
-    ):
-        import torch
-
-        from deployments.diffusion.noise import initial_latents, step_generators
-
-        anchor = request.anchor
-        alone = request.model_copy(
-            update={
-                "chunk_index": 0,
-                "seed": anchor.seed,
-                "control_images": anchor.control_image[None],
-                "anchor": None,
-            }
-        )
-        self.owner = owner  # index of its request in the batch as submitted
-        self.scheduler = scheduler
-        self.latents = initial_latents(alone).to(device=device, dtype=dtype)
-        self.latents = self.latents * scheduler.init_noise_sigma
-        self.step_kwargs: dict[str, Any] = {}
-        if "generator" in _step_parameters(scheduler):
-            self.step_kwargs["generator"] = step_generators(alone)
-        control = torch.from_numpy(anchor.control_image).permute(2, 0, 1)[None].contiguous()
-        self.control = (control.to(torch.float32) / 255.0).to(device=device, dtype=dtype)
-        self.cond, self.uncond = cond, uncond
-
-    def model_input(self, timestep: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.scale_model_input(self.latents, timestep)
-
-    def advance(self, noise: torch.Tensor, timestep: torch.Tensor) -> None:
-        step = self.scheduler.step
-        self.latents = step(noise, timestep, self.latents, **self.step_kwargs, return_dict=False)[0]
-
-
-class ReferenceAnchor:
-    """A request's anchor when it is the job's reference image (see the module's decisions).
+class ImageAnchor:
+    """A request's anchor: its anchor image (the job's anchor keyframe, or the reference image
+    for the keyframe's own generation; see the module's decisions).
 
     The constructor VAE-encodes the image (the caller counts one VAE encode for its owner);
-    `model_input` noises the latent to each step; `advance` ignores the step's prediction.
+    `model_input` noises the latent to each step.
     """
 
     def __init__(
@@ -288,8 +239,7 @@ class ReferenceAnchor:
         anchor = request.anchor
         self.owner = owner
         self.cond, self.uncond = cond, uncond
-        self.control = None  # no ControlNet on a reference
-        image = torch.from_numpy(anchor.reference_image).permute(2, 0, 1)[None].contiguous()
+        image = torch.from_numpy(anchor.image).permute(2, 0, 1)[None].contiguous()
         image = (image.to(torch.float32) / 127.5 - 1.0).to(device=device, dtype=dtype)
         latent = vae.encode(image, return_dict=False)[0].mode()
         self.latent = latent * vae.config.scaling_factor
@@ -303,12 +253,3 @@ class ReferenceAnchor:
         alpha = self.alphas[min(max(index, 0), len(self.alphas) - 1)]
         noised = alpha.sqrt() * self.latent.float() + (1.0 - alpha).sqrt() * self.noise.float()
         return noised.to(self.latent.dtype)
-
-    def advance(self, noise: torch.Tensor, timestep: torch.Tensor) -> None:
-        """Nothing to step: the next step noises the same latent afresh."""
-
-
-def _step_parameters(scheduler: Any) -> Any:
-    import inspect
-
-    return inspect.signature(scheduler.step).parameters

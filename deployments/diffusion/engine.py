@@ -26,8 +26,7 @@ import numpy as np
 
 from deployments.diffusion.anchor import (
     AnchorBank,
-    FirstKeyframeAnchor,
-    ReferenceAnchor,
+    ImageAnchor,
     anchor_attention,
     self_attention_flops,
 )
@@ -53,8 +52,6 @@ from deployments.errors import InvalidSettingError
 # process) must not load it.
 if TYPE_CHECKING:
     import torch
-
-Anchor = FirstKeyframeAnchor | ReferenceAnchor
 
 
 def measure_model_weights(unet: Any, controlnet: Any, vae: Any) -> ModelWeights:
@@ -252,18 +249,10 @@ class DiffusionEngine:
                 f"{where}: settings.anchor is '{settings.anchor}' but the request has no anchor"
             )
         expected = (settings.height, settings.width, 3)
-        if anchor.source != settings.anchor:
-            raise InvalidSettingError(
-                f"{where}: settings.anchor is '{settings.anchor}' but the anchor's source is "
-                f"'{anchor.source}'"
-            )
-        if anchor.source == "reference":
-            image, what = anchor.reference_image, "reference image"
-        else:
-            image, what = anchor.control_image, "pose map"
+        image = anchor.image
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != expected:
             raise InvalidSettingError(
-                f"{where}: the anchor's {what} must be a uint8 array of shape {expected}"
+                f"{where}: the anchor image must be a uint8 array of shape {expected}"
             )
 
     def _check_control_images(self, request: ChunkRequest) -> None:
@@ -398,7 +387,7 @@ class DiffusionEngine:
         dropped: dict[int, int],
         cond: torch.Tensor,
         uncond: torch.Tensor | None,
-        anchors: list[Anchor],
+        anchors: list[ImageAnchor],
         bank: AnchorBank | None,
     ) -> torch.Tensor | None:
         """The denoising loop and the decode (`_run`), the anchors stepped beside the frames."""
@@ -433,7 +422,7 @@ class DiffusionEngine:
                 anchors = [anchor for anchor in anchors if anchor.owner in rows.live]
             layout = rows.layout
             if bank is not None:
-                self._anchor_pass(anchors, bank, timestep, active[index], settings, counts)
+                self._anchor_pass(anchors, bank, timestep, counts)
             model_input = scheduler.scale_model_input(latents, timestep)
             residuals = None
             if active[index]:
@@ -489,74 +478,46 @@ class DiffusionEngine:
         cond: torch.Tensor,
         uncond: torch.Tensor | None,
         counts: np.ndarray,
-    ) -> list[Anchor]:
-        """One anchor per request (none with the anchor off), each on its own scheduler, with
-        its request's text embeddings; a reference anchor's VAE encode is counted here."""
+    ) -> list[ImageAnchor]:
+        """One anchor per request (none with the anchor off), with its request's text
+        embeddings; each anchor image's VAE encode is counted here."""
         if settings.anchor == "off":
             return []
-        anchors: list[Anchor] = []
+        scheduler = build_scheduler(settings.scheduler, self._modules.scheduler_config)
+        anchors: list[ImageAnchor] = []
         start = 0
         for index, request in enumerate(requests):
-            scheduler = build_scheduler(settings.scheduler, self._modules.scheduler_config)
-            scheduler.set_timesteps(settings.steps, device=self._device)
             first = slice(start, start + 1)
             texts = (cond[first], uncond[first] if uncond is not None else None)
-            if settings.anchor == "reference":
-                anchor: Anchor = ReferenceAnchor(
+            anchors.append(
+                ImageAnchor(
                     index, request, scheduler, self._modules.vae, *texts, self._device, self._dtype
                 )
-                counts[index, 4] += 1
-            else:
-                anchor = FirstKeyframeAnchor(
-                    index, request, scheduler, *texts, self._device, self._dtype
-                )
-            anchors.append(anchor)
+            )
+            counts[index, 4] += 1
             start += request.frames
         return anchors
 
     def _anchor_pass(
         self,
-        anchors: list[Anchor],
+        anchors: list[ImageAnchor],
         bank: AnchorBank,
         timestep: torch.Tensor,
-        controlnet_active: bool,
-        settings: GenerationSettings,
         counts: np.ndarray,
     ) -> None:
-        """Each anchor's own step (its ControlNet if active, its UNet with the bank writing its
-        keys/values), alone in its forward so its keys/values do not depend on the batch."""
+        """Each anchor's UNet row at this step (the bank writing its keys/values), alone in its
+        forward so its keys/values do not depend on the batch. Its output is not needed: an
+        image anchor has no trajectory to step."""
         import torch
 
         bank.start_step()
         for anchor in anchors:
-            x, text, images = anchor.model_input(timestep), anchor.cond, anchor.control
-            cfg = anchor.uncond is not None
-            passes = 2 if cfg else 1
-            if cfg:
-                x, text = torch.cat([x, x]), torch.cat([anchor.uncond, text])
-                images = torch.cat([images, images]) if images is not None else None
-            extra = {}
-            if controlnet_active and images is not None:  # a reference has no pose map
-                down, mid = self._modules.controlnet(
-                    x,
-                    timestep,
-                    encoder_hidden_states=text,
-                    controlnet_cond=images,
-                    conditioning_scale=settings.controlnet_conditioning_scale,
-                    guess_mode=False,
-                    return_dict=False,
-                )
-                counts[anchor.owner, 1] += passes
-                extra = {"down_block_additional_residuals": down,
-                         "mid_block_additional_residual": mid}  # fmt: skip
-            out = self._modules.unet(
-                x, timestep, encoder_hidden_states=text, return_dict=False, **extra
-            )[0]
+            x, text = anchor.model_input(timestep), anchor.cond
+            passes = 1
+            if anchor.uncond is not None:
+                x, text, passes = torch.cat([x, x]), torch.cat([anchor.uncond, text]), 2
+            self._modules.unet(x, timestep, encoder_hidden_states=text, return_dict=False)
             counts[anchor.owner, 0] += passes
-            if cfg:
-                unconditional, conditional = out.chunk(2)
-                out = unconditional + settings.guidance_scale * (conditional - unconditional)
-            anchor.advance(out, timestep)
         bank.finish_writing()
 
     @staticmethod
@@ -646,7 +607,7 @@ class DiffusionEngine:
         settings: GenerationSettings,
         counts: np.ndarray,
         bank: AnchorBank | None = None,
-        anchors: Sequence[Anchor] = (),
+        anchors: Sequence[ImageAnchor] = (),
     ) -> torch.Tensor:
         import torch
 

@@ -40,9 +40,8 @@ DIFFUSION_CODE_VERSION = "diffusion-1"
 
 SchedulerName = Literal["dpmpp_2m", "unipc", "euler_a", "lcm"]
 Precision = Literal["fp16", "bf16", "fp32"]
-# Where a job's anchor comes from (`AnchorInput.source` names the same choices per request).
+# Where a job's anchor keyframe takes its look from: frame 0 alone, or the reference image.
 AnchorMode = Literal["off", "first_keyframe", "reference"]
-AnchorSource = Literal["first_keyframe", "reference"]
 ANCHOR_FIELDS = ("anchor", "anchor_pool")
 MAX_ANCHOR_POOL = 4
 # Where a frame's own noise comes from (see noise.py): its chunk position, or the job's frame
@@ -100,11 +99,12 @@ class GenerationSettings(BaseModel):
     anchor: AnchorMode = Field(
         default="off",
         description="Anchor attention: every frame's UNet self-attention also attends to the "
-        "keys/values of one anchor per job, so identity holds across chunks. 'first_keyframe': "
-        "the job's first frame generated alone (its pose map and the job's seed and prompt; "
-        "one extra UNet row per chunk and step). 'reference': the job's reference image, "
-        "VAE-encoded once per chunk and noised to each step with noise fixed by the seed (one "
-        "extra UNet row per chunk and step, no ControlNet). 'off': none (and no extra work).",
+        "keys/values of one anchor per job, so identity holds across chunks. The anchor is the "
+        "job's anchor keyframe (its frame 0, generated once per job before the chunks: the "
+        "anchor-frame preview), VAE-encoded once per chunk and noised to each step with noise "
+        "fixed by the seed (one extra UNet row per chunk and step, no ControlNet). "
+        "'first_keyframe': the keyframe is frame 0 generated alone. 'reference': the keyframe "
+        "itself anchors on the job's reference image. 'off': none (and no extra work).",
     )
     anchor_pool: int = Field(
         default=2,
@@ -194,33 +194,29 @@ def check_settings(settings: GenerationSettings) -> None:
 
 
 class AnchorInput(BaseModel):
-    """What a chunk's anchor is made from; the same for every chunk of a job, so every chunk
-    (in any batch, on any replica) computes the same anchor keys/values.
-
-    `first_keyframe`: the anchor is the job's first frame generated alone: its pose map
-    (`control_image`), the request's prompts and noise sharing, and the initial noise of frame
-    0 of chunk 0 drawn from `seed` (the job's seed): a full denoising trajectory of its own,
-    stepped beside the chunk.
-    `reference`: the anchor is the job's reference image (`reference_image`, at the generation
-    size), VAE-encoded by the chunk and, at each step, noised to that step's timestep with one
-    noise drawn from `seed` (no trajectory, no pose map, no ControlNet).
-    """
+    """The image a chunk's anchor is made from, the same for every chunk of a job, so every
+    chunk (in any batch, on any replica) computes the same anchor keys/values: the job's anchor
+    keyframe (its frame 0 generated once, alone; see `keyframe_settings`), or, for the
+    keyframe's own generation with anchor 'reference', the user's reference image. The chunk
+    VAE-encodes it and, at each step, noises it to that step's timestep with one noise drawn
+    from `seed` (no trajectory, no pose map, no ControlNet)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
-    source: AnchorSource = Field(
-        default="first_keyframe", description="Where the anchor comes from."
-    )
     seed: int = Field(ge=0, lt=2**63, description="The job's seed: the anchor's noise.")
-    control_image: np.ndarray | None = Field(
-        default=None,
-        description="first_keyframe: the job's first pose map, uint8 RGB (height, width, 3).",
+    image: np.ndarray = Field(
+        description="The anchor image at the generation size, uint8 RGB (height, width, 3)."
     )
-    reference_image: np.ndarray | None = Field(
-        default=None,
-        description="reference: the reference image at the generation size, uint8 RGB "
-        "(height, width, 3).",
-    )
+
+
+def keyframe_settings(settings: GenerationSettings) -> GenerationSettings:
+    """The settings of a job's anchor keyframe: its frame 0, generated once and alone before
+    the chunks, which then anchor on it. With a reference image the keyframe itself anchors on
+    the reference (so the reference's look reaches every chunk through it); otherwise it is
+    plain frame 0 (no anchor: nothing to anchor on yet)."""
+    if settings.anchor == "reference":
+        return settings
+    return settings.model_copy(update={"anchor": "off"})
 
 
 class ChunkRequest(BaseModel):

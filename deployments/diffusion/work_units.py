@@ -11,22 +11,22 @@ Decisions (the why):
   frame twice (unconditional and conditional halves), and both are counted twice.
 - Text encoding (one per distinct prompt per batch, about 2% of one UNet evaluation at SD 1.5
   size) is not counted in work units.
-- Anchor attention (settings.anchor on) costs two things, both counted. (1) The anchor's own
-  pass: one UNet row per chunk per step (twice with CFG), and ControlNet on it at the active
-  steps (the anchor is a keyframe); they are UNet and ControlNet evaluations like any other.
-  One per chunk, not per (job, batch): two chunks of one job in one batch each carry their own
-  (identical) anchor row, so a chunk's work never depends on its batch mates and the
-  prediction, made before any batch exists, equals the count. (2) The wider self-attention:
-  each frame's attn1 layers also take the anchor's tokens (1/pool^2 of them), which adds the
-  QK^T and AV products with them; counted per frame evaluation as `anchor_attention_weight`
-  (those FLOPs / UNet FLOPs at 512x512, measured on the loaded model) x area^2 / pool^2 (query
-  and anchor tokens both grow with the latent area; exact at sizes divisible by 64 pixels).
-- A reference-image anchor (settings.anchor "reference") has no trajectory and no pose map: its
-  pass is one UNet row per chunk per step (twice with CFG) and no ControlNet, plus one VAE
-  encode of the reference per chunk (`vae_encodes`, weighted by the encoder's FLOPs relative
-  to the UNet's). Encoding per chunk rather than once per job keeps a chunk's work independent
-  of the others (any chunk may run on any replica, be retried or be cached); it is about 1.4
-  UNet evaluations per chunk, under 0.3% of a standard chunk's work.
+- Anchor attention (settings.anchor on) costs three things, all counted. (1) The anchor
+  keyframe: the job's frame 0 generated once, alone, before the chunks (`keyframe_settings`:
+  with a reference image it carries its own anchor pass); a 1-frame generation like any other,
+  counted by the engine on that request and predicted per job (`serve/cost.py`). (2) Each
+  chunk's anchor pass: one VAE encode of the keyframe image per chunk (`vae_encodes`, weighted
+  by the encoder's FLOPs relative to the UNet's; encoding per chunk rather than once per job
+  keeps a chunk's work independent of the others: any chunk may run on any replica, be retried
+  or be cached; about 1.4 UNet evaluations per chunk) and one UNet row per chunk per step
+  (twice with CFG), no ControlNet (an image anchor has no pose map). One per chunk, not per
+  (job, batch): two chunks of one job in one batch each carry their own (identical) anchor row,
+  so a chunk's work never depends on its batch mates and the prediction, made before any batch
+  exists, equals the count. (3) The wider self-attention: each frame's attn1 layers also take
+  the anchor's tokens (1/pool^2 of them), which adds the QK^T and AV products with them;
+  counted per frame evaluation as `anchor_attention_weight` (those FLOPs / UNet FLOPs at
+  512x512, measured on the loaded model) x area^2 / pool^2 (query and anchor tokens both grow
+  with the latent area; exact at sizes divisible by 64 pixels).
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ class WorkUnits(BaseModel):
         description="Those evaluations x area^2 / anchor_pool^2 x anchor attention weight.",
     )
 
-    @field_validator("unet_units", "controlnet_units", "vae_units", "vae_encode_units")
+    @field_validator(
+        "unet_units", "controlnet_units", "vae_units", "vae_encode_units", "anchor_attention_units"
+    )
     @classmethod
     def _rounded(cls, units: float) -> float:
         return round(units, UNIT_DECIMALS)
@@ -219,7 +221,7 @@ def predict_work_units(
     height: int,
     controlnet_weight: float = SD15_MODEL_WEIGHTS.controlnet_weight,
     vae_weight: float = SD15_MODEL_WEIGHTS.vae_weight,
-    anchor: bool | str = False,
+    anchor: bool = False,
     anchor_pool: int = 1,
     anchor_attention_weight: float = SD15_ANCHOR_ATTENTION_WEIGHT,
     vae_encode_weight: float = SD15_VAE_ENCODE_WEIGHT,
@@ -227,20 +229,17 @@ def predict_work_units(
     """Work units of one chunk of `frames` frames, before running it.
 
     UNet: frames x steps (x2 with CFG). ControlNet: keyframes x active steps (x2 with CFG).
-    VAE: one decode per frame. With the anchor: one more UNet row per step and one more
-    ControlNet keyframe (the anchor's pass), and every frame evaluation's wider attention.
-    `anchor="reference"`: the anchor's UNet row without ControlNet, plus one VAE encode.
+    VAE: one decode per frame. With the anchor: one VAE encode (the anchor image), one more
+    UNet row per step (the anchor's pass) and every frame evaluation's wider attention.
     `DiffusionEngine.generate` counts exactly this.
     """
-    reference = anchor == "reference"
-    anchor = bool(anchor) and anchor != "off"
     passes = 2 if cfg_enabled(guidance_scale) else 1
     active = sum(controlnet_active_steps(steps, control_guidance_start, control_guidance_end))
     keyframes = len(keyframe_indices(frames, controlnet_every))
     rows = frames + (1 if anchor else 0)
     return weigh_work(
         rows * steps * passes,
-        (keyframes + (1 if anchor and not reference else 0)) * active * passes,
+        keyframes * active * passes,
         frames,
         width=width,
         height=height,
@@ -249,7 +248,7 @@ def predict_work_units(
         anchor_attention_evals=frames * steps * passes if anchor else 0,
         anchor_attention_weight=anchor_attention_weight,
         anchor_pool=anchor_pool,
-        vae_encodes=1 if reference else 0,
+        vae_encodes=1 if anchor else 0,
         vae_encode_weight=vae_encode_weight,
     )
 
@@ -269,7 +268,7 @@ def predict_chunk_units(
         settings.height,
         weights.controlnet_weight,
         weights.vae_weight,
-        anchor=settings.anchor,
+        anchor=settings.anchor != "off",
         anchor_pool=settings.anchor_pool,
         anchor_attention_weight=weights.anchor_attention_weight,
         vae_encode_weight=weights.vae_encode_weight,

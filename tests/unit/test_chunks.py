@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from serve.chunks import ChunkSpec
 from serve.pipeline import make_plan
-from serve.stages import generation_key, job_keys
+from serve.stages import generation_key, job_keys, keyframe_key
 
 
 def test_generation_key_is_the_one_the_untyped_request_gave():
@@ -31,14 +31,19 @@ def test_anchored_chunks_carry_the_jobs_anchor_and_other_keys():
     maps = np.zeros((4, g.height, g.width, 3), np.uint8)
     first = np.full((g.height, g.width, 3), 9, np.uint8)
     request = chunk_request(spec, Frames(maps, anchor_map=first), anchored)
-    assert request.anchor.seed == 7 and np.array_equal(request.anchor.control_image, first)
+    assert request.anchor.seed == 7 and np.array_equal(request.anchor.image, first)
     assert chunk_request(spec, Frames(maps), plain).anchor is None
-    with pytest.raises(RuntimeError, match="without its pose map"):
+    with pytest.raises(RuntimeError, match="without its image"):
         chunk_request(spec, Frames(maps), anchored)
     keys = job_keys("f" * 64, plain)
     assert job_keys("f" * 64, anchored) == keys  # pose and motion are shared
-    on = generation_key(keys, anchored, (0, 16), spec.key_fields())
+    keyframe = keyframe_key(keys, anchored, spec.key_fields())
+    on = generation_key(keys, anchored, (0, 16), spec.key_fields(), keyframe)
     assert on != generation_key(keys, plain, (0, 16), spec.key_fields())
+    # The keyframe is frame 0 alone without an anchor (nothing to anchor on yet): the key of
+    # an unanchored 1-frame chunk 0; the chunks' keys follow the keyframe's.
+    assert keyframe == generation_key(keys, plain, (0, 1), spec.key_fields())
+    assert on != generation_key(keys, anchored, (0, 16), spec.key_fields(), "other keyframe")
 
 
 def test_reference_is_in_the_generation_key_only_where_it_acts():
@@ -75,5 +80,8 @@ def test_reference_is_in_the_generation_key_only_where_it_acts():
     picture = np.full((g.height, g.width, 3), 5, np.uint8)
     maps = np.zeros((4, g.height, g.width, 3), np.uint8)
     request = chunk_request(spec, Frames(maps, anchor_map=picture), referenced)
-    assert request.anchor.source == "reference" and request.anchor.control_image is None
-    assert np.array_equal(request.anchor.reference_image, picture)
+    assert np.array_equal(request.anchor.image, picture)
+    # With a reference the keyframe itself anchors on it, so its key holds the reference too.
+    assert keyframe_key(shared, referenced, spec.key_fields()) != keyframe_key(
+        job_keys("f" * 64, referenced, "b" * 64, "r"), referenced, spec.key_fields()
+    )

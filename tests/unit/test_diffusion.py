@@ -660,8 +660,8 @@ def test_over_long_prompt_is_truncated_and_reported(engine):
 
 
 def anchor_input(seed: int = 7, maps_seed: int = 0, side: int = SIDE) -> d.AnchorInput:
-    """The job's anchor: its first pose map and its seed."""
-    return d.AnchorInput(seed=seed, control_image=pose_maps(1, seed=maps_seed, side=side)[0])
+    """The job's anchor: an image (here a pose map stands in for its keyframe) and its seed."""
+    return d.AnchorInput(seed=seed, image=pose_maps(1, seed=maps_seed, side=side)[0])
 
 
 def anchored(frames: int = 5, anchor: d.AnchorInput | None = None, **overrides) -> d.ChunkRequest:
@@ -808,13 +808,15 @@ def test_anchored_chunk_alone_equals_it_in_a_batch_of_four(tiny_sd, tmp_path, mo
         (4, {"guidance_scale": 1.0, "scheduler": "euler_a", "anchor_pool": 3}),
         (3, {"control_guidance_start": 0.25, "control_guidance_end": 0.75, "steps": 4}),
         (2, {"width": 96, "height": 72, "scheduler": "lcm", "steps": 2}),
+        (3, {"anchor": "reference"}),
     ],
 )
 def test_anchor_work_is_counted_as_predicted(engine, frames, overrides):
-    key = settings(anchor="first_keyframe", **overrides)
+    key = settings(**{"anchor": "first_keyframe", **overrides})
     maps = np.zeros((frames, key.height, key.width, 3), np.uint8)
     maps[:, : SIDE // 2, : SIDE // 2] = pose_maps(frames)[:, : SIDE // 2, : SIDE // 2]
-    anchor = d.AnchorInput(seed=3, control_image=maps[0])
+    picture = np.full((key.height, key.width, 3), 90, np.uint8)
+    anchor = d.AnchorInput(seed=3, image=picture)
     chunk = request(frames, settings=key, control_images=maps, anchor=anchor)
     unet, control = ForwardCounter(engine._modules.unet), ForwardCounter(engine._modules.controlnet)
     try:
@@ -828,7 +830,8 @@ def test_anchor_work_is_counted_as_predicted(engine, frames, overrides):
     keyframes = len(d.keyframe_indices(frames, key.controlnet_every))
     units = result.work_units
     assert unet.rows == units.unet_evals == (frames + 1) * key.steps * passes  # + anchor row
-    assert control.rows == units.controlnet_evals == (keyframes + 1) * active * passes
+    assert control.rows == units.controlnet_evals == keyframes * active * passes  # none on it
+    assert units.vae_encodes == 1 and units.vae_encode_units > 0  # the anchor image's
     assert units.anchor_attention_evals == frames * key.steps * passes
     assert units.anchor_attention_units > 0
     assert units == d.predict_chunk_units(key, frames, engine.model_weights)
@@ -839,7 +842,7 @@ def test_anchor_work_is_counted_as_predicted(engine, frames, overrides):
 def reference_input(seed: int = 7, image_seed: int = 0, side: int = SIDE) -> d.AnchorInput:
     """A reference-image anchor: a random picture at the generation size and the job's seed."""
     picture = np.random.default_rng(image_seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    return d.AnchorInput(source="reference", seed=seed, reference_image=picture)
+    return d.AnchorInput(seed=seed, image=picture)
 
 
 def test_reference_changes_every_generated_frame(engine):
@@ -855,51 +858,6 @@ def test_reference_changes_every_generated_frame(engine):
         per_frame = np.abs(run(other) - base).reshape(5, -1).max(axis=1)
         print(f"reference changed: max abs change per frame {np.round(per_frame, 5)}")
         assert (per_frame > 1e-4).all()
-    # and the reference anchor is not the first-keyframe anchor
-    keyframe = engine.generate([anchored(5)], frames_dtype="float32")[0].frames
-    assert (np.abs(keyframe - base).reshape(5, -1).max(axis=1) > 1e-4).all()
-
-
-def test_reference_anchor_is_checked(engine):
-    key = settings(anchor="reference")
-    with pytest.raises(InvalidSettingError, match="source"):  # a pose-map anchor for a reference
-        engine.generate([anchored(2, settings=key)])
-    small = reference_input(side=SIDE // 2)
-    with pytest.raises(InvalidSettingError, match="reference image must be"):
-        engine.generate([anchored(2, anchor=small, settings=key)])
-
-
-@pytest.mark.parametrize(
-    "frames, overrides",
-    [
-        (5, {}),
-        (4, {"guidance_scale": 1.0, "scheduler": "euler_a", "anchor_pool": 1}),
-        (3, {"control_guidance_start": 0.25, "control_guidance_end": 0.75, "steps": 4}),
-        (2, {"width": 96, "height": 72, "scheduler": "lcm", "steps": 2}),
-    ],
-)
-def test_reference_anchor_work_is_counted_as_predicted(engine, frames, overrides):
-    key = settings(anchor="reference", **overrides)
-    maps = np.zeros((frames, key.height, key.width, 3), np.uint8)
-    maps[:, : SIDE // 2, : SIDE // 2] = pose_maps(frames)[:, : SIDE // 2, : SIDE // 2]
-    picture = np.full((key.height, key.width, 3), 90, np.uint8)
-    anchor = d.AnchorInput(source="reference", seed=3, reference_image=picture)
-    chunk = request(frames, settings=key, control_images=maps, anchor=anchor)
-    unet, control = ForwardCounter(engine._modules.unet), ForwardCounter(engine._modules.controlnet)
-    try:
-        result = engine.generate([chunk])[0]
-    finally:
-        unet.remove()
-        control.remove()
-    passes = 2 if key.cfg else 1
-    active = sum(d.controlnet_active_steps(key.steps, key.control_guidance_start,
-                                           key.control_guidance_end))  # fmt: skip
-    keyframes = len(d.keyframe_indices(frames, key.controlnet_every))
-    units = result.work_units
-    assert unet.rows == units.unet_evals == (frames + 1) * key.steps * passes  # + anchor row
-    assert control.rows == units.controlnet_evals == keyframes * active * passes  # none on it
-    assert units.vae_encodes == 1 and units.vae_encode_units > 0
-    assert units == d.predict_chunk_units(key, frames, engine.model_weights)
 
 
 def test_anchor_attention_costs_what_its_weight_says(engine):
@@ -959,7 +917,7 @@ def test_anchor_inputs_are_checked(engine):
     cases = [
         (request(2, settings=on), "has no anchor"),
         (request(2, anchor=anchor_input()), "anchor was given but settings.anchor is off"),
-        (request(2, settings=on, anchor=anchor_input(side=72)), "anchor's pose map must be"),
+        (request(2, settings=on, anchor=anchor_input(side=72)), "anchor image must be"),
     ]
     for chunk, message in cases:
         with pytest.raises(InvalidSettingError, match=message):

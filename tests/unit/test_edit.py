@@ -95,13 +95,15 @@ def test_new_prompt_reuses_pose_and_motion(short_clip, app_args, tmp_path):
 
 
 def test_edit_with_anchor_attention_counts_what_it_predicts(short_clip, app_args, tmp_path):
-    chunk = 8  # three chunks: chunks 1 and 2 render the job's first pose map for their anchor
+    chunk = 8  # three chunks, each anchored on the job's keyframe (frame 0 generated first)
     job = request(anchor="first_keyframe", chunk_frames=chunk)
     report = asyncio.run(edit_video(short_clip, tmp_path / "anchored.mp4", job, app_args))
     plan = report["plan"]
     units = plan["work_units"]
-    assert plan["generated_frames"] == 24
-    assert units["unet_evals"] == (24 + 3) * 4 * 2  # + one anchor row per chunk and step
+    assert plan["generated_frames"] == 24 + 1  # + the keyframe
+    # the keyframe's row, the frames' and one anchor row per chunk and step (x2: CFG)
+    assert units["unet_evals"] == (1 + 24 + 3) * 4 * 2
+    assert units["vae_encodes"] == 3  # each chunk encodes the keyframe image
     assert units["anchor_attention_evals"] == 24 * 4 * 2
     assert plan["work_units"] == plan["predicted_work_units"]
     assert any("anchor attention" in line for line in report["plan_explained"])
@@ -124,10 +126,11 @@ def test_edit_with_a_reference_image_counts_what_it_predicts_and_repeats_free(
     report = asyncio.run(edit_video(short_clip, tmp_path / "a.mp4", job, app_args, reference=first))
     plan = report["plan"]
     units = plan["work_units"]
-    assert plan["generated_frames"] == 24
-    assert units["unet_evals"] == (24 + 3) * 4 * 2  # + one reference row per chunk and step
-    assert units["vae_encodes"] == 3 and units["vae_encode_units"] > 0  # one per chunk
-    assert units["anchor_attention_evals"] == 24 * 4 * 2
+    assert plan["generated_frames"] == 24 + 1  # + the keyframe, anchored on the reference
+    # keyframe: its row and its reference's; chunks: their frames and one keyframe row each
+    assert units["unet_evals"] == (2 + 24 + 3) * 4 * 2
+    assert units["vae_encodes"] == 1 + 3 and units["vae_encode_units"] > 0
+    assert units["anchor_attention_evals"] == (1 + 24) * 4 * 2
     assert plan["work_units"] == plan["predicted_work_units"]
     assert any("anchor attention (reference" in line for line in report["plan_explained"])
     # the same bytes under another name: a full cache hit, the same video
@@ -141,6 +144,6 @@ def test_edit_with_a_reference_image_counts_what_it_predicts_and_repeats_free(
     changed = asyncio.run(
         edit_video(short_clip, tmp_path / "c.mp4", job, app_args, reference=other)
     )
-    assert changed["plan"]["work_units"]["vae_encodes"] == 3
+    assert changed["plan"]["work_units"]["vae_encodes"] == 1 + 3
     assert changed["plan"]["work_units"] == changed["plan"]["predicted_work_units"]
     assert (tmp_path / "a.mp4").read_bytes() != (tmp_path / "c.mp4").read_bytes()
