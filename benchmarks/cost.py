@@ -202,7 +202,13 @@ def generated_frames(plan, seconds: float = CLIP_SECONDS) -> int:
 
 def full_size_prediction(preset: str, overrides: dict | None = None) -> dict[str, Any]:
     """Work units (SD 1.5 weights) of a plan on the 10 s clip, and of its naive baseline."""
-    from serve.cost import estimate_plan, generated_frame_count, naive_frame_count, naive_settings
+    from serve.cost import (
+        estimate_plan,
+        generated_frame_count,
+        naive_frame_count,
+        naive_settings,
+        predict_keyframe_units,
+    )
     from serve.cost import predict_generation_units as predict
 
     plan = full_plan(preset, overrides)
@@ -222,9 +228,12 @@ def full_size_prediction(preset: str, overrides: dict | None = None) -> dict[str
         "controlnet_every": g.controlnet_every,
         "precision": g.precision,
         "anchor": g.anchor,
-        "generated_frames": generated_frame_count(frames, plan.chunk_frames, plan.chunk_overlap),
+        "generated_frames": generated_frame_count(
+            frames, plan.chunk_frames, plan.chunk_overlap, g.anchor != "off"
+        ),
         "chunks": math.ceil(frames / plan.chunk_frames),
         "work_units": _units(units),
+        "keyframe_units": _units(predict_keyframe_units(g)),
         "naive": {
             "generation": f"{naive_gen.width}x{naive_gen.height}",
             "fps": naive_gen.fps,
@@ -290,24 +299,25 @@ def _units(units) -> dict[str, float]:
         "vae_decodes": units.vae_decodes,
         "anchor_attention_evals": units.anchor_attention_evals,
         "anchor_attention_units": round(units.anchor_attention_units, 2),
+        "vae_encodes": units.vae_encodes,
+        "vae_encode_units": round(units.vae_encode_units, 2),
         "total": round(units.total, 2),
     }
 
 
 def anchor_overhead(standard: dict[str, Any], anchored: dict[str, Any]) -> dict[str, Any]:
-    """What anchor attention adds to the standard plan's full-size work units, and where:
-    the anchor's own pass (its UNet and ControlNet rows) and the wider self-attention."""
-    from deployments.diffusion.work_units import SD15_MODEL_WEIGHTS, latent_area_weight
+    """What anchor attention adds to the standard plan's full-size work units, and where: the
+    job's anchor keyframe (frame 0 generated once), each chunk's anchor pass (its UNet row per
+    step and the VAE encode of the keyframe image) and the wider self-attention."""
+    from deployments.diffusion.work_units import latent_area_weight
 
     base, with_anchor = standard["work_units"], anchored["work_units"]
+    keyframe = anchored["keyframe_units"]
     width, height = map(int, anchored["generation"].split("x"))
     area = latent_area_weight(width, height)
-    extra_unet = (with_anchor["unet_evals"] - base["unet_evals"]) * area
-    extra_controlnet = (
-        (with_anchor["controlnet_evals"] - base["controlnet_evals"])
-        * area
-        * SD15_MODEL_WEIGHTS.controlnet_weight
-    )
+    chunk_rows = with_anchor["unet_evals"] - base["unet_evals"] - keyframe["unet_evals"]
+    encodes = with_anchor["vae_encode_units"] - keyframe["vae_encode_units"]
+    wider = with_anchor["anchor_attention_units"] - keyframe["anchor_attention_units"]
     total = base["total"]
 
     def pct(value: float) -> float:
@@ -317,8 +327,9 @@ def anchor_overhead(standard: dict[str, Any], anchored: dict[str, Any]) -> dict[
         "standard_units": total,
         "anchored_units": with_anchor["total"],
         "overhead_pct": pct(with_anchor["total"] - total),
-        "anchor_pass_pct": pct(extra_unet + extra_controlnet),
-        "wider_attention_pct": pct(with_anchor["anchor_attention_units"]),
+        "keyframe_pct": pct(keyframe["total"]),
+        "anchor_pass_pct": pct(chunk_rows * area + encodes),
+        "wider_attention_pct": pct(wider),
         "budget_pct": ANCHOR_BUDGET_PCT,
         "budget_note": "issue 15: anchor attention plus seamless chunks at most +12% over "
         "standard; standard >= 20x fewer work units than naive",
@@ -1039,8 +1050,9 @@ def format_plans(plans: dict[str, Any]) -> str:
 def format_anchor(row: dict[str, Any]) -> str:
     a = row["anchor"]
     return (
-        f"anchor attention on standard: +{a['overhead_pct']:.2f}% work units (anchor pass "
-        f"+{a['anchor_pass_pct']:.2f}%, wider attention +{a['wider_attention_pct']:.2f}%); "
+        f"anchor attention on standard: +{a['overhead_pct']:.2f}% work units (keyframe "
+        f"+{a['keyframe_pct']:.2f}%, anchor pass +{a['anchor_pass_pct']:.2f}%, wider attention "
+        f"+{a['wider_attention_pct']:.2f}%); "
         f"{_x(row['ratios_vs_naive']['work_units'])} fewer than naive; budget "
         f"+{a['budget_pct']:g}% with seamless chunks"
     )

@@ -30,6 +30,7 @@ from deployments.errors import InputError
 from serve.auth import Authenticator
 from serve.cost import EstimateResponse
 from serve.jobs import JobManifest, JobNotFound, Overloaded
+from serve.jobs.store import anchor_image_key
 from serve.schemas import (
     PUBLIC_PRESETS,
     ErrorResponse,
@@ -95,6 +96,11 @@ def _preview_status(manifest: JobManifest, cancel_requested: bool = False) -> Pr
         error=manifest.error.model_dump() if manifest.error else None,
         report=manifest.report,
         video_url=f"/{API_VERSION}/previews/{manifest.job_id}/video" if done else None,
+        anchor_url=(
+            f"/{API_VERSION}/previews/{manifest.job_id}/anchor"
+            if done and manifest.request.frames == "anchor"
+            else None
+        ),
         ledger=manifest.ledger,
     )
 
@@ -432,6 +438,32 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
     async def get_preview_video(preview_id: str, request: Request) -> Response:
         manifest = await _find(request, preview_id, "preview")
         return await _video(manifest, f"{preview_id}-preview.mp4")
+
+    @app.get(
+        f"/{API_VERSION}/previews/{{preview_id}}/anchor",
+        tags=["previews"],
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "The job's anchor keyframe (its frame 0 as the job will anchor "
+                "every chunk on it), at the generation size.",
+            },
+            **_errors(401, 404, 409),
+        },
+    )
+    async def get_preview_anchor(preview_id: str, request: Request) -> Response:
+        """The anchor-frame preview (asked for with `frames: "anchor"`)."""
+        manifest = await _find(request, preview_id, "preview")
+        if manifest.request.frames != "anchor":
+            raise ApiError(404, "anchor_not_requested",
+                           f"preview {preview_id} was not asked for its anchor frame "
+                           '(submit with "frames": "anchor")')  # fmt: skip
+        if manifest.state != JobState.DONE or not manifest.result_key:
+            raise ApiError(409, "not_ready", f"the preview is {manifest.state}, not done")
+        key = anchor_image_key(manifest.result_key)
+        data = await asyncio.to_thread(service.jobs.store.get_bytes, key)
+        return Response(data, media_type="image/png")
 
     @app.delete(
         f"/{API_VERSION}/previews/{{preview_id}}",

@@ -186,6 +186,10 @@ class VideoServer(StageServer):
         """The motion preview MP4 (decode, draw the skeletons, encode): CPU only."""
         return stages.render_preview(self.ctx, input_ref, keys, plan, result_key)
 
+    def keyframe_png(self, key: str, result_key: str) -> StageRecord:
+        """The anchor-frame preview PNG of the keyframe cached at `key`."""
+        return stages.store_keyframe_png(self.ctx, key, result_key)
+
 
 # ------------------------------------------------------------------------------- diffusion
 
@@ -409,6 +413,9 @@ class ServeStages(CacheLookup):
 
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
         return await _awaited(self.h["motion"].edit.remote(keys, plan))
+
+    async def keyframe_png(self, key: str, result_key: str) -> StageRecord:
+        return await _awaited(self.h["video"].keyframe_png.remote(key, result_key))
 
     def render(self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int],
                anchor_key: str | None = None):  # fmt: skip

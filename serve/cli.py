@@ -145,6 +145,7 @@ def _job_request(args: argparse.Namespace):
         preset=args.preset,
         seed=args.seed,
         output=OutputSpec(fps=args.fps, width=args.width, height=args.height),
+        frames="anchor" if getattr(args, "anchor_frame", None) else "motion",
     )
 
 
@@ -193,7 +194,8 @@ def _cmd_preview(args: argparse.Namespace) -> None:
 
     report = asyncio.run(
         preview_video(Path(args.video), Path(args.output), _job_request(args),
-                      _app_args(args.config), reference=_reference(args))
+                      _app_args(args.config), reference=_reference(args),
+                      anchor_output=Path(args.anchor_frame) if args.anchor_frame else None)
     )  # fmt: skip
     print(format_preview_report(report))
     if args.report:
@@ -492,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("-o", "--output", required=True, help="preview MP4 to write")
     preview.add_argument("--config", help="Serve config whose app args to use (default: local)")
     preview.add_argument("--report", help="also write the preview report as JSON here")
+    preview.add_argument(
+        "--anchor-frame",
+        metavar="PNG",
+        help="also render the job's anchor keyframe to this PNG (one GPU frame; a job with the "
+        "same settings then takes it from the cache); needs anchor attention",
+    )
     add_request_options(preview, prompt_required=False)
     preview.set_defaults(handler=_cmd_preview)
 

@@ -595,7 +595,8 @@ class PreviewReport(BaseModel):
     hardware: str = Field(description="Hardware kind of the tier (price table key).")
     preview: CostSide = Field(
         description="The preview itself: its stages' measured seconds and dollars; zero "
-        "diffusion work units and zero GPU seconds."
+        "diffusion work units and zero GPU seconds, except the anchor keyframe's when it was "
+        "asked for (one frame, which the job then takes from the cache)."
     )
     estimate: CostEstimate = Field(
         description="The full job on this input: predicted work units and dollars against naive."
@@ -611,12 +612,19 @@ def build_preview_report(
     tier: str = "local",
     prices: PriceTable = DEFAULT_PRICES,
 ) -> PreviewReport:
-    """The report of a finished preview: its records (all CPU: decode, pose, motion, preview)
-    priced, and the estimate of the job that would generate `frames` edited frames."""
+    """The report of a finished preview: its records (CPU: decode, pose, motion, preview; and
+    the anchor keyframe's generation when asked for) priced, and the estimate of the job that
+    would generate `frames` edited frames."""
     hardware, price = prices.for_tier(tier)
     stages = _stage_costs(records, price, prices)
-    units = _measured_units(records)  # no diffusion record: zero, stated rather than assumed
-    side = _side(0, units, WorkUnits(), stages, estimated=False)
+    units = _measured_units(records)  # zero without the anchor frame: stated, not assumed
+    keyframe = units.unet_evals > 0
+    predicted = WorkUnits()
+    if keyframe:  # weighed as the job's report weighs its units: by the models that ran
+        g = plan.generation
+        weights = weights_from_units(units, g.width, g.height, g.anchor_pool)
+        predicted = predict_keyframe_units(g, weights or SD15_MODEL_WEIGHTS)
+    side = _side(int(keyframe), units, predicted, stages, estimated=False)
     return PreviewReport(
         tier=tier,
         hardware=hardware,
@@ -624,7 +632,12 @@ def build_preview_report(
         estimate=estimate_plan(plan, frames, tier=tier, prices=prices),
         notes=[
             "the preview runs the job's decode, pose and motion stages (same cache keys: the "
-            "job that follows reuses them) and draws the skeletons on CPU; no diffusion",
+            "job that follows reuses them) and draws the skeletons on CPU; no diffusion"
+            + (
+                ", except the anchor keyframe (one frame; the job takes it from the cache)"
+                if keyframe
+                else ""
+            ),
             f"vCPU price: {prices.vcpu_source}",
         ],
     )

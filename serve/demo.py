@@ -141,8 +141,10 @@ def format_consistency(section: dict[str, Any] | None) -> str:
 def format_preview_report(report: dict[str, Any]) -> str:
     """A preview's own cost (CPU only) per stage, then the estimate of the full job."""
     preview, estimate = report["preview"], report["estimate"]
+    gpu = preview["work_units"]["unet_evals"] > 0  # the anchor frame was asked for
     lines = [
-        f"preview (tier {report['tier']}: {report['hardware']}): CPU only",
+        f"preview (tier {report['tier']}: {report['hardware']}): "
+        + ("CPU, and one GPU frame (the anchor keyframe)" if gpu else "CPU only"),
         f"{'stage':12} {'calls':>5} {'hits':>4} {'seconds':>9}",
     ]
     for stage in preview["stages"]:

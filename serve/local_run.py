@@ -15,6 +15,7 @@ from serve import stages
 from serve.cache import hash_file
 from serve.chunks import CacheLookup, ChunkSpec, generate_or_reuse
 from serve.jobs import JobManifest
+from serve.jobs.store import anchor_image_key
 from serve.orchestrator import Orchestrator
 from serve.pipeline import Plan
 from serve.stages import Frames, JobKeys, StageContext, StageRecord
@@ -48,6 +49,9 @@ class LocalStages(CacheLookup):
         return await asyncio.to_thread(
             stages.render_preview, self.ctx, input_ref, keys, plan, result_key
         )
+
+    async def keyframe_png(self, key: str, result_key: str) -> StageRecord:
+        return await asyncio.to_thread(stages.store_keyframe_png, self.ctx, key, result_key)
 
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
         return await stages.stoppable(stages.edit_motion, self.ctx, keys, plan)
@@ -167,14 +171,20 @@ async def edit_video(
 
 
 async def preview_video(
-    video_path: Path, output: Path, request, args, on_progress=None, reference: Path | None = None
-) -> dict[str, Any]:
+    video_path: Path, output: Path, request, args, on_progress=None, reference: Path | None = None,
+    anchor_output: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """The motion preview in this process (`motionserve preview`): the job's decode, pose and
     motion stages in the same cache, the side-by-side MP4 at `output`, and the estimate of the
-    full job; no diffusion engine and no upscaler are even built. Returns the preview report."""
+    full job; no upscaler is built, and no diffusion engine unless the request asks for the
+    anchor frame (`frames: "anchor"`, written as a PNG to `anchor_output`). Returns the
+    preview report."""
+    from serve.factory import make_engine
+
+    engine = make_engine(args) if request.frames == "anchor" else None
     return await _run_local(
         video_path, output, request, args, on_progress, "preview",
-        lambda: LocalStages(_context(args), None, None), reference,
+        lambda: LocalStages(_context(args), engine, None), reference, anchor_output,
     )  # fmt: skip
 
 
@@ -185,9 +195,10 @@ def _context(args) -> StageContext:
 
 
 async def _run_local(video_path, output, request, args, on_progress, kind: str, make_calls,
-                     reference: Path | None = None):  # fmt: skip
+                     reference: Path | None = None, anchor_output: Path | None = None):  # fmt: skip
     from deployments.reference import check_reference
     from serve.jobs import new_job_id
+    from serve.jobs.service import check_preview_frames
     from serve.planning import plan_for
 
     video_path = Path(video_path).resolve()
@@ -212,6 +223,8 @@ async def _run_local(video_path, output, request, args, on_progress, kind: str, 
         plan=plan_for(args, request, info, reference is not None),
         attempts=1,
     )
+    if kind == "preview":
+        check_preview_frames(request, manifest.plan)
     orchestrator = Orchestrator(
         calls, lambda m: f"local-results/{m.job_id}.mp4", tier=args.tier,
         max_chunks_in_flight=args.max_chunks_in_flight,
@@ -219,4 +232,8 @@ async def _run_local(video_path, output, request, args, on_progress, kind: str, 
     result_key, report = await orchestrator.run(manifest, LocalEvents(manifest, on_progress))
     ctx.store.get_file(result_key, output)
     ctx.store.delete(result_key)
+    if kind == "preview" and request.frames == "anchor":
+        png = anchor_image_key(result_key)
+        ctx.store.get_file(png, anchor_output or Path(output).with_suffix(".anchor.png"))
+        ctx.store.delete(png)
     return report

@@ -30,6 +30,7 @@ from serve.chunks import ChunkSpec
 from serve.cost import build_preview_report, build_report
 from serve.events import JobEvents
 from serve.jobs import JobManifest
+from serve.jobs.store import anchor_image_key
 from serve.pipeline import Plan
 from serve.stages import Frames, JobKeys, StageRecord
 
@@ -56,6 +57,10 @@ class StageCalls(Protocol):
         self, input_ref: str, keys: JobKeys, plan: Plan, result_key: str
     ) -> StageRecord:
         """The motion preview MP4 at `result_key` (stages.render_preview); CPU only."""
+        ...
+
+    async def keyframe_png(self, key: str, result_key: str) -> StageRecord:
+        """The anchor keyframe cached at `key` as a PNG at `result_key` (CPU)."""
         ...
 
     def render(
@@ -179,8 +184,10 @@ class Orchestrator:
         self, manifest: JobManifest, events: JobEvents
     ) -> tuple[str, dict[str, Any]]:
         """A motion preview: the job's decode, pose and motion stages (filling the cache the
-        job then hits), the side-by-side MP4, and the estimate of the full job. Never calls
-        the diffusion stage: its report shows zero work units and zero GPU seconds."""
+        job then hits), the side-by-side MP4, and the estimate of the full job; CPU only, its
+        report shows zero work units and zero GPU seconds. With `frames: "anchor"` it also
+        generates the job's anchor keyframe (one GPU frame, billed here) into the cache the
+        job then takes it from, and stores it as a PNG beside the MP4."""
         plan = Plan.model_validate(manifest.plan)
         keys = job_keys_of(manifest, plan)
         motion_record = await self._poses(manifest, plan, keys, events)
@@ -188,6 +195,13 @@ class Orchestrator:
         result_key = self.result_key_for(manifest)
         events.record([await self.calls.preview(manifest.input_key, keys, plan, result_key)])
         events.progress("preview", 1, 1)
+        if manifest.request.frames == "anchor":  # the one GPU frame, which the job reuses
+            chunk = _chunk_specs(manifest, plan, [(0, 1)])[0]  # chunk 0's fields
+            key = stages.keyframe_key(keys, plan, chunk.key_fields())
+            await self.keyframe(keys, plan, chunk, key, events)
+            png = await self.calls.keyframe_png(key, anchor_image_key(result_key))
+            events.record([png])
+            events.progress("anchor", 1, 1)
         ledger = [StageRecord.model_validate(r) for r in events.manifest.ledger]
         report = build_preview_report(plan, ledger, frames=motion_record.frames, tier=self.tier)
         return result_key, {**report.model_dump(mode="json"), "plan_explained": plan.explain()}
@@ -197,16 +211,8 @@ class Orchestrator:
         events: JobEvents,
     ) -> list[str]:  # fmt: skip
         """Run every chunk (records go to the job's ledger); returns the segment keys."""
-        job = manifest.request
         generated = generation_spans(spans, plan)
-        chunks = [
-            ChunkSpec(job_id=manifest.job_id, chunk_index=index, prompt=job.prompt,
-                      negative_prompt=job.negative_prompt,
-                      seed=job.seed if job.seed is not None else 0,
-                      noise_sharing=plan.noise_sharing, noise=plan.noise,
-                      noise_window=plan.noise_window, first_frame=generated[index][0])
-            for index in range(len(spans))
-        ]  # fmt: skip
+        chunks = _chunk_specs(manifest, plan, generated)
         anchor_key = None
         if plan.generation.anchor != "off":
             anchor_key = stages.keyframe_key(keys, plan, chunks[0].key_fields())
@@ -430,6 +436,21 @@ class _ChunkRun:
             self.generated.pop(generation, None)
             self.maps.pop(generation, None)
         return True
+
+
+def _chunk_specs(
+    manifest: JobManifest, plan: Plan, generated: list[tuple[int, int]]
+) -> list[ChunkSpec]:
+    """The job's chunks as the diffusion stage sees them (`generated`: their frame spans)."""
+    job = manifest.request
+    return [
+        ChunkSpec(job_id=manifest.job_id, chunk_index=index, prompt=job.prompt,
+                  negative_prompt=job.negative_prompt,
+                  seed=job.seed if job.seed is not None else 0,
+                  noise_sharing=plan.noise_sharing, noise=plan.noise,
+                  noise_window=plan.noise_window, first_frame=first)
+        for index, (first, _stop) in enumerate(generated)
+    ]  # fmt: skip
 
 
 def _keeps_timing(plan: Plan, manifest: JobManifest) -> bool:

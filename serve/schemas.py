@@ -167,6 +167,14 @@ class JobRequest(BaseModel):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Plan fields to override (see POST /v1/estimate)."
     )
+    frames: Literal["motion", "anchor"] = Field(
+        default="motion",
+        description="Previews only (a job ignores it, so one body serves both): 'motion' is "
+        "the CPU-only motion preview; 'anchor' also renders the job's anchor keyframe as a PNG "
+        "(one GPU frame, billed to the preview; a job submitted afterwards with the same "
+        "settings takes it from the cache). Needs anchor attention (a reference image, the "
+        "preset's, or the `anchor` override).",
+    )
 
     @field_validator("styles")
     @classmethod
@@ -237,6 +245,10 @@ class PreviewStatus(BaseModel):
         default=None,
         description="The preview MP4, when done: the source with the original skeleton beside "
         "the same frames with the edited skeleton, at the generation fps and size.",
+    )
+    anchor_url: str | None = Field(
+        default=None,
+        description='The anchor keyframe PNG, when done and asked for (`frames: "anchor"`).',
     )
     ledger: list[dict[str, Any]] = Field(
         default_factory=list, description="Cost records of the work done so far, per stage call."

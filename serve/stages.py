@@ -432,6 +432,19 @@ def keyframe_image(ctx: StageContext, key: str) -> np.ndarray:
     return np.load(io.BytesIO(_require(ctx.cache, key)))["frames"][0]
 
 
+def store_keyframe_png(ctx: StageContext, key: str, result_key: str) -> StageRecord:
+    """The anchor-frame preview: the keyframe cached at `key` as a PNG at `result_key`."""
+    from PIL import Image
+
+    record = StageRecord(stage="anchor_png")
+    with measured(record):
+        buffer = io.BytesIO()
+        Image.fromarray(keyframe_image(ctx, key)).save(buffer, format="PNG")
+        ctx.store.put_bytes(result_key, buffer.getvalue(), content_type="image/png")
+        record.frames = 1
+    return record
+
+
 def cached_generation(ctx: StageContext, key: str, chunk: int, job_id: str) -> Frames | None:
     """Generated frames from the cache. Another job's (or request's) frames cost this job
     nothing; frames this same job generated before cost what they cost then: its first result

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from deployments.errors import InputError
+from deployments.errors import InputError, InvalidSettingError
 from serve.cache import hash_file
 from serve.jobs.inputs import check_input_uri
 from serve.jobs.manifest import JobError, JobManifest, new_job_id, now
@@ -36,6 +36,16 @@ EstimateCost = Callable[[JobRequest, float, int, int], dict[str, Any]]
 """(request, duration_s, width, height) -> the estimate of POST /v1/estimate."""
 FetchInput = Callable[[str, Path], object]
 """(s3:// URI, local destination) -> anything (ignored); copies the input there."""
+
+
+def check_preview_frames(request, plan: dict[str, Any]) -> None:
+    """A preview's `frames: "anchor"` renders the job's anchor keyframe: a plan without anchor
+    attention has none, so that is refused (422) before anything runs."""
+    if request.frames == "anchor" and plan["generation"].get("anchor", "off") == "off":
+        raise InvalidSettingError(
+            "frames 'anchor' previews the job's anchor keyframe, and this plan has no anchor "
+            'attention: add a reference image, or the override "anchor": "first_keyframe"'
+        )
 
 
 class JobRunner(Protocol):
@@ -214,6 +224,8 @@ class JobService:
             digest = await asyncio.to_thread(hash_file, local)
             info = await asyncio.to_thread(self._probe, local, digest)
             plan = self._plan_for(request, info, reference_sha is not None)
+            if kind == "preview":
+                check_preview_frames(request, plan)
             job_id = new_job_id()
             input_key = self.jobs.input_key(tenant, job_id)
             reference_key = None
@@ -249,6 +261,8 @@ class JobService:
                 digest = await asyncio.to_thread(hash_file, local)
                 info = await asyncio.to_thread(self._probe, local, digest)
             plan = self._plan_for(request, info, reference_sha is not None)
+            if kind == "preview":
+                check_preview_frames(request, plan)
             return self._start(
                 tenant, new_job_id(), request, uri, digest, plan, kind,
                 reference=(reference_uri, reference_sha) if reference_sha else None,

@@ -17,6 +17,11 @@ _TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+def anchor_image_key(result_key: str) -> str:
+    """Where a preview's anchor keyframe PNG is stored: beside its MP4 (`result_key`)."""
+    return f"{result_key.removesuffix('.mp4')}-anchor.png"
+
+
 class JobNotFound(KeyError):
     pass
 
