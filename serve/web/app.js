@@ -22,6 +22,7 @@
     preview: null, // {id, timer}
     resultUrl: null,
     previewUrl: null,
+    anchorUrl: null,
     styleCounter: 0,
   };
 
@@ -190,6 +191,7 @@
     state.features.reference = Boolean(fields.reference);
     $("reference-field").hidden = !state.features.reference;
     $("preview-button").hidden = !state.features.previews;
+    $("anchor-frame-field").hidden = !state.features.previews;
   }
 
   // ------------------------------------------------------------------ motion styles
@@ -630,7 +632,7 @@
     }
   }
 
-  async function fetchVideo(path) {
+  async function fetchBlobUrl(path) {
     const blob = await (await call(path)).blob();
     return URL.createObjectURL(blob);
   }
@@ -639,7 +641,7 @@
     if (status.state !== "done") return;
     if (status.report) renderCost(status.report);
     try {
-      const url = await fetchVideo(`v1/jobs/${encodeURIComponent(id)}/result`);
+      const url = await fetchBlobUrl(`v1/jobs/${encodeURIComponent(id)}/result`);
       if (!state.job || state.job.id !== id) {
         URL.revokeObjectURL(url);
         return;
@@ -670,7 +672,7 @@
       renderEstimate(inner, report.estimate, state.meta);
     }
     try {
-      const url = await fetchVideo(`v1/previews/${encodeURIComponent(id)}/video`);
+      const url = await fetchBlobUrl(`v1/previews/${encodeURIComponent(id)}/video`);
       if (!state.preview || state.preview.id !== id) {
         URL.revokeObjectURL(url);
         return;
@@ -679,6 +681,13 @@
       state.previewUrl = url;
       $("preview-video").src = url;
       $("preview-figure").hidden = false;
+      if (status.anchor_url) {
+        const image = await fetchBlobUrl(`v1/previews/${encodeURIComponent(id)}/anchor`);
+        if (state.anchorUrl) URL.revokeObjectURL(state.anchorUrl);
+        state.anchorUrl = image;
+        $("anchor-image").src = image;
+        $("anchor-figure").hidden = false;
+      }
     } catch (err) {
       showError($("preview-error"), err);
     }
@@ -768,6 +777,7 @@
     let request;
     try {
       request = buildRequest(false);
+      if (kind === "preview" && $("anchor-frame").checked) request.frames = "anchor";
     } catch (err) {
       showError($("form-error"), err.message);
       return;
@@ -790,6 +800,7 @@
         follow("job", accepted.job_id);
       } else {
         $("preview-figure").hidden = true;
+        $("anchor-figure").hidden = true;
         $("preview-estimate").replaceChildren();
         $("preview-id").textContent = `preview ${accepted.preview_id}`;
         $("preview-section").hidden = false;

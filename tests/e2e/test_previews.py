@@ -50,6 +50,11 @@ def test_preview_runs_no_gpu_work_and_fills_the_cache_the_job_hits(server, short
         assert 0 < estimate["plan"]["work_units"] < estimate["naive"]["work_units"]
         assert estimate["plan"]["dollars"]["spot"] > 0
 
+        assert status["anchor_url"] is None  # not asked for
+        missing = client.get(f"/v1/previews/{preview_id}/anchor")
+        assert missing.status_code == 404, missing.text
+        assert missing.json()["error"]["code"] == "anchor_not_requested"
+
         video = client.get(status["video_url"])
         assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
         out = tmp_path / "preview.mp4"
@@ -78,6 +83,62 @@ def test_preview_runs_no_gpu_work_and_fills_the_cache_the_job_hits(server, short
             assert response.status_code == 404
             assert response.json()["error"]["code"] == "preview_not_found"
         assert other.delete(f"/v1/previews/{preview_id}").status_code == 404
+
+
+def post_preview(client: httpx.Client, video, body: dict) -> httpx.Response:
+    with open(video, "rb") as handle:
+        return client.post(
+            "/v1/previews",
+            files={"video": ("clip.mp4", handle, "video/mp4")},
+            data={"request": json.dumps(body)},
+        )
+
+
+def test_anchor_frame_preview_is_generated_once_and_the_job_takes_it(server, short_clip):
+    import io
+
+    from PIL import Image
+
+    anchored = json.loads(job_request(seed=11, anchor="first_keyframe"))
+    with server.client() as client:
+        # No anchor attention, no anchor keyframe: refused before anything runs.
+        plain = {**json.loads(job_request(seed=11)), "frames": "anchor"}
+        refused = post_preview(client, short_clip, plain)
+        assert refused.status_code == 422, refused.text
+        assert "anchor attention" in refused.json()["error"]["message"]
+
+        accepted = post_preview(client, short_clip, {**anchored, "frames": "anchor"})
+        assert accepted.status_code == 202, accepted.text
+        status = wait_preview(client, accepted.json()["preview_id"])
+        assert status["state"] == "done", status
+        preview = status["report"]["preview"]
+        assert preview["generated_frames"] == 1  # one GPU frame: the keyframe
+        assert preview["work_units"]["unet_evals"] > 0
+        assert preview["work_units"] == preview["predicted_work_units"]
+        generated = [r for r in status["ledger"] if r["stage"] == "diffusion"]
+        assert len(generated) == 1 and generated[0]["chunk"] is None
+        assert not generated[0]["cache_hit"] and generated[0]["frames"] == 1
+        assert any("anchor keyframe" in note for note in generated[0]["notes"])
+        png = client.get(status["anchor_url"])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(png.content)).size == (128, 72)  # the generation size
+
+        # The job with the same settings takes the keyframe from the cache: billed once.
+        with open(short_clip, "rb") as handle:
+            job = client.post(
+                "/v1/jobs",
+                files={"video": ("clip.mp4", handle, "video/mp4")},
+                data={"request": json.dumps(anchored)},
+            )
+        assert job.status_code == 202, job.text
+        done = wait(client, job.json()["job_id"])
+        assert done["state"] == "done", done
+        keyframe = [r for r in done["ledger"] if r["stage"] == "diffusion" and r["chunk"] is None]
+        assert len(keyframe) == 1 and keyframe[0]["cache_hit"], keyframe
+        plan = done["report"]["plan"]
+        billed, predicted = plan["work_units"], plan["predicted_work_units"]
+        for name, paid_by_preview in preview["work_units"].items():  # every count and unit
+            assert billed[name] == pytest.approx(predicted[name] - paid_by_preview), name
 
 
 def _bad_bodies(short_clip, moto_s3):

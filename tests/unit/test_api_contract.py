@@ -58,6 +58,7 @@ def test_every_error_response_is_documented_in_the_one_error_shape():
         ("post", "/v1/previews"): {"202", "400", "401", "403", "413", "415", "422", "503"},
         ("get", "/v1/previews/{preview_id}"): {"200", "401", "404"},
         ("get", "/v1/previews/{preview_id}/video"): {"200", "401", "404", "409"},
+        ("get", "/v1/previews/{preview_id}/anchor"): {"200", "401", "404", "409"},
         ("delete", "/v1/previews/{preview_id}"): {"200", "202", "401", "404"},
         ("get", "/readyz"): {"200", "503"},
         ("get", "/healthz"): {"200"},
@@ -85,6 +86,8 @@ def test_preview_takes_the_same_documented_body_as_a_job():
     assert body == paths["/v1/jobs"]["post"]["requestBody"]
     video = paths["/v1/previews/{preview_id}/video"]["get"]["responses"]["200"]["content"]
     assert "video/mp4" in video
+    anchor = paths["/v1/previews/{preview_id}/anchor"]["get"]["responses"]["200"]["content"]
+    assert "image/png" in anchor
 
 
 def test_preview_refusals_before_the_service_match_the_jobs():

@@ -137,6 +137,30 @@ def test_preview_in_process_costs_no_gpu_and_fills_the_cache_the_job_hits(
     assert job["plan"]["work_units"]["unet_evals"] > 0  # and it does generate
 
 
+def test_anchor_frame_preview_is_billed_once_and_the_job_takes_it(short_clip, tmp_path):
+    from PIL import Image
+
+    args = AppArgs(storage_uri=str(tmp_path / "store"), upscaler_model="lanczos")
+    anchored = request().model_copy(
+        update={"overrides": {**FAST_OVERRIDES, "anchor": "first_keyframe"}, "frames": "anchor"}
+    )
+    png = tmp_path / "anchor.png"
+    report = asyncio.run(
+        preview_video(short_clip, tmp_path / "p.mp4", anchored, args, anchor_output=png)
+    )
+    preview = report["preview"]
+    assert preview["generated_frames"] == 1 and preview["work_units"]["unet_evals"] > 0
+    assert preview["work_units"] == preview["predicted_work_units"]
+    assert Image.open(png).size == (128, 72)  # the keyframe at the generation size
+
+    job = asyncio.run(edit_video(short_clip, tmp_path / "edited.mp4", anchored, args))
+    plan = job["plan"]
+    diffusion = next(s for s in plan["stages"] if s["stage"] == "diffusion")
+    assert diffusion["cache_hits"] == 1  # the keyframe; the chunks are generated
+    for name, paid in preview["work_units"].items():  # billed once: by the preview
+        assert plan["work_units"][name] == pytest.approx(plan["predicted_work_units"][name] - paid)
+
+
 def test_a_job_decodes_and_poses_in_separate_records(short_clip, tmp_path):
     args = AppArgs(storage_uri=str(tmp_path / "store"), upscaler_model="lanczos")
     report = asyncio.run(edit_video(short_clip, tmp_path / "a.mp4", request(["smooth"]), args))
@@ -172,3 +196,12 @@ def test_cli_preview_bad_input_is_one_line(tmp_path):
     result = run_cli("preview", str(bad), "--style", "moonwalk", "-o", str(tmp_path / "p.mp4"),
                      store=tmp_path / "s")  # fmt: skip
     assert result.returncode == 2 and "moonwalk" in result.stderr
+
+
+def test_cli_anchor_frame_without_anchor_attention_is_one_line(short_clip, tmp_path):
+    out, png = tmp_path / "p.mp4", tmp_path / "a.png"
+    result = run_cli("preview", str(short_clip), "--preset", "draft", "-o", str(out),
+                     "--anchor-frame", str(png), store=tmp_path / "s")  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "anchor attention" in result.stderr
+    assert not out.exists() and not png.exists()
