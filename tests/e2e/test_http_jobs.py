@@ -406,7 +406,8 @@ def test_reference_images_bad_ones_refused_good_one_anchors_the_job(
         status = wait(client, response.json()["job_id"])
         assert status["state"] == "done", status
         plan = status["report"]["plan"]
-        assert plan["work_units"]["vae_encodes"] == 3  # one per chunk of 8 frames
+        # the reference once (its keyframe), the keyframe once per chunk of 8 frames
+        assert plan["work_units"]["vae_encodes"] == 1 + 3
         assert plan["work_units"] == plan["predicted_work_units"]
         assert any("reference" in line for line in status["report"]["plan_explained"])
         repeat = post(client, "/v1/jobs", good.read_bytes())
