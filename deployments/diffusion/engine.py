@@ -119,9 +119,15 @@ class DiffusionEngine:
     Thread-safe: calls are serialised by a lock, so a server may call from worker threads.
     """
 
-    def __init__(self, config: EngineConfig, *, s3_client: Any = None):
+    def __init__(
+        self, config: EngineConfig, *, s3_client: Any = None, components: Any = None
+    ) -> None:
+        """`components`: already-built modules (an `SDComponents`, e.g. random SD 1.5-size
+        weights for GPU calibration); `load()` then moves them to the device and dtype instead
+        of reading `config.base` and `config.controlnet`."""
         self.config = config
         self._s3_client = s3_client
+        self._components = components
         self._lock = threading.RLock()
         self._modules: Any = None  # SDComponents while loaded
         self._device: Any = None
@@ -157,7 +163,7 @@ class DiffusionEngine:
             started = time.perf_counter()
             device = self._resolve_device()
             dtype, _, _ = resolve_precision(self.config.precision, device.type)
-            modules = load_sd_components(
+            modules = self._components or load_sd_components(
                 self.config.base,
                 self.config.controlnet,
                 dtype=dtype,
@@ -171,7 +177,7 @@ class DiffusionEngine:
                     "use an SD 1.x UNet (LCM-LoRA works with the lcm scheduler)"
                 )
             for name in ("unet", "controlnet", "vae", "text_encoder"):
-                getattr(modules, name).to(device)
+                getattr(modules, name).to(device=device, dtype=dtype)
             self._weights = measure_model_weights(modules.unet, modules.controlnet, modules.vae)
             self._modules, self._device, self._dtype = modules, device, dtype
             self.last_load_seconds = time.perf_counter() - started
