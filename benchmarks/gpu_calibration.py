@@ -76,17 +76,20 @@ class Deadline:
 
 
 class Run:
-    """The result document, rewritten to `path` after every case."""
+    """The result document, rewritten to each of `paths` after every case (a lent machine's
+    $OUT among them, so a run cut short still sends its figures back)."""
 
-    def __init__(self, path: Path, document: dict[str, Any]):
-        self.path = path
+    def __init__(self, paths: list[Path], document: dict[str, Any]):
+        self.paths = paths
         self.document = document
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(self.document, indent=2, default=_json_default) + "\n")
-        temporary.replace(self.path)
+        text = json.dumps(self.document, indent=2, default=_json_default) + "\n"
+        for path in self.paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".json.tmp")
+            temporary.write_text(text)
+            temporary.replace(path)
 
     def phase(self, name: str) -> dict[str, Any]:
         return self.document["phases"][name]
@@ -294,8 +297,12 @@ def run_smoke(run: Run, device: str, model_dir: Path, deadline: Deadline) -> Non
             try:
                 row = smoke_case(engine, precision, case, side=64, steps=3)
             except Exception as error:  # recorded: the run goes on to the next case
-                row = {"case": case[0], "precision_requested": precision, "ok": False,
-                       "failures": [f"{type(error).__name__}: {error}"]}  # fmt: skip
+                row = {
+                    "case": case[0],
+                    "precision_requested": precision,
+                    "ok": False,
+                    "failures": [f"{type(error).__name__}: {error}"],
+                }
             phase["cases"].append(row)
             run.save()
         engine.unload()
@@ -305,9 +312,15 @@ def run_smoke(run: Run, device: str, model_dir: Path, deadline: Deadline) -> Non
 
 
 def engine_case(
-    engine: Any, precision: str, batch: int, cfg: bool, side: int, steps: int, repeats: int,
+    engine: Any,
+    precision: str,
+    batch: int,
+    cfg: bool,
+    side: int,
+    steps: int,
+    repeats: int,
     device: str,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Warm-up, then `repeats` timed generations of one chunk of `batch` frames."""
     from deployments.diffusion import GenerationSettings
 
@@ -356,9 +369,15 @@ def engine_case(
 
 
 def run_engine(
-    run: Run, device: str, components: Any, deadline: Deadline, *, tiny: bool,
-    batches: tuple[int, ...], repeats: int,
-) -> None:  # fmt: skip
+    run: Run,
+    device: str,
+    components: Any,
+    deadline: Deadline,
+    *,
+    tiny: bool,
+    batches: tuple[int, ...],
+    repeats: int,
+) -> None:
     from deployments.diffusion import DiffusionEngine
     from deployments.model_loading import ModelSource
 
@@ -447,9 +466,15 @@ def flop_ratio(adapter: Any, unet: Any, side: int) -> float:
 
 
 def run_conditioners(
-    run: Run, device: str, components: Any, deadline: Deadline, *, tiny: bool, repeats: int,
+    run: Run,
+    device: str,
+    components: Any,
+    deadline: Deadline,
+    *,
+    tiny: bool,
+    repeats: int,
     weights: dict[str, Any] | None,
-) -> None:  # fmt: skip
+) -> None:
     import torch
 
     phase = run.phase("conditioners")
@@ -482,8 +507,9 @@ def run_conditioners(
         "unet_parameters": parameter_count(unet),
     }
     with torch.inference_mode():
-        down, mid = controlnet(latents, timestep, encoder_hidden_states=text,
-                               controlnet_cond=images, return_dict=False)  # fmt: skip
+        down, mid = controlnet(
+            latents, timestep, encoder_hidden_states=text, controlnet_cond=images, return_dict=False
+        )
         features = adapter(images)
         forwards: dict[str, Callable[[], Any]] = {
             "unet": lambda: unet(latents, timestep, encoder_hidden_states=text),
@@ -496,14 +522,14 @@ def run_conditioners(
                 encoder_hidden_states=text,
                 down_block_additional_residuals=down,
                 mid_block_additional_residual=mid,
-            ),  # fmt: skip
+            ),
             "t2i_adapter": lambda: adapter(images),
             "unet_with_adapter_residuals": lambda: unet(
                 latents,
                 timestep,
                 encoder_hidden_states=text,
                 down_intrablock_additional_residuals=[f.clone() for f in features],
-            ),  # fmt: skip
+            ),
             "vae_decode": lambda: vae.decode(latents[:frames] / vae.config.scaling_factor),
         }
         seconds: dict[str, float] = {}
@@ -517,8 +543,14 @@ def run_conditioners(
                 run.save()
         phase["peak_vram_bytes"] = peak["peak_bytes"]
     phase["adapter_flops_per_unet_eval"] = flop_ratio(adapter, unet, side)
-    needed = ("unet", "controlnet", "unet_with_controlnet_residuals", "t2i_adapter",
-              "unet_with_adapter_residuals", "vae_decode")  # fmt: skip
+    needed = (
+        "unet",
+        "controlnet",
+        "unet_with_controlnet_residuals",
+        "t2i_adapter",
+        "unet_with_adapter_residuals",
+        "vae_decode",
+    )
     if all(name in seconds for name in needed):
         phase["summary"] = conditioner_summary(seconds, frames, steps, weights)
 
@@ -564,11 +596,13 @@ def calibrate(
     *,
     tiny: bool,
     output: Path,
+    copies: tuple[Path, ...] = (),
     budgets: dict[str, float] = DEFAULT_BUDGETS,
     batches: tuple[int, ...] = BATCHES,
     repeats: int = 3,
 ) -> dict[str, Any]:
-    """Run the phases; returns the document written to `output`."""
+    """Run the phases; returns the document written to `output` (and into each of `copies`,
+    folders)."""
     import torch
 
     from deployments.model_loading import load_sd_components, tiny_sd_controlnet_sources
@@ -589,7 +623,7 @@ def calibrate(
         "failures": [],
         "warnings": [],
     }
-    run = Run(output, document)
+    run = Run([output, *(folder / RESULT_NAME for folder in copies)], document)
     run.save()
     with tempfile.TemporaryDirectory(prefix="motionserve-calibration-") as scratch:
         model_dir = build_tiny_sd_controlnet(Path(scratch) / "tiny-sd")
@@ -608,13 +642,15 @@ def calibrate(
             )
             synchronize(device)
             run.phase("engine")["build_seconds"] = time.perf_counter() - build
-            run_engine(run, device, components["sd"], deadline, tiny=tiny, batches=batches,
-                       repeats=repeats)  # fmt: skip
+            run_engine(
+                run, device, components["sd"], deadline, tiny=tiny, batches=batches, repeats=repeats
+            )
 
         def conditioners(deadline: Deadline) -> None:
             weights = run.phase("engine").get("model_weights")
-            run_conditioners(run, device, components["sd"], deadline, tiny=tiny,
-                             repeats=repeats, weights=weights)  # fmt: skip
+            run_conditioners(
+                run, device, components["sd"], deadline, tiny=tiny, repeats=repeats, weights=weights
+            )
 
         steps += [("engine", engine), ("conditioners", conditioners)]
         for name, body in steps:
@@ -646,8 +682,9 @@ def failures(document: dict[str, Any]) -> list[str]:
             found.append(f"{name}: {phase.get('error')}")
         for case in phase["cases"]:
             for failure in case.get("failures", []):
-                found.append(f"{name} {case.get('precision_requested', '')} {case['case']}: "
-                             f"{failure}")  # fmt: skip
+                found.append(
+                    f"{name} {case.get('precision_requested', '')} {case['case']}: {failure}"
+                )
             if "error" in case:
                 found.append(f"{name} {case['case']}: {case['error']}")
     return found
@@ -664,11 +701,15 @@ def warnings(document: dict[str, Any]) -> list[str]:
 
 
 def summary_lines(document: dict[str, Any]) -> list[str]:
-    lines = [f"device {document['device']} ({document['machine'].get('gpu', 'cpu')}), "
-             f"tiny={document['tiny']}, {document.get('total_seconds', 0):.1f} s"]  # fmt: skip
+    lines = [
+        f"device {document['device']} ({document['machine'].get('gpu', 'cpu')}), "
+        f"tiny={document['tiny']}, {document.get('total_seconds', 0):.1f} s"
+    ]
     for name, phase in document["phases"].items():
-        lines.append(f"{name}: {phase['status']} in {phase.get('seconds', 0):.1f} s, "
-                     f"{len(phase['cases'])} cases, {len(phase['skipped'])} skipped")  # fmt: skip
+        lines.append(
+            f"{name}: {phase['status']} in {phase.get('seconds', 0):.1f} s, "
+            f"{len(phase['cases'])} cases, {len(phase['skipped'])} skipped"
+        )
     for case in document["phases"]["engine"]["cases"]:
         if "seconds_per_work_unit" in case:
             lines.append(
@@ -692,24 +733,38 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny models at 64x64 (CPU tests)")
-    parser.add_argument("--out", type=Path, help=f"the JSON file (default: results/<gpu>/"
-                        f"{RESULT_NAME} for a full CUDA run, else under out/)")  # fmt: skip
-    parser.add_argument("--also-copy-to", type=Path, help="a folder to copy the JSON into too")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"the JSON file (default: results/<gpu>/"
+        f"{RESULT_NAME} for a full CUDA run, else under out/)",
+    )
+    parser.add_argument(
+        "--also-copy-to",
+        type=Path,
+        help="a folder the JSON is also written into (after every case)",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget-scale", type=float, default=1.0,
-                        help="multiplies every phase's time box")  # fmt: skip
+    parser.add_argument(
+        "--budget-scale", type=float, default=1.0, help="multiplies every phase's time box"
+    )
     args = parser.parse_args(argv)
     quiet_libraries()
     if args.repeats < 1 or min(args.batches) < 1 or not math.isfinite(args.budget_scale):
         parser.error("--repeats and --batches must be >= 1")
     output = args.out or default_output(args.device, args.tiny)
     budgets = {name: seconds * args.budget_scale for name, seconds in DEFAULT_BUDGETS.items()}
-    document = calibrate(args.device, tiny=args.tiny, output=output, budgets=budgets,
-                         batches=tuple(args.batches), repeats=args.repeats)  # fmt: skip
-    if args.also_copy_to:
-        args.also_copy_to.mkdir(parents=True, exist_ok=True)
-        (args.also_copy_to / RESULT_NAME).write_text(output.read_text())
+    copies = (args.also_copy_to,) if args.also_copy_to else ()
+    document = calibrate(
+        args.device,
+        tiny=args.tiny,
+        output=output,
+        copies=copies,
+        budgets=budgets,
+        batches=tuple(args.batches),
+        repeats=args.repeats,
+    )
     print("\n".join(summary_lines(document)))
     print(f"wrote {output}")
     return 1 if document["failures"] else 0

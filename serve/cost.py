@@ -17,8 +17,10 @@ source and date of each number and say which are estimates.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -37,6 +39,7 @@ from serve.presets import NAIVE, NAIVE_SKIPS
 SECONDS_PER_HOUR = 3600.0
 
 DeviceKind = Literal["gpu", "cpu"]
+SecondsSource = Literal["estimate", "measured", "scaled"]
 
 
 # --- Prices ---------------------------------------------------------------------------------------
@@ -53,6 +56,12 @@ class HardwarePrice(BaseModel):
         gt=0,
         description="Reference seconds per work unit (one SD 1.5 UNet evaluation at 512x512, "
         "fp16), used only when a job measured no diffusion seconds (estimates, /v1/estimate).",
+    )
+    seconds_per_work_unit_source: SecondsSource = Field(
+        default="estimate",
+        description="Where seconds_per_work_unit comes from: 'estimate' (public throughputs), "
+        "'measured' (benchmarks/gpu_calibration.py on this GPU) or 'scaled' (another GPU's "
+        "measurement x its FP16 tensor TFLOPS / this GPU's; see `with_measured_rate`).",
     )
     source: str = Field(description="Where the prices come from, and as of when.")
     estimate: bool = Field(description="True when a price is an estimate, not a list price.")
@@ -93,8 +102,9 @@ class PriceTable(BaseModel):
 # GPU-hour prices are for the smallest single-GPU cloud instance of each GPU, which includes its
 # host vCPUs and memory. Spot prices float with demand; the values are typical, hence estimates.
 # seconds_per_work_unit: rough public SD 1.5 fp16 512x512 throughputs (it/s with CFG = 2 UNet
-# evaluations), all estimates; they only matter when a job measured nothing itself.
-DEFAULT_PRICES = PriceTable(
+# evaluations), all estimates; they only matter when a job measured nothing itself. Where a GPU
+# calibration result exists, DEFAULT_PRICES (below) replaces them with scaled measurements.
+ESTIMATED_PRICES = PriceTable(
     hardware={
         "rtx3060": HardwarePrice(
             gpu="NVIDIA GeForce RTX 3060 12GB",
@@ -165,6 +175,144 @@ DEFAULT_PRICES = PriceTable(
     # as the dev card so local runs report comparable numbers.
     tiers={"local": "rtx3060", "dev": "rtx3060", "mvp": "rtx3090", "scale": "l4", "burst": "a10g"},
 )
+
+
+# --- Measured seconds per work unit ---------------------------------------------------------------
+#
+# `benchmarks/gpu_calibration.py` measures seconds per work unit on the GPU it runs on (SD 1.5
+# size, fp16, CFG, the largest batch: the serving configuration). A tier whose GPU was not
+# measured gets that figure scaled by peak dense FP16 tensor throughput (FP32 accumulate, as
+# PyTorch's fp16 matrix products use):
+#     seconds_per_unit(tier) = seconds_per_unit(measured) x TFLOPS(measured) / TFLOPS(tier's GPU)
+# This assumes both GPUs reach the same fraction of their peak. A large GPU at batch 8 reaches a
+# smaller fraction than a small one (launch and memory overheads weigh more), so scaled figures
+# for small GPUs are on the slow (expensive) side: conservative for prices.
+
+
+class TensorPeak(BaseModel):
+    """A GPU's peak dense FP16 tensor throughput, with where the number comes from."""
+
+    tflops: float = Field(gt=0, description="Dense FP16 tensor TFLOPS with FP32 accumulate.")
+    source: str = Field(description="Where the number comes from.")
+
+
+FP16_TENSOR_TFLOPS: dict[str, TensorPeak] = {
+    "h200": TensorPeak(tflops=989.4, source="NVIDIA H200 datasheet (SXM): 1,979 with sparsity"),
+    "h100": TensorPeak(tflops=989.4, source="NVIDIA H100 datasheet (SXM): 1,979 with sparsity"),
+    "a100": TensorPeak(tflops=312.0, source="NVIDIA A100 datasheet: 624 with sparsity"),
+    "a10g": TensorPeak(
+        tflops=125.0,
+        source="estimate: NVIDIA publishes no A10G sheet; AWS's variant of the A10, taken at "
+        "the A10 datasheet's 125 (250 with sparsity)",
+    ),
+    "l4": TensorPeak(tflops=121.0, source="NVIDIA L4 datasheet: 242 with sparsity"),
+    "t4": TensorPeak(tflops=65.0, source="NVIDIA T4 datasheet: 65 FP16 mixed precision"),
+    "rtx3090": TensorPeak(
+        tflops=71.0,
+        source="NVIDIA Ampere GA102 whitepaper: RTX 3090 FP16 tensor with FP32 accumulate 71 "
+        "(142 with FP16 accumulate)",
+    ),
+    "rtx3060": TensorPeak(
+        tflops=25.5,
+        source="estimate: 112 tensor cores x 128 FLOP/clock (FP32 accumulate, GA10x "
+        "whitepaper rate) x 1.777 GHz boost",
+    ),
+}
+# GPU name (torch.cuda.get_device_name) fragments -> hardware kind, most specific first.
+_GPU_NAME_KINDS = (
+    ("H200", "h200"),
+    ("H100", "h100"),
+    ("A100", "a100"),
+    ("A10G", "a10g"),
+    ("L4", "l4"),
+    ("T4", "t4"),
+    ("3090", "rtx3090"),
+    ("3060", "rtx3060"),
+)
+CALIBRATION_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+CALIBRATION_FILE = "gpu_calibration.json"
+
+
+class MeasuredRate(BaseModel):
+    """Seconds per work unit measured on one GPU by the GPU calibration."""
+
+    gpu: str = Field(description="The GPU's name as CUDA reports it, e.g. 'NVIDIA H200'.")
+    hardware: str = Field(description="Its hardware kind (a FP16_TENSOR_TFLOPS key).")
+    seconds_per_work_unit: float = Field(gt=0, description="The calibration's reference figure.")
+    created: str = Field(description="When the calibration ran (ISO 8601).")
+    path: str = Field(description="The results file it was read from.")
+
+
+def hardware_kind(gpu_name: str) -> str | None:
+    """The FP16_TENSOR_TFLOPS key of a CUDA device name, or None when unknown."""
+    for fragment, kind in _GPU_NAME_KINDS:
+        if fragment == "L4":  # not the L40 / L40S
+            if any(word == "L4" for word in gpu_name.replace("-", " ").split()):
+                return kind
+        elif fragment in gpu_name:
+            return kind
+    return None
+
+
+def scaled_seconds_per_work_unit(seconds: float, measured: str, target: str) -> float:
+    """A figure measured on hardware `measured`, scaled to hardware `target` by FP16 tensor
+    TFLOPS (see the section's comment)."""
+    return seconds * FP16_TENSOR_TFLOPS[measured].tflops / FP16_TENSOR_TFLOPS[target].tflops
+
+
+def read_measured_rate(path: Path) -> MeasuredRate | None:
+    """The reference rate of a calibration results file; None for a CPU or tiny run, a run
+    without a reference figure, or a GPU whose FP16 throughput is not in the table."""
+    document = json.loads(path.read_text())
+    reference = document.get("reference")
+    if document.get("device") != "cuda" or document.get("tiny") or not reference:
+        return None
+    gpu = document.get("machine", {}).get("gpu", "")
+    kind = hardware_kind(gpu)
+    if kind is None:
+        return None
+    return MeasuredRate(
+        gpu=gpu,
+        hardware=kind,
+        seconds_per_work_unit=reference["seconds_per_work_unit"],
+        created=document.get("created", ""),
+        path=str(path),
+    )
+
+
+def find_measured_rate(results: Path = CALIBRATION_RESULTS) -> MeasuredRate | None:
+    """The newest usable calibration under `results/<gpu>/`, or None (then prices keep their
+    estimates; an installed package has no results folder)."""
+    rates = [read_measured_rate(path) for path in sorted(results.glob(f"*/{CALIBRATION_FILE}"))]
+    usable = [rate for rate in rates if rate is not None]
+    return max(usable, key=lambda rate: rate.created) if usable else None
+
+
+def with_measured_rate(table: PriceTable, rate: MeasuredRate | None) -> PriceTable:
+    """`table` with every GPU's seconds per work unit from `rate`: as measured on its own
+    hardware, scaled by FP16 TFLOPS on the others (those without a TFLOPS figure keep their
+    estimate). Without a rate, `table` itself."""
+    if rate is None:
+        return table
+    hardware = {}
+    for kind, price in table.hardware.items():
+        if kind == rate.hardware:
+            update = {
+                "seconds_per_work_unit": rate.seconds_per_work_unit,
+                "seconds_per_work_unit_source": "measured",
+            }
+        elif kind in FP16_TENSOR_TFLOPS:
+            seconds = scaled_seconds_per_work_unit(rate.seconds_per_work_unit, rate.hardware, kind)
+            update = {"seconds_per_work_unit": seconds, "seconds_per_work_unit_source": "scaled"}
+        else:
+            update = {}
+        hardware[kind] = price.model_copy(update=update)
+    return table.model_copy(update={"hardware": hardware})
+
+
+# The prices every report and estimate uses: the estimates, with measured seconds per work unit
+# where a GPU calibration result exists in this checkout.
+DEFAULT_PRICES = with_measured_rate(ESTIMATED_PRICES, find_measured_rate())
 
 
 class Dollars(BaseModel):
@@ -583,7 +731,10 @@ def estimate_plan(
         ),
         naive=side(naive_frames, naive_units, 1.0),
         ratio=savings_ratio(naive_units.total, units.total),
-        notes=[f"reference speed and GPU price: {price.source} (estimates)"],
+        notes=[
+            f"reference speed ({price.seconds_per_work_unit_source}) and GPU price: "
+            f"{price.source} (estimates)"
+        ],
     )
 
 
