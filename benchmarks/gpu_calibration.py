@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import device_slug
+from benchmarks.common import device_slug, pin_threads
 from benchmarks.sd15_random import build_t2i_adapter, parameter_count, sd15_components
 
 SCHEMA = "motionserve-gpu-calibration/1"
@@ -586,6 +586,7 @@ def quiet_libraries() -> None:
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -610,6 +611,8 @@ def calibrate(
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_calibration: --device cuda but CUDA is not available")
+    if device == "cpu":  # tiny models: one thread; on a shared CPU more threads thrash
+        pin_threads(1)
     started = time.perf_counter()
     document: dict[str, Any] = {
         "schema": SCHEMA,

@@ -251,3 +251,45 @@ def test_cpu_tiny_or_unknown_gpu_results_leave_the_estimates(tmp_path):
     if estimated:
         sources = {p.seconds_per_work_unit_source for p in cost.DEFAULT_PRICES.hardware.values()}
         assert sources == {"estimate"}
+
+
+# --- SD 1.5-size models (built on the meta device: shapes and counts, no memory) ------------------
+
+
+def test_sd15_random_models_have_sd15_shapes_and_fit_together(tmp_path):
+    """The GPU run builds these on CUDA; here on the meta device: the configs give SD 1.5's
+    parameter counts (those the work-unit weights were measured on), and the UNet takes the
+    ControlNet's and the T2I-Adapter's residuals at 512x512 (phase 3's forwards)."""
+    import torch
+
+    from benchmarks.sd15_random import build_t2i_adapter, parameter_count, sd15_components
+    from deployments.diffusion import SD15_MODEL_WEIGHTS
+    from deployments.model_loading import load_sd_components, tiny_sd_controlnet_sources
+    from deployments.tiny_models import build_tiny_sd_controlnet
+
+    tiny = load_sd_components(
+        *tiny_sd_controlnet_sources(build_tiny_sd_controlnet(tmp_path / "tiny")),
+        dtype=torch.float32,
+        cache_dir=tmp_path,
+    )
+    sd = sd15_components(tiny, device="meta")
+    assert parameter_count(sd.unet) == SD15_MODEL_WEIGHTS.unet_parameters
+    assert parameter_count(sd.controlnet) == SD15_MODEL_WEIGHTS.controlnet_parameters
+    assert sd.tokenizer is tiny.tokenizer and sd.scheduler_config == tiny.scheduler_config
+    adapter = build_t2i_adapter(sd.unet, tiny=False, device="meta")
+    with torch.device("meta"), torch.no_grad():
+        latents, text = torch.zeros(2, 4, 64, 64), torch.zeros(2, 77, 768)
+        images = torch.zeros(2, 3, 512, 512)
+        down, mid = sd.controlnet(
+            latents, 10, encoder_hidden_states=text, controlnet_cond=images, return_dict=False
+        )
+        features = adapter(images)
+        for extra in (
+            {"down_block_additional_residuals": down, "mid_block_additional_residual": mid},
+            {"down_intrablock_additional_residuals": features},
+        ):
+            out = sd.unet(latents, 10, encoder_hidden_states=text, **extra).sample
+            assert out.shape == latents.shape
+        decoded = sd.vae.decode(latents).sample
+        assert decoded.shape == images.shape
+        assert sd.text_encoder(torch.zeros(1, 77, dtype=torch.long))[0].shape == (1, 77, 768)
