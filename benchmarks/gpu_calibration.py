@@ -10,10 +10,10 @@ runs it there; on a CUDA machine with the project installed `make bench-gpu` run
 Phases, each time-boxed (a phase out of time skips its remaining cases and says so), the JSON
 rewritten after every case so a run cut short still leaves its figures:
 1. smoke: the engine on the tiny models (built on the spot) in fp16 and in bf16, with and
-   without CFG, ancestral and multistep schedulers, anchor attention off and from a reference
-   image: frames finite, the result's device and precision and the modules' dtype as asked,
-   work units counted == predicted. The CUDA path had never run before this: dtype and device
-   bugs show here first.
+   without CFG, ancestral and multistep schedulers, anchor attention off and on an anchor image
+   (VAE-encoded per chunk): frames finite, the result's device and precision and the modules'
+   dtype as asked, work units counted == predicted. The CUDA path had never run before this:
+   dtype and device bugs show here first.
 2. engine: SD 1.5-size random weights (`benchmarks/sd15_random.py`) at 512x512 through the
    engine's own loop: fp16 and fp32, chunks of 1/2/4/8 frames in one forward, CFG on and off,
    ControlNet on every frame. Seconds per work unit (the engine's compute seconds / the work
@@ -170,7 +170,7 @@ def peak_memory(device: str) -> Iterator[dict[str, int]]:
 def make_request(
     settings: Any, frames: int, *, chunk: int = 0, anchor: bool = False, seed: int = 7
 ) -> Any:
-    """A chunk request with random pose maps (and a random reference image when anchored)."""
+    """A chunk request with random pose maps (and a random anchor image when anchored)."""
     from deployments.diffusion import AnchorInput, ChunkRequest
 
     rng = np.random.default_rng(seed + chunk)
@@ -179,7 +179,7 @@ def make_request(
     reference = None
     if anchor:
         image = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        reference = AnchorInput(source="reference", seed=seed, reference_image=image)
+        reference = AnchorInput(seed=seed, image=image)
     return ChunkRequest(
         job_id=f"calibration-{chunk}",
         chunk_index=chunk,
@@ -217,7 +217,7 @@ SMOKE_CASES = (
     # (name, scheduler, guidance, anchor)
     ("dpmpp_2m_cfg", "dpmpp_2m", 7.5, False),
     ("euler_a_no_cfg", "euler_a", 1.0, False),
-    ("unipc_cfg_reference_anchor", "unipc", 5.0, True),
+    ("unipc_cfg_anchor_image", "unipc", 5.0, True),
 )
 
 
@@ -239,7 +239,7 @@ def smoke_case(engine: Any, precision: str, case: tuple, side: int, steps: int) 
         precision=precision,
         guidance_scale=guidance,
         controlnet_every=2,
-        anchor="reference" if anchor else "off",
+        anchor="first_keyframe" if anchor else "off",
     )
     requests = [make_request(settings, 3, chunk=i, anchor=anchor) for i in range(2)]
     results = engine.generate(requests, frames_dtype="float32")

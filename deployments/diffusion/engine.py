@@ -123,8 +123,9 @@ class DiffusionEngine:
         self, config: EngineConfig, *, s3_client: Any = None, components: Any = None
     ) -> None:
         """`components`: already-built modules (an `SDComponents`, e.g. random SD 1.5-size
-        weights for GPU calibration); `load()` then moves them to the device and dtype instead
-        of reading `config.base` and `config.controlnet`."""
+        weights for GPU calibration); `load()` then moves them to the device instead of
+        reading `config.base` and `config.controlnet` (each batch casts them to its precision),
+        and `unload()` leaves them to their owner."""
         self.config = config
         self._s3_client = s3_client
         self._components = components
@@ -177,7 +178,9 @@ class DiffusionEngine:
                     "use an SD 1.x UNet (LCM-LoRA works with the lcm scheduler)"
                 )
             for name in ("unet", "controlnet", "vae", "text_encoder"):
-                getattr(modules, name).to(device=device, dtype=dtype)
+                getattr(modules, name).to(device)
+            if self._components is not None:  # built in their own dtype: cast at generate
+                dtype = modules.unet.dtype
             self._weights = measure_model_weights(modules.unet, modules.controlnet, modules.vae)
             self._modules, self._device, self._dtype = modules, device, dtype
             self.last_load_seconds = time.perf_counter() - started
