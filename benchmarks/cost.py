@@ -33,6 +33,11 @@ output. What is measured and what is predicted:
   units by the same formula, the overhead over `standard` and the budget (anchor attention plus
   seamless chunks at most +12%). Predicted only: the unit tests run seamless jobs and check the
   loop counts what the formula predicts (tests/unit/test_seamless.py).
+- Motion module (issue 15): `standard` and `high` with the AnimateDiff motion module
+  (`motion_module: true`) as rows beside them (`motion_module`): full-size work units by the
+  same formula (SD 1.5 + AnimateDiff v1-5-2 weights, from FLOP counts:
+  benchmarks/diffusion_units.py --motion-module), overhead and ratio to naive. Predicted
+  only: tests/unit/test_motion_module.py checks the loop counts what the formula predicts.
 - Levers: each alone on top of naive and cumulatively (micro-batching, 12 fps + interpolation,
   768 px + upscaling, 18 steps, fp16, keyframe ControlNet, cache), beside the figure each was
   expected to give. Work units are exact for the levers that change work; micro-batching's
@@ -278,6 +283,48 @@ def seamless_rows() -> dict[str, Any]:
     }
 
 
+def motion_module_rows() -> dict[str, Any]:
+    """`standard` and `high` with the motion module: full-size work units, overhead over the
+    same preset without it, ratio to naive (the naive plan has no motion module)."""
+    rows = []
+    for preset in ("standard", "high"):
+        plain = full_size_prediction(preset)
+        predicted = full_size_prediction(preset, {"motion_module": True})
+        base, units = plain["work_units"]["total"], predicted["work_units"]["total"]
+        naive = predicted["naive"]["work_units"]["total"]
+        rows.append(
+            {
+                "row": f"{preset} + motion module",
+                "preset": preset,
+                "preset_units": base,
+                "preset_x_naive": _ratio(naive, base),
+                "work_units": predicted["work_units"],
+                "overhead_pct": round(100.0 * (units / base - 1.0), 2),
+                "x_naive": _ratio(naive, units),
+            }
+        )
+    return {
+        "rows": rows,
+        "note": "every UNet evaluation of a chunk's frames (and of its anchor, if any) also "
+        "runs the motion module: 0.379 + 0.000119 x F UNet evaluations per frame for a window "
+        "of F frames (a chunk; +0.381 at 16), counted with torch's FLOP counter on SD 1.5 + "
+        "AnimateDiff v1-5-2; ControlNet and VAE work unchanged",
+    }
+
+
+def format_motion_module(section: dict[str, Any]) -> str:
+    lines = [
+        "motion module (AnimateDiff) beside its preset, 10 s clip",
+        f"{'row':26} {'work units':>10} {'overhead':>8} {'x naive':>7} {'preset x naive':>14}",
+    ]
+    for row in section["rows"]:
+        lines.append(
+            f"{row['row']:26} {row['work_units']['total']:>10,.0f} {row['overhead_pct']:>+7.2f}% "
+            f"{row['x_naive']:>7} {row['preset_x_naive']:>14}"
+        )
+    return "\n".join(lines)
+
+
 def format_seamless(section: dict[str, Any]) -> str:
     lines = [
         f"seamless chunks on the standard plan, 10 s clip (budget with anchor attention: "
@@ -301,6 +348,8 @@ def _units(units) -> dict[str, float]:
         "anchor_attention_units": round(units.anchor_attention_units, 2),
         "vae_encodes": units.vae_encodes,
         "vae_encode_units": round(units.vae_encode_units, 2),
+        "motion_module_evals": units.motion_module_evals,
+        "motion_module_units": round(units.motion_module_units + units.motion_attention_units, 2),
         "total": round(units.total, 2),
     }
 
@@ -929,6 +978,7 @@ def run(args) -> dict[str, Any]:
         "plans": plans,
         "levers": lever_table(fp16, batching, args.tier),
         "seamless": seamless_rows(),
+        "motion_module": motion_module_rows(),
         "fp16": fp16,
         "batching": batching,
         "checks": checks(runs, plans),
@@ -999,6 +1049,8 @@ def print_report(result: dict[str, Any]) -> None:
     print("\n" + format_levers(result["levers"]))
     if "seamless" in result:
         print("\n" + format_seamless(result["seamless"]))
+    if "motion_module" in result:
+        print("\n" + format_motion_module(result["motion_module"]))
     c = result["checks"]
     print(
         f"\nchecks: counted == predicted {c['counted_equals_predicted']}; repeat ran no "

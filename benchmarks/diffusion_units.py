@@ -6,6 +6,12 @@ per frame (which equal the formula's prediction; checked here too) and the measu
 per frame. Seconds on tiny models say how the loop scales, not what SD 1.5 costs on a GPU.
 
     python -m benchmarks.diffusion_units [--frames 8] [--size 64] [--repeats 1] [--threads 1]
+
+`--motion-module`: the AnimateDiff motion module's cost instead (results/motion_module_units.json):
+its weights relative to the UNet, counted with torch's FLOP counter on meta copies of SD 1.5's
+UNet + the AnimateDiff v1-5-2 adapter architecture at 512x512 for windows of 8, 16 and 24
+frames, and of the tiny models; then one chunk (a window of --frames, default 16) with the
+module off and on through the engine, counted == predicted, and the CPU seconds of both.
 """
 
 from __future__ import annotations
@@ -28,14 +34,22 @@ GUIDANCE = (7.5, 1.0)  # on, off
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=8, help="frames per chunk (1..64)")
+    parser.add_argument(
+        "--frames", type=int, default=None, help="frames per chunk (1..64; 8, 16 with the module)"
+    )
     parser.add_argument("--size", type=int, default=64, help="frame side in pixels (64..256)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per setting; best is kept")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--model-dir", type=Path, help="tiny model directory (built if absent)")
     parser.add_argument("--output", type=Path, help="JSON results path (default: results dir)")
+    parser.add_argument(
+        "--motion-module", action="store_true", help="measure the motion module's cost"
+    )
     args = parser.parse_args(argv)
-    args.output = args.output or results_dir() / "diffusion_units.json"
+    if args.frames is None:
+        args.frames = 16 if args.motion_module else 8  # 16: one AnimateDiff context window
+    name = "motion_module_units.json" if args.motion_module else "diffusion_units.json"
+    args.output = args.output or results_dir() / name
     if not 1 <= args.frames <= 64 or not 64 <= args.size <= 256 or args.size % 8:
         parser.error("--frames must be 1..64 and --size a multiple of 8 in 64..256")
     if not 1 <= args.repeats <= 5:
@@ -43,18 +57,154 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_engine(model_dir: Path | None, cache_dir: Path):
+def make_engine(model_dir: Path | None, cache_dir: Path, motion_module: bool = False):
     from deployments.diffusion import DiffusionEngine, EngineConfig
-    from deployments.model_loading import tiny_sd_controlnet_sources
-    from deployments.tiny_models import build_tiny_sd_controlnet
+    from deployments.model_loading import ModelSource, tiny_sd_controlnet_sources
+    from deployments.tiny_models import build_tiny_motion_adapter, build_tiny_sd_controlnet
 
     if model_dir is None or not (model_dir / "model_index.json").exists():
         model_dir = build_tiny_sd_controlnet(model_dir or cache_dir / "tiny-sd")
     base, controlnet = tiny_sd_controlnet_sources(model_dir)
+    motion = None
+    if motion_module:
+        motion = ModelSource(uri=str(build_tiny_motion_adapter(cache_dir / "tiny-motion")))
     config = EngineConfig(
-        model_id="tiny", base=base, controlnet=controlnet, device="cpu", cache_dir=cache_dir
+        model_id="tiny",
+        base=base,
+        controlnet=controlnet,
+        motion_module=motion,
+        device="cpu",
+        cache_dir=cache_dir,
     )
     return DiffusionEngine(config)
+
+
+def sd15_motion_flops(windows: tuple[int, ...] = (8, 16, 24)) -> dict:
+    """SD 1.5 UNet and UNetMotionModel (AnimateDiff v1-5-2 adapter) GFLOPs per frame at 512x512,
+    on meta copies (nothing computed), and the weights `measure_motion_weights` derives."""
+    import torch
+    from diffusers import MotionAdapter, UNet2DConditionModel
+
+    from deployments.diffusion.motion_module import _flops_per_frame, measure_motion_weights
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+        adapter = MotionAdapter(
+            block_out_channels=(320, 640, 1280, 1280),
+            motion_layers_per_block=2,
+            motion_mid_block_layers_per_block=1,
+            use_motion_mid_block=True,
+            motion_num_attention_heads=8,
+            motion_norm_num_groups=32,
+            motion_max_seq_length=32,
+        )
+    per_frame = _flops_per_frame(unet, adapter.config, windows)
+    weight, attention = measure_motion_weights(unet, adapter.config)
+    unet_flops = per_frame[None]
+    return {
+        "adapter_parameters": sum(p.numel() for p in adapter.parameters()),
+        "unet_gflops": round(unet_flops / 1e9, 2),
+        "motion_gflops_per_frame": {str(w): round(per_frame[w] / 1e9, 2) for w in windows},
+        "extra_unet_evals_per_frame": {
+            str(w): round(per_frame[w] / unet_flops - 1, 6) for w in windows
+        },
+        "motion_module_weight": round(weight, 6),
+        "motion_attention_weight": round(attention, 9),
+    }
+
+
+def run_motion(args: argparse.Namespace) -> dict:
+    """The motion module's cost: SD 1.5 FLOP counts, and one tiny chunk off vs on."""
+    import torch
+
+    from deployments.diffusion import ChunkRequest, GenerationSettings, predict_chunk_units
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        engine = make_engine(args.model_dir, Path(scratch), motion_module=True)
+        load_seconds = engine.load()
+        maps = np.random.default_rng(0).integers(0, 256, (args.frames, args.size, args.size, 3))
+        for every, motion in itertools.product((1, 4), (False, True)):
+            settings = GenerationSettings(
+                model_id="tiny",
+                width=args.size,
+                height=args.size,
+                steps=15,
+                precision="fp32",
+                guidance_scale=7.5,
+                controlnet_every=every,
+                motion_module=motion,
+            )
+            request = ChunkRequest(
+                job_id="bench",
+                chunk_index=0,
+                prompt="a person dancing",
+                seed=0,
+                control_images=maps.astype(np.uint8),
+                settings=settings,
+            )
+            best = None
+            for _ in range(args.repeats):
+                result = engine.generate([request])[0]
+                if best is None or result.device_seconds < best.device_seconds:
+                    best = result
+            units = best.work_units
+            rows.append(
+                {
+                    "controlnet_every": every,
+                    "motion_module": motion,
+                    "unet_evals": units.unet_evals,
+                    "motion_module_evals": units.motion_module_evals,
+                    "motion_attention_evals": units.motion_attention_evals,
+                    "units_per_frame": round(units.total / args.frames, 4),
+                    "cpu_s_per_frame": round(best.device_seconds / args.frames, 4),
+                    "prediction_matches": units
+                    == predict_chunk_units(settings, args.frames, engine.model_weights),
+                }
+            )
+        weights = engine.model_weights
+    for every in (1, 4):
+        off, on = (r for r in rows if r["controlnet_every"] == every)
+        on["units_vs_off"] = round(on["units_per_frame"] / off["units_per_frame"], 4)
+        on["cpu_s_vs_off"] = round(on["cpu_s_per_frame"] / off["cpu_s_per_frame"], 4)
+    return {
+        "benchmark": "motion_module_units",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_summary(),
+        "note": "SD 1.5 figures: FLOPs counted on meta copies (torch.utils.flop_counter); tiny "
+        "figures: random-weight models on the CPU in fp32, 15 steps, CFG on",
+        "method": "motion model FLOPs per frame at 512x512 for windows of 8 and 16 frames; "
+        "weight = intercept, attention weight = slope of (FLOPs per frame - UNet FLOPs) / "
+        "UNet FLOPs against the window length (exactly affine; 24 frames checks it)",
+        "sd15": sd15_motion_flops(),
+        "frames": args.frames,
+        "size": args.size,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "load_s": round(load_seconds, 3),
+        "tiny_motion_module_weight": round(weights.motion_module_weight, 6),
+        "tiny_motion_attention_weight": round(weights.motion_attention_weight, 9),
+        "rows": rows,
+    }
+
+
+def print_motion_table(result: dict) -> None:
+    sd15 = result["sd15"]
+    print(
+        f"SD 1.5 + AnimateDiff v1-5-2 ({sd15['adapter_parameters']:,} adapter parameters): "
+        f"UNet {sd15['unet_gflops']} GFLOPs/frame; with the module "
+        f"{sd15['motion_gflops_per_frame']} -> {sd15['motion_module_weight']} + "
+        f"{sd15['motion_attention_weight']} x F UNet evaluations per frame"
+    )
+    print(f"tiny, {result['frames']} frames of {result['size']}px, CPU fp32:")
+    print(f"{'every':>5} {'module':>6} {'units/fr':>9} {'cpu s/fr':>9} {'=pred':>6} {'x off':>6}")
+    for row in result["rows"]:
+        print(
+            f"{row['controlnet_every']:>5} {'on' if row['motion_module'] else 'off':>6} "
+            f"{row['units_per_frame']:>9.3f} {row['cpu_s_per_frame']:>9.4f} "
+            f"{str(row['prediction_matches']):>6} {row.get('units_vs_off', ''):>6}"
+        )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -144,9 +294,9 @@ def print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
-    result = run(args)
+    result = run_motion(args) if args.motion_module else run(args)
     result["total_s"] = round(time.perf_counter() - started, 1)
-    print_table(result)
+    (print_motion_table if args.motion_module else print_table)(result)
     write_json(args.output, result)
     print(f"wrote {args.output} ({result['total_s']} s)")
 

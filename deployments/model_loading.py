@@ -327,6 +327,49 @@ def load_sd_components(
     )
 
 
+def load_motion_adapter(
+    source: ModelSource,
+    *,
+    dtype: Any,
+    cache_dir: str | Path,
+    s3_client: Any = None,
+    s3_endpoint_url: str | None = None,
+) -> Any:
+    """Load an AnimateDiff motion adapter (diffusers `MotionAdapter`) from its source, on CPU in
+    `dtype`: a diffusers directory, a single file (with `config`, a directory holding the
+    adapter's config.json, when offline), an s3:// prefix or object of either, or a hub id.
+
+    Raises InvalidWeightsError, one line naming the source, when there is no motion adapter
+    there (missing, not a checkpoint, unreadable, or another model's weights)."""
+    from diffusers import MotionAdapter
+
+    from deployments.errors import InvalidWeightsError
+
+    try:
+        kind, location = resolve_source(
+            source, cache_dir, s3_client=s3_client, s3_endpoint_url=s3_endpoint_url
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise InvalidWeightsError(f"motion module {source.uri}: {exc}") from None
+    try:
+        if kind == "single_file":
+            options: dict[str, Any] = {"dtype": dtype}
+            if source.config is not None:
+                options["config"] = source.config
+            adapter = MotionAdapter.from_single_file(location, **options)
+        else:
+            adapter = MotionAdapter.from_pretrained(
+                location, subfolder=source.subfolder, dtype=dtype
+            )
+    except Exception as exc:  # diffusers, safetensors, json and torch raise many kinds here
+        text = str(exc).strip()
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise InvalidWeightsError(
+            f"motion module {source.uri} is not a loadable AnimateDiff motion adapter: {first}"
+        ) from exc
+    return adapter.eval().requires_grad_(False)
+
+
 def tiny_sd_controlnet_sources(directory: str | Path) -> tuple[ModelSource, ModelSource]:
     """(base, controlnet) sources of a directory built by `build_tiny_sd_controlnet`."""
     directory = str(directory)

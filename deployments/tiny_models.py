@@ -6,6 +6,8 @@ same bytes. No hub is contacted.
 
 Sections:
 - Stable Diffusion 1.5 family + ControlNet (`build_tiny_sd_controlnet`): a diffusers directory.
+- AnimateDiff motion adapter for that tiny UNet (`build_tiny_motion_adapter`): a diffusers
+  directory (config.json + one .safetensors, which is also the single-file form).
 - Real-ESRGAN upscalers: added by the upscale stage.
 """
 
@@ -200,6 +202,47 @@ def build_tiny_sd_controlnet(directory: str | Path, seed: int = 0) -> Path:
     )
     pipeline.save_pretrained(directory, safe_serialization=True)
     _write_vocab_files(directory / "tokenizer")
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# AnimateDiff motion adapter (diffusers MotionAdapter) for the tiny UNet
+# ---------------------------------------------------------------------------------------------
+#
+# Block widths and layers per block match the tiny UNet's (UNetMotionModel.from_unet2d checks
+# both); a motion mid block as in AnimateDiff v2; 32 positions like the real adapters. The
+# temporal layers' output projections start at zero in AnimateDiff's training (a fresh adapter
+# adds nothing); here every weight is random, so the module visibly changes the frames and a
+# test of "the module ran" cannot pass vacuously.
+
+TINY_MOTION_HEADS = 2
+TINY_MOTION_MAX_FRAMES = 32
+
+
+def build_tiny_motion_adapter(directory: str | Path, seed: int = 0) -> Path:
+    """Build the tiny random-weight motion adapter into `directory` (diffusers format:
+    config.json and diffusion_pytorch_model.safetensors). Deterministic for a seed."""
+    import torch
+    from diffusers import MotionAdapter
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed + 10)
+    adapter = MotionAdapter(
+        block_out_channels=(32, 32, 64, 64),
+        motion_layers_per_block=1,
+        motion_mid_block_layers_per_block=1,
+        use_motion_mid_block=True,
+        motion_num_attention_heads=TINY_MOTION_HEADS,
+        motion_norm_num_groups=32,
+        motion_max_seq_length=TINY_MOTION_MAX_FRAMES,
+    )
+    generator = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():
+        for name, parameter in adapter.named_parameters():
+            if name.endswith("proj_out.weight"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    adapter.save_pretrained(directory, safe_serialization=True)
     return directory
 
 

@@ -174,9 +174,12 @@ def _cmd_edit(args: argparse.Namespace) -> None:
     def show(stage: str, done: int, total: int) -> None:
         print(f"\r  {stage:8} {done}/{total}", end="", file=sys.stderr, flush=True)
 
+    app_args, request = _app_args(args.config), _job_request(args)
+    if args.motion_module:  # checked (loaded once) before anything runs or is written
+        app_args, request = _with_motion_module(app_args, request, args.motion_module)
     report = asyncio.run(
         edit_video(
-            Path(args.video), Path(args.output), _job_request(args), _app_args(args.config), show,
+            Path(args.video), Path(args.output), request, app_args, show,
             reference=_reference(args),
         )
     )  # fmt: skip
@@ -184,6 +187,27 @@ def _cmd_edit(args: argparse.Namespace) -> None:
     print(format_report(report))
     if args.report:
         _write_json(args.report, report)
+
+
+def _with_motion_module(app_args, request, weights: str):
+    """App args and request with the motion module on: the weights must load as a motion
+    adapter (else InvalidWeightsError, exit 2) before anything runs."""
+    import torch
+
+    from deployments.model_loading import load_motion_adapter
+    from serve.config import Settings
+    from serve.factory import motion_module_source
+
+    app_args = app_args.model_copy(update={"motion_module": weights})
+    source = motion_module_source(app_args)
+    load_motion_adapter(
+        source,
+        dtype=torch.float32,
+        cache_dir=Settings().cache_dir / "models",
+        s3_endpoint_url=app_args.s3_endpoint_url or Settings().s3_endpoint_url,
+    )
+    overrides = {**request.overrides, "motion_module": True}
+    return app_args, request.model_copy(update={"overrides": overrides})
 
 
 def _cmd_preview(args: argparse.Namespace) -> None:
@@ -409,9 +433,12 @@ def _cmd_weights(args: argparse.Namespace) -> None:
 
 
 def _cmd_make_tiny_models(args: argparse.Namespace) -> None:
-    from deployments.tiny_models import build_tiny_sd_controlnet
+    from deployments.tiny_models import build_tiny_motion_adapter, build_tiny_sd_controlnet
 
-    print(build_tiny_sd_controlnet(Path(args.directory), seed=args.seed))
+    directory = build_tiny_sd_controlnet(Path(args.directory), seed=args.seed)
+    print(directory)
+    # The motion adapter beside it (the SD pipeline loader ignores the extra folder).
+    print(build_tiny_motion_adapter(directory / "motion_adapter", seed=args.seed))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -482,6 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("-o", "--output", required=True, help="MP4 to write")
     edit.add_argument("--config", help="Serve config whose app args to use (default: local)")
     edit.add_argument("--report", help="also write the cost report as JSON here")
+    edit.add_argument(
+        "--motion-module",
+        metavar="WEIGHTS",
+        default=None,
+        help="AnimateDiff motion adapter (directory, .safetensors, s3://, hub id, or 'tiny'): "
+        "runs the UNet as UNetMotionModel, each chunk one context window",
+    )
     add_request_options(edit)
     edit.set_defaults(handler=_cmd_edit)
 

@@ -124,6 +124,13 @@ class AppArgs(BaseModel):
     controlnet_model: str = Field(
         default="tiny", description="OpenPose ControlNet weights; same forms as base_model."
     )
+    motion_module: str | None = Field(
+        default=None,
+        description="AnimateDiff motion adapter (diffusers MotionAdapter) for jobs that ask for "
+        "the motion module: a diffusers directory, a single .safetensors file, an s3:// prefix, "
+        "a hub id, or 'tiny' for the built-in random-weight adapter. Unset: no motion module "
+        "(such jobs are refused with 422).",
+    )
     upscaler_model: str = Field(
         default="realesr-animevideov3-x4",
         description="Real-ESRGAN weights: a converted model name, a path or s3:// URI; 'lanczos' "

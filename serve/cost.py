@@ -428,6 +428,8 @@ def naive_settings(settings: GenerationSettings, output_width: int, output_heigh
             # A straightforward implementation has no anchor attention; leaving it out of the
             # baseline keeps the reported savings conservative.
             "anchor": "off",
+            # Nor a motion module (the same reason).
+            "motion_module": False,
         }
     )
 
@@ -436,7 +438,8 @@ def weights_from_units(
     units: WorkUnits, width: int, height: int, anchor_pool: int = 1
 ) -> ModelWeights | None:
     """The model weights that produced measured units (None when they hold no evaluations);
-    the anchor attention weight only when the units hold anchored evaluations (else SD 1.5's)."""
+    the anchor attention and motion module weights only when the units hold such evaluations
+    (else SD 1.5's)."""
     area = latent_area_weight(width, height)
     if units.controlnet_evals == 0 or units.vae_decodes == 0:
         return None
@@ -448,6 +451,13 @@ def weights_from_units(
         )
     if units.vae_encodes:
         anchor["vae_encode_weight"] = units.vae_encode_units / (units.vae_encodes * area)
+    if units.motion_module_evals:
+        anchor["motion_module_weight"] = units.motion_module_units / (
+            units.motion_module_evals * area
+        )
+        anchor["motion_attention_weight"] = units.motion_attention_units / (
+            units.motion_attention_evals * area
+        )
     return ModelWeights(
         controlnet_weight=units.controlnet_units / (units.controlnet_evals * area),
         vae_weight=units.vae_units / (units.vae_decodes * area),

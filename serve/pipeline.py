@@ -131,6 +131,8 @@ class Plan(BaseModel):
         anchor = ""
         if g.anchor != "off":
             anchor = f", anchor attention ({g.anchor}, pool {g.anchor_pool})"
+        if g.motion_module:
+            anchor += f", motion module (context window = chunk of {self.chunk_frames} frames)"
         return [
             f"preset {self.preset}",
             f"generate {g.width}x{g.height} at {g.fps:g} fps, {g.steps} steps {g.scheduler}, "
@@ -265,7 +267,8 @@ def _first_error(exc: ValidationError) -> str:
 _PRESET_FIELDS = set(Preset.model_fields)
 _PLAN_FIELDS = {"chunk_frames", "noise", "noise_sharing", "noise_window", "chunk_overlap"}
 _GENERATION_FIELDS = {"guidance_scale", "control_guidance_start", "control_guidance_end",
-                      "controlnet_conditioning_scale", "anchor", "anchor_pool"}  # fmt: skip
+                      "controlnet_conditioning_scale", "anchor", "anchor_pool",
+                      "motion_module"}  # fmt: skip
 
 
 def _preset_overrides(overrides: dict[str, Any]) -> dict[str, Any]:

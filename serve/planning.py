@@ -25,6 +25,11 @@ def plan_for(args: AppArgs, request, info, reference: bool | None = None) -> dic
             "anchor 'reference' needs a reference image (multipart file 'reference', or "
             "'reference': 's3://...')"
         )
+    if overrides.get("motion_module") and args.motion_module is None:
+        raise InvalidSettingError(
+            "motion_module needs a motion module, and this server has none configured (the "
+            "app's motion_module setting); leave it out or set it to false"
+        )
     plan = make_plan(
         request.preset or args.default_preset,
         info.width,

@@ -48,6 +48,15 @@ if TYPE_CHECKING:
     import torch
 
 SELF_ATTENTION_SUFFIX = "attn1.processor"
+# UNetMotionModel's temporal layers: their attention is also named attn1, but attends along the
+# frames of a window, not over a frame's tokens; the anchor has no place there.
+MOTION_MODULES = "motion_modules"
+
+
+def is_spatial_self_attention(name: str) -> bool:
+    """Whether the attention processor `name` (diffusers' attn_processors key) is a frame's own
+    self-attention: attn1 of a spatial transformer, not the motion module's temporal attn1."""
+    return name.endswith(SELF_ATTENTION_SUFFIX) and MOTION_MODULES not in name.split(".")
 
 
 def grid_of(tokens: int, latent_height: int, latent_width: int) -> tuple[int, int]:
@@ -173,12 +182,13 @@ class AnchorAttnProcessor:
 
 @contextmanager
 def anchor_attention(unet: Any, bank: AnchorBank) -> Iterator[AnchorBank]:
-    """Anchor processors on the UNet's self-attention layers while the block runs; the
-    processors it had are put back after."""
+    """Anchor processors on the UNet's spatial self-attention layers while the block runs (a
+    UNetMotionModel's temporal attention keeps its own); the processors it had are put back
+    after."""
     original = dict(unet.attn_processors)
     replaced = {
         name: AnchorAttnProcessor(bank, name, processor)
-        if name.endswith(SELF_ATTENTION_SUFFIX)
+        if is_spatial_self_attention(name)
         else processor
         for name, processor in original.items()
     }

@@ -9,6 +9,9 @@ Decisions (the why):
 - Precision: fp16/bf16 on CUDA; a CPU always runs fp32 (and the result says so).
 - Anchor attention (settings.anchor on): see `anchor.py`; each request's anchor runs in its own
   forward before the frames at every step, and its work is counted on that request.
+- Motion module (settings.motion_module on): see `motion_module.py`; the UNet forwards of the
+  frames pack whole chunks of one length, each chunk (and CFG half) one context window. With
+  the module off the loop runs exactly as it did before the module existed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ from deployments.diffusion.anchor import (
     self_attention_flops,
 )
 from deployments.diffusion.keyframes import BatchLayout
+from deployments.diffusion.motion_module import (
+    build_motion_unet,
+    measure_motion_weights,
+    motion_forward,
+    motion_window_limit,
+    window_groups,
+)
 from deployments.diffusion.noise import build_scheduler, initial_latents, step_generators
 from deployments.diffusion.rows import CancelledRows, LiveRows, keep_scheduler_rows, no_rows
 from deployments.diffusion.settings import (
@@ -134,6 +144,7 @@ class DiffusionEngine:
         self._device: Any = None
         self._dtype: Any = None
         self._weights: ModelWeights | None = None
+        self._motion: Any = None  # UNetMotionModel sharing the UNet's weights, when configured
         self.last_load_seconds = 0.0
 
     # - lifecycle -
@@ -156,7 +167,7 @@ class DiffusionEngine:
 
     def load(self) -> float:
         """Load the models onto the device; returns the seconds it took (0 when loaded)."""
-        from deployments.model_loading import load_sd_components
+        from deployments.model_loading import load_motion_adapter, load_sd_components
 
         with self._lock:
             if self.is_loaded:
@@ -177,11 +188,27 @@ class DiffusionEngine:
                     "UNets with a guidance embedding (LCM-distilled) are not supported; "
                     "use an SD 1.x UNet (LCM-LoRA works with the lcm scheduler)"
                 )
+            adapter = None
+            if self.config.motion_module is not None:
+                adapter = load_motion_adapter(
+                    self.config.motion_module,
+                    dtype=dtype,
+                    cache_dir=self.config.cache_dir,
+                    s3_client=self._s3_client,
+                    s3_endpoint_url=self.config.s3_endpoint_url,
+                )
             for name in ("unet", "controlnet", "vae", "text_encoder"):
                 getattr(modules, name).to(device)
             if self._components is not None:  # built in their own dtype: cast at generate
                 dtype = modules.unet.dtype
-            self._weights = measure_model_weights(modules.unet, modules.controlnet, modules.vae)
+            weights = measure_model_weights(modules.unet, modules.controlnet, modules.vae)
+            if adapter is not None:
+                self._motion = build_motion_unet(modules.unet, adapter)
+                motion, attention = measure_motion_weights(modules.unet, adapter.config)
+                weights = weights.model_copy(
+                    update={"motion_module_weight": motion, "motion_attention_weight": attention}
+                )
+            self._weights = weights
             self._modules, self._device, self._dtype = modules, device, dtype
             self.last_load_seconds = time.perf_counter() - started
             return self.last_load_seconds
@@ -192,7 +219,7 @@ class DiffusionEngine:
             if not self.is_loaded:
                 return
             was_cuda = self._device.type == "cuda"
-            self._modules = None
+            self._modules = self._motion = None
             gc.collect()
             if was_cuda:
                 import torch
@@ -214,6 +241,8 @@ class DiffusionEngine:
             return
         for name in ("unet", "controlnet", "vae", "text_encoder"):
             getattr(self._modules, name).to(dtype=dtype)
+        if self._motion is not None:  # the UNet's parameters are cast already (shared)
+            self._motion.to(dtype=dtype)
         self._dtype = dtype
 
     # - inputs -
@@ -234,6 +263,11 @@ class DiffusionEngine:
             raise InvalidSettingError(
                 f"model '{settings.model_id}' is not served here (this engine serves "
                 f"'{self.config.model_id}')"
+            )
+        if settings.motion_module and self.config.motion_module is None:
+            raise InvalidSettingError(
+                "the motion module was asked for but this engine has none configured "
+                "(EngineConfig.motion_module / the app's motion_module)"
             )
         if settings.width * settings.height > self.config.max_pixels:
             raise InvalidSettingError(
@@ -315,9 +349,11 @@ class DiffusionEngine:
             settings = requests[0].settings
             dtype, precision, note = resolve_precision(settings.precision, self._device.type)
             self._ensure_dtype(dtype)
+            self._check_windows(requests)
             truncations = [self.truncation_notes(r) for r in requests]  # needs the tokenizer
-            # unet, controlnet, vae, anchor attention, vae encodes
-            counts = np.zeros((len(requests), 5), dtype=np.int64)
+            # unet, controlnet, vae, anchor attention, vae encodes, motion module, motion
+            # attention (evaluations x window frames)
+            counts = np.zeros((len(requests), 7), dtype=np.int64)
             dropped: dict[int, int] = {}  # request index -> step it was dropped before
             with torch.inference_mode():
                 self._synchronize()
@@ -345,6 +381,23 @@ class DiffusionEngine:
         for notes, result in zip(truncations, results, strict=True):
             result.notes.extend(notes)
         return results
+
+    def _check_windows(self, requests: Sequence[ChunkRequest]) -> None:
+        """With the motion module a chunk is one window: no longer than its positions."""
+        if not requests[0].settings.motion_module:
+            return
+        limit = motion_window_limit(self._motion)
+        for request in requests:
+            if request.frames > limit:
+                raise InvalidSettingError(
+                    f"job {request.job_id} chunk {request.chunk_index}: {request.frames} frames "
+                    f"exceed the motion module's context window of {limit} frames (use "
+                    "smaller chunks)"
+                )
+
+    def _unet(self, settings: GenerationSettings) -> Any:
+        """The model the UNet forwards run on: the motion model when the batch asks for it."""
+        return self._motion if settings.motion_module else self._modules.unet
 
     def truncation_notes(self, request: ChunkRequest) -> list[str]:
         """CLIP reads at most 77 tokens: longer prompts are cut, and the result says so.
@@ -382,7 +435,7 @@ class DiffusionEngine:
         bank = None
         if anchors:
             bank = AnchorBank(settings.latent_height, settings.latent_width, settings.anchor_pool)
-        with anchor_attention(self._modules.unet, bank) if bank else nullcontext():
+        with anchor_attention(self._unet(settings), bank) if bank else nullcontext():
             return self._denoise(
                 requests, settings, counts, cancelled, dropped, cond, uncond, anchors, bank
             )
@@ -431,7 +484,7 @@ class DiffusionEngine:
                 anchors = [anchor for anchor in anchors if anchor.owner in rows.live]
             layout = rows.layout
             if bank is not None:
-                self._anchor_pass(anchors, bank, timestep, counts)
+                self._anchor_pass(anchors, bank, timestep, counts, settings.motion_module)
             model_input = scheduler.scale_model_input(latents, timestep)
             residuals = None
             if active[index]:
@@ -513,10 +566,12 @@ class DiffusionEngine:
         bank: AnchorBank,
         timestep: torch.Tensor,
         counts: np.ndarray,
+        motion_module: bool = False,
     ) -> None:
         """Each anchor's UNet row at this step (the bank writing its keys/values), alone in its
         forward so its keys/values do not depend on the batch. Its output is not needed: an
-        image anchor has no trajectory to step."""
+        image anchor has no trajectory to step. With the motion module it runs through the
+        motion model as a window of one frame."""
         import torch
 
         bank.start_step()
@@ -525,7 +580,12 @@ class DiffusionEngine:
             passes = 1
             if anchor.uncond is not None:
                 x, text, passes = torch.cat([x, x]), torch.cat([anchor.uncond, text]), 2
-            self._modules.unet(x, timestep, encoder_hidden_states=text, return_dict=False)
+            if motion_module:
+                motion_forward(self._motion, x, timestep, text, 1)
+                counts[anchor.owner, 5] += passes
+                counts[anchor.owner, 6] += passes
+            else:
+                self._modules.unet(x, timestep, encoder_hidden_states=text, return_dict=False)
             counts[anchor.owner, 0] += passes
         bank.finish_writing()
 
@@ -593,9 +653,10 @@ class DiffusionEngine:
         import torch
 
         device = residuals[0][0].device
-        left = torch.as_tensor(layout.left[part], device=device)
-        right = torch.as_tensor(layout.right[part], device=device)
-        weight = torch.as_tensor(layout.weight[part], device=device, dtype=residuals[0][0].dtype)
+        left = torch.as_tensor(np.asarray(layout.left)[part], device=device)
+        right = torch.as_tensor(np.asarray(layout.right)[part], device=device)
+        weight = np.asarray(layout.weight, dtype=np.float64)[part]
+        weight = torch.as_tensor(weight, device=device, dtype=residuals[0][0].dtype)
         blended = []
         for level in range(len(residuals[0])):
             per_half = []
@@ -623,6 +684,11 @@ class DiffusionEngine:
         cfg = uncond is not None
         noise = torch.empty_like(model_input)
         slot_of = {anchor.owner: slot for slot, anchor in enumerate(anchors)}
+        if settings.motion_module:
+            return self._predict_noise_windows(
+                model_input, timestep, cond, uncond, residuals, layout, settings, counts, bank,
+                slot_of, noise,
+            )  # fmt: skip
         for part in self._forward_slices(layout.frames):
             if bank is not None:
                 # Bank rows: anchor `slot`'s forward wrote [uncond, cond] at 2 slot, 2 slot + 1.
@@ -648,6 +714,54 @@ class DiffusionEngine:
                 unconditional, conditional = out.chunk(2)
                 out = unconditional + settings.guidance_scale * (conditional - unconditional)
             noise[part] = out
+        return noise
+
+    def _predict_noise_windows(
+        self,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        residuals: list[list[torch.Tensor]] | None,
+        layout: BatchLayout,
+        settings: GenerationSettings,
+        counts: np.ndarray,
+        bank: AnchorBank | None,
+        slot_of: dict[int, int],
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """`_predict_noise` through the motion model: whole chunks of one length per forward,
+        each chunk (and each CFG half of it) one context window."""
+        import torch
+
+        cfg = uncond is not None
+        passes = 2 if cfg else 1
+        owners = layout.owner
+        chunks = [np.flatnonzero(owners == owner) for owner in dict.fromkeys(owners.tolist())]
+        groups = window_groups([len(c) for c in chunks], self.config.max_frames_per_forward)
+        for group in groups:
+            part = np.concatenate([chunks[i] for i in group])
+            window = len(chunks[group[0]])
+            if bank is not None:
+                slots = torch.as_tensor([slot_of[o] for o in owners[part].tolist()])
+                rows = torch.cat([2 * slots, 2 * slots + 1]) if cfg else slots
+                bank.rows = rows.to(model_input.device)
+                self._count(counts, 3, owners[part], passes)
+            index = torch.as_tensor(part, device=model_input.device)
+            x, text = model_input[index], cond[index]
+            if cfg:  # [uncond chunks..., cond chunks...]: whole windows in each half
+                x, text = torch.cat([x, x]), torch.cat([uncond[index], text])
+            blended = None
+            if residuals is not None:
+                blended = self._interpolated_residuals(residuals, layout, part)
+            out = motion_forward(self._motion, x, timestep, text, window, blended)
+            self._count(counts, 0, owners[part], passes)
+            self._count(counts, 5, owners[part], passes)
+            self._count(counts, 6, owners[part], passes * window)
+            if cfg:
+                unconditional, conditional = out.chunk(2)
+                out = unconditional + settings.guidance_scale * (conditional - unconditional)
+            noise[index] = out
         return noise
 
     def _decode(
@@ -699,8 +813,12 @@ class DiffusionEngine:
                 anchor_pool=settings.anchor_pool,
                 vae_encodes=int(encodes),
                 vae_encode_weight=weights.vae_encode_weight,
+                motion_module_evals=int(motion),
+                motion_attention_evals=int(motion_attention),
+                motion_module_weight=weights.motion_module_weight,
+                motion_attention_weight=weights.motion_attention_weight,
             )
-            for unet, control, vae, anchor, encodes in counts
+            for unet, control, vae, anchor, encodes, motion, motion_attention in counts
         ]
         total = sum(u.total for u in units) or 1.0
         results, start = [], 0

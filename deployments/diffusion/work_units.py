@@ -27,6 +27,13 @@ Decisions (the why):
   counted per frame evaluation as `anchor_attention_weight` (those FLOPs / UNet FLOPs at
   512x512, measured on the loaded model) x area^2 / pool^2 (query and anchor tokens both grow
   with the latent area; exact at sizes divisible by 64 pixels).
+- The motion module (settings.motion_module on, see motion_module.py) runs inside every UNet
+  evaluation of the chunk's frames (and of its anchor, a window of one frame). Its FLOPs per
+  frame are affine in the window length F (a chunk is one window): `motion_module_weight`
+  (projections, norms, feed-forwards of the temporal layers) + `motion_attention_weight` x F
+  (the temporal QK^T and AV), both relative to one UNet evaluation at 512x512 and both linear
+  in the latent area (the temporal attention runs per token, along the frames). Counted as
+  `motion_module_evals` (evaluations) and `motion_attention_evals` (evaluations x F).
 """
 
 from __future__ import annotations
@@ -76,9 +83,30 @@ class WorkUnits(BaseModel):
         default=0.0,
         description="Those evaluations x area^2 / anchor_pool^2 x anchor attention weight.",
     )
+    motion_module_evals: int = Field(
+        default=0, description="UNet evaluations that ran through the motion module."
+    )
+    motion_module_units: float = Field(
+        default=0.0, description="Those evaluations x area x motion module weight."
+    )
+    motion_attention_evals: int = Field(
+        default=0,
+        description="Motion-module evaluations x frames in their context window (the temporal "
+        "attention of a frame grows with the window).",
+    )
+    motion_attention_units: float = Field(
+        default=0.0, description="Those frame-evaluations x area x motion attention weight."
+    )
 
+    # Every float field: one left out compares unequal in its last bits (counted vs predicted).
     @field_validator(
-        "unet_units", "controlnet_units", "vae_units", "vae_encode_units", "anchor_attention_units"
+        "unet_units",
+        "controlnet_units",
+        "vae_units",
+        "vae_encode_units",
+        "anchor_attention_units",
+        "motion_module_units",
+        "motion_attention_units",
     )
     @classmethod
     def _rounded(cls, units: float) -> float:
@@ -92,6 +120,8 @@ class WorkUnits(BaseModel):
             + self.vae_units
             + self.vae_encode_units
             + self.anchor_attention_units
+            + self.motion_module_units
+            + self.motion_attention_units
         )
 
     def __add__(self, other: WorkUnits) -> WorkUnits:
@@ -106,6 +136,13 @@ class WorkUnits(BaseModel):
 SD15_ANCHOR_ATTENTION_WEIGHT = 0.152494
 # SD 1.5's VAE encoder at 512x512 / its UNet, measured the same way (see SD15_MODEL_WEIGHTS).
 SD15_VAE_ENCODE_WEIGHT = 1.3901
+# AnimateDiff's SD 1.5 motion adapter (v1-5-2 architecture: 453,209,280 parameters, motion mid
+# block) in UNetMotionModel at 512x512: per frame 1108.54 GFLOPs at F=8 and 1109.31 at F=16
+# against the UNet's 803.27, i.e. 0.379078 + 0.000119076 x F UNet evaluations per frame (about
+# +0.381 at 16 frames). Measured with `motion_module.measure_motion_weights`; a test rebuilds
+# the architecture on the meta device and checks it.
+SD15_MOTION_MODULE_WEIGHT = 0.379078
+SD15_MOTION_ATTENTION_WEIGHT = 0.000119076
 
 
 class ModelWeights(BaseModel):
@@ -131,6 +168,18 @@ class ModelWeights(BaseModel):
         ge=0,
         description="FLOPs a full-size anchor adds to one UNet evaluation's self-attention "
         "(QK^T and AV over the anchor's tokens in every attn1 layer) / UNet FLOPs, at 512x512.",
+    )
+    motion_module_weight: float = Field(
+        default=SD15_MOTION_MODULE_WEIGHT,
+        ge=0,
+        description="FLOPs the motion module adds to one frame evaluation, apart from its "
+        "temporal attention over the window, / UNet FLOPs, at 512x512 (meta copies).",
+    )
+    motion_attention_weight: float = Field(
+        default=SD15_MOTION_ATTENTION_WEIGHT,
+        ge=0,
+        description="FLOPs the motion module's temporal attention adds to one frame evaluation "
+        "per frame of its window / UNet FLOPs, at 512x512 (meta copies).",
     )
     unet_parameters: int = Field(default=0, ge=0, description="UNet parameter count.")
     controlnet_parameters: int = Field(default=0, ge=0, description="ControlNet parameter count.")
@@ -193,6 +242,10 @@ def weigh_work(
     anchor_pool: int = 1,
     vae_encodes: int = 0,
     vae_encode_weight: float = 0.0,
+    motion_module_evals: int = 0,
+    motion_attention_evals: int = 0,
+    motion_module_weight: float = 0.0,
+    motion_attention_weight: float = 0.0,
 ) -> WorkUnits:
     area = latent_area_weight(width, height)
     anchor_scale = anchor_attention_scale(width, height, anchor_pool)
@@ -207,6 +260,10 @@ def weigh_work(
         vae_encode_units=vae_encodes * area * vae_encode_weight,
         anchor_attention_evals=anchor_attention_evals,
         anchor_attention_units=anchor_attention_evals * anchor_attention_weight * anchor_scale,
+        motion_module_evals=motion_module_evals,
+        motion_module_units=motion_module_evals * area * motion_module_weight,
+        motion_attention_evals=motion_attention_evals,
+        motion_attention_units=motion_attention_evals * area * motion_attention_weight,
     )
 
 
@@ -225,18 +282,24 @@ def predict_work_units(
     anchor_pool: int = 1,
     anchor_attention_weight: float = SD15_ANCHOR_ATTENTION_WEIGHT,
     vae_encode_weight: float = SD15_VAE_ENCODE_WEIGHT,
+    motion_module: bool = False,
+    motion_module_weight: float = SD15_MOTION_MODULE_WEIGHT,
+    motion_attention_weight: float = SD15_MOTION_ATTENTION_WEIGHT,
 ) -> WorkUnits:
     """Work units of one chunk of `frames` frames, before running it.
 
     UNet: frames x steps (x2 with CFG). ControlNet: keyframes x active steps (x2 with CFG).
     VAE: one decode per frame. With the anchor: one VAE encode (the anchor image), one more
     UNet row per step (the anchor's pass) and every frame evaluation's wider attention.
+    `motion_module`: every UNet row also runs the motion module, the frames as one window of
+    `frames`, the anchor as a window of one.
     `DiffusionEngine.generate` counts exactly this.
     """
     passes = 2 if cfg_enabled(guidance_scale) else 1
     active = sum(controlnet_active_steps(steps, control_guidance_start, control_guidance_end))
     keyframes = len(keyframe_indices(frames, controlnet_every))
     rows = frames + (1 if anchor else 0)
+    window_frames = frames * frames + (1 if anchor else 0)  # sum of each row's window length
     return weigh_work(
         rows * steps * passes,
         keyframes * active * passes,
@@ -250,6 +313,10 @@ def predict_work_units(
         anchor_pool=anchor_pool,
         vae_encodes=1 if anchor else 0,
         vae_encode_weight=vae_encode_weight,
+        motion_module_evals=rows * steps * passes if motion_module else 0,
+        motion_attention_evals=window_frames * steps * passes if motion_module else 0,
+        motion_module_weight=motion_module_weight,
+        motion_attention_weight=motion_attention_weight,
     )
 
 
@@ -272,4 +339,7 @@ def predict_chunk_units(
         anchor_pool=settings.anchor_pool,
         anchor_attention_weight=weights.anchor_attention_weight,
         vae_encode_weight=weights.vae_encode_weight,
+        motion_module=settings.motion_module,
+        motion_module_weight=weights.motion_module_weight,
+        motion_attention_weight=weights.motion_attention_weight,
     )
