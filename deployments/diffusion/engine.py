@@ -9,6 +9,9 @@ Decisions (the why):
 - Precision: fp16/bf16 on CUDA; a CPU always runs fp32 (and the result says so).
 - Anchor attention (settings.anchor on): see `anchor.py`; each request's anchor runs in its own
   forward before the frames at every step, and its work is counted on that request.
+- LoRAs (settings.loras): see `lora.py`; the batch's set is fused into the UNet weights before
+  the loop (read, hashed and checked against the UNet on first use, on the CPU side of the
+  batch), so the loop runs a plain UNet and counts the same work units.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ from deployments.diffusion.anchor import (
     self_attention_flops,
 )
 from deployments.diffusion.keyframes import BatchLayout
+from deployments.diffusion.lora import (
+    LoraRef,
+    UNetLoras,
+    check_lora_fits,
+    lora_digest,
+    read_lora_state,
+    resolve_lora_file,
+)
 from deployments.diffusion.noise import build_scheduler, initial_latents, step_generators
 from deployments.diffusion.rows import CancelledRows, LiveRows, keep_scheduler_rows, no_rows
 from deployments.diffusion.settings import (
@@ -127,6 +138,7 @@ class DiffusionEngine:
         self._device: Any = None
         self._dtype: Any = None
         self._weights: ModelWeights | None = None
+        self._loras: UNetLoras | None = None  # the UNet's adapters while loaded
         self.last_load_seconds = 0.0
 
     # - lifecycle -
@@ -174,6 +186,7 @@ class DiffusionEngine:
                 getattr(modules, name).to(device)
             self._weights = measure_model_weights(modules.unet, modules.controlnet, modules.vae)
             self._modules, self._device, self._dtype = modules, device, dtype
+            self._loras = UNetLoras(modules.unet, self.config.max_loaded_loras)
             self.last_load_seconds = time.perf_counter() - started
             return self.last_load_seconds
 
@@ -183,7 +196,7 @@ class DiffusionEngine:
             if not self.is_loaded:
                 return
             was_cuda = self._device.type == "cuda"
-            self._modules = None
+            self._modules = self._loras = None
             gc.collect()
             if was_cuda:
                 import torch
@@ -206,6 +219,46 @@ class DiffusionEngine:
         for name in ("unet", "controlnet", "vae", "text_encoder"):
             getattr(self._modules, name).to(dtype=dtype)
         self._dtype = dtype
+
+    # - LoRAs -
+
+    def apply_loras(self, loras: Sequence[LoraRef]) -> None:
+        """Fuse exactly `loras` into the UNet (none: the base weights, bit-exact); loads the
+        models if needed. Raises InvalidSettingError for a LoRA that is not configured, whose
+        bytes differ from the digest it was planned with, or that does not fit this UNet."""
+        with self._lock:
+            self.load()
+            assert self._loras is not None
+            self._loras.apply(loras, self._lora_state)
+
+    @property
+    def lora_loads(self) -> int:
+        """LoRA files loaded into the UNet since the models were loaded."""
+        return self._loras.loads if self._loras is not None else 0
+
+    def _lora_state(self, ref: LoraRef) -> tuple[dict[str, Any], dict[str, float] | None]:
+        source = self.config.loras.get(ref.name)
+        if source is None:
+            raise InvalidSettingError(
+                f"LoRA '{ref.name}' is not configured on this engine (configured: "
+                f"{sorted(self.config.loras)})"
+            )
+        path = resolve_lora_file(
+            ref.name,
+            source,
+            self.config.cache_dir,
+            s3_client=self._s3_client,
+            s3_endpoint_url=self.config.s3_endpoint_url,
+        )
+        digest = lora_digest(ref.name, source, path)
+        if digest != ref.digest:
+            raise InvalidSettingError(
+                f"LoRA '{ref.name}' has changed since the job was planned (weights {digest}, "
+                f"planned with {ref.digest}): submit the job again"
+            )
+        state, alphas = read_lora_state(ref.name, source, path)
+        check_lora_fits(ref.name, state, self._modules.unet)
+        return state, alphas
 
     # - inputs -
 
@@ -230,6 +283,12 @@ class DiffusionEngine:
             raise InvalidSettingError(
                 f"{settings.width}x{settings.height} frames exceed this engine's limit of "
                 f"{self.config.max_pixels} pixels per frame"
+            )
+        unknown = [ref.name for ref in settings.loras if ref.name not in self.config.loras]
+        if unknown:
+            raise InvalidSettingError(
+                f"LoRA(s) {unknown} are not configured on this engine (configured: "
+                f"{sorted(self.config.loras)})"
             )
         for request in requests:
             self._check_control_images(request)
@@ -306,6 +365,7 @@ class DiffusionEngine:
             settings = requests[0].settings
             dtype, precision, note = resolve_precision(settings.precision, self._device.type)
             self._ensure_dtype(dtype)
+            self.apply_loras(settings.loras)
             truncations = [self.truncation_notes(r) for r in requests]  # needs the tokenizer
             # unet, controlnet, vae, anchor attention, vae encodes
             counts = np.zeros((len(requests), 5), dtype=np.int64)
