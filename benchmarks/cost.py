@@ -38,6 +38,12 @@ output. What is measured and what is predicted:
   same formula (SD 1.5 + AnimateDiff v1-5-2 weights, from FLOP counts:
   benchmarks/diffusion_units.py --motion-module), overhead and ratio to naive. Predicted
   only: tests/unit/test_motion_module.py checks the loop counts what the formula predicts.
+- Turbo (issue 18): the `turbo` plan (6 LCM steps with a fused few-step LoRA, CFG off) as a row
+  of its own (`turbo`): full-size work units by the same formula and its ratio to naive; and
+  its two levers on top of `standard`, alone and stacked (`turbo_levers`). A fused LoRA adds no
+  per-step work (it is merged into the UNet weights), so the LoRA itself is no lever in units.
+  Predicted only here: the unit tests run turbo settings through the engine with a tiny
+  few-step LoRA and check counted == predicted (tests/unit/test_turbo.py, test_lora.py).
 - Levers: each alone on top of naive and cumulatively (micro-batching, 12 fps + interpolation,
   768 px + upscaling, 18 steps, fp16, keyframe ControlNet, cache), beside the figure each was
   expected to give. Work units are exact for the levers that change work; micro-batching's
@@ -80,6 +86,8 @@ SEAMLESS_ROWS = {
     "job noise + 1 overlap frame": {"noise": "job_windows", "chunk_overlap": 1},
     "job noise + 2 overlap frames": {"noise": "job_windows", "chunk_overlap": 2},
 }
+TURBO_ROW = "turbo"  # issue 18: few-step LoRA + CFG off, otherwise standard
+TURBO_MIN_RATIO = 120.0  # issue 18: turbo at least 120x fewer work units than naive
 SEAMLESS_BUDGET_PCT = 12.0  # issue 15: anchor attention + seamless chunks over `standard`
 RUN_LONG_SIDE = 128  # generation size of the runs (16:9 -> 128x72); full size is predicted
 PROMPT = "a robot dancing in a park"
@@ -248,6 +256,77 @@ def full_size_prediction(preset: str, overrides: dict | None = None) -> dict[str
         },
         "plan_explained": plan.explain(),
     }
+
+
+def turbo_levers() -> dict[str, Any]:
+    """Turbo's levers on top of the standard plan (10 s clip, full size, SD 1.5 weights): few
+    steps (6 LCM steps, which a few-step LoRA makes usable) and CFG off (guidance 1: one UNet
+    row per frame and step instead of two), alone and stacked; the stack must reach the turbo
+    plan's units exactly, and turbo's ratio to naive is checked against the issue's 120x."""
+    from serve.cost import predict_generation_units as predict
+
+    standard, turbo = full_plan("standard"), full_plan(TURBO_ROW)
+    frames = generated_frames(standard)
+    g, t = standard.generation, turbo.generation
+    levers = [
+        (f"{t.steps} {t.scheduler} steps (few-step LoRA)", {"steps": t.steps,
+                                                          "scheduler": t.scheduler}),
+        ("CFG off (guidance 1.0)", {"guidance_scale": t.guidance_scale}),
+    ]  # fmt: skip
+
+    def units(settings) -> float:
+        overlap = standard.chunk_overlap
+        return predict(settings, frames, standard.chunk_frames, overlap=overlap).total
+
+    base = units(g)
+    rows, stacked = [], g
+    for label, change in levers:
+        alone = units(g.model_copy(update=change))
+        stacked = stacked.model_copy(update=change)
+        rows.append(
+            {
+                "lever": label,
+                "alone_units": round(alone, 1),
+                "alone_saving_pct": _saving(alone, base),
+                "stacked_units": round(units(stacked), 1),
+                "stacked_saving_pct": _saving(units(stacked), base),
+            }
+        )
+    prediction = full_size_prediction(TURBO_ROW)
+    turbo_units = prediction["work_units"]["total"]
+    naive_units = prediction["naive"]["work_units"]["total"]
+    ratio = naive_units / turbo_units
+    return {
+        "standard_units": round(base, 1),
+        "rows": rows,
+        "turbo_units": round(turbo_units, 1),
+        # full_size_prediction rounds its units: equal to that rounding
+        "stack_reaches_turbo_units": math.isclose(units(stacked), turbo_units, rel_tol=1e-4),
+        "ratio_vs_naive": round(ratio, 1),
+        "ratio_vs_standard": round(base / turbo_units, 2),
+        "meets_120x": ratio >= TURBO_MIN_RATIO,
+        "fused_lora_extra_units": 0.0,
+        "note": "a fused LoRA is merged into the UNet weights before the batch: a step costs "
+        "what a plain UNet step costs (unit tests assert counted == predicted with and without)",
+    }
+
+
+def format_turbo(section: dict[str, Any]) -> str:
+    lines = [
+        f"turbo on top of standard ({section['standard_units']:.0f} units, 10 s clip, full size)",
+        f"{'lever':40} {'alone units':>12} {'alone':>7} {'stacked':>10} {'total':>7}",
+    ]
+    for row in section["rows"]:
+        lines.append(
+            f"{row['lever']:40} {row['alone_units']:>12.0f} {row['alone_saving_pct']:>6.1f}% "
+            f"{row['stacked_units']:>10.0f} {row['stacked_saving_pct']:>6.1f}%"
+        )
+    lines.append(
+        f"turbo: {section['turbo_units']:.0f} units, {section['ratio_vs_naive']:g}x fewer than "
+        f"naive ({section['ratio_vs_standard']:g}x fewer than standard); stack reaches turbo: "
+        f"{section['stack_reaches_turbo_units']}; >= 120x: {section['meets_120x']}"
+    )
+    return "\n".join(lines)
 
 
 def seamless_rows() -> dict[str, Any]:
@@ -979,6 +1058,7 @@ def run(args) -> dict[str, Any]:
         "levers": lever_table(fp16, batching, args.tier),
         "seamless": seamless_rows(),
         "motion_module": motion_module_rows(),
+        "turbo": turbo_levers(),
         "fp16": fp16,
         "batching": batching,
         "checks": checks(runs, plans),
@@ -1051,6 +1131,8 @@ def print_report(result: dict[str, Any]) -> None:
         print("\n" + format_seamless(result["seamless"]))
     if "motion_module" in result:
         print("\n" + format_motion_module(result["motion_module"]))
+    if "turbo" in result:
+        print("\n" + format_turbo(result["turbo"]))
     c = result["checks"]
     print(
         f"\nchecks: counted == predicted {c['counted_equals_predicted']}; repeat ran no "

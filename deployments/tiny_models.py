@@ -328,3 +328,46 @@ def build_tiny_compact(path: str | Path, seed: int = 0) -> Path:
     """A tiny SRVGGNetCompact x4 (4 body convolutions, 8 features) as `.safetensors`."""
     shapes = _tiny_compact_shapes(TINY_COMPACT_FEAT, TINY_COMPACT_CONVS, TINY_UPSCALER_SCALE)
     return _save_upscaler(_random_state_dict(shapes, seed, gain=0.5), path, "compact", seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA for the tiny UNet (diffusers' LoRA save format: pytorch_lora_weights.safetensors)
+# ---------------------------------------------------------------------------------------------
+#
+# A PEFT LoRA on the tiny UNet's attention projections (to_q, to_k, to_v, to_out.0), saved with
+# diffusers' `save_lora_weights` ("unet."-prefixed lora_A/lora_B keys), so it goes through the
+# same reading, checking and fusing code as a real LoRA. Its up matrices are random, not zero
+# (a freshly initialised LoRA changes nothing, which would make every test pass vacuously).
+
+TINY_LORA_RANK = 4
+TINY_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def build_tiny_lora(model_directory: str | Path, directory: str | Path, seed: int = 0) -> Path:
+    """A random LoRA for the tiny UNet in `model_directory`, saved into `directory`; returns
+    the .safetensors file. Deterministic for a seed."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(str(model_directory), subfolder="unet")
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=TINY_LORA_RANK,
+        lora_alpha=TINY_LORA_RANK,
+        init_lora_weights="gaussian",
+        target_modules=list(TINY_LORA_TARGETS),
+    )
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_" in name:
+                std = 0.3 if "lora_B" in name else 0.5
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    directory = Path(directory)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        directory, unet_lora_layers=get_peft_model_state_dict(unet)
+    )
+    return directory / "pytorch_lora_weights.safetensors"

@@ -38,6 +38,7 @@ from serve.factory import engine_config, make_upscaler, stage_context
 from serve.jobs import JobService, JobStore
 from serve.keyed_batcher import KeyedBatcher
 from serve.leases import JobLeases, new_owner_id
+from serve.loras import check_app_loras
 from serve.metrics import JobMetrics, batch_metrics
 from serve.orchestrator import Orchestrator
 from serve.pipeline import Plan
@@ -570,6 +571,7 @@ def build_app(
     same section as `deployment_overrides`, so both paths place the stages identically.
     """
     args = AppArgs.model_validate(args)
+    check_app_loras(args)  # a bad LoRA file fails the app's start, not its first job
     overrides = {item["name"]: item for item in deployment_overrides or []}
 
     def deployment(cls, name: str):

@@ -18,6 +18,7 @@ from deployments.errors import InputError, InvalidPoseDataError, InvalidSettingE
 from deployments.pose import PoseSequence
 from serve.config import Settings
 from serve.local_app import DEFAULT_CONFIG
+from serve.schemas import PUBLIC_PRESETS
 
 EXIT_USER_ERROR = 2
 
@@ -491,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--negative-prompt", default="", help="what to avoid")
         command.add_argument("--style", action="append", help="motion style, repeatable")
-        command.add_argument("--preset", choices=("draft", "standard", "high"), default=None)
+        command.add_argument("--preset", choices=PUBLIC_PRESETS, default=None)
         command.add_argument("--seed", type=int, default=None)
         command.add_argument("--fps", type=float, default=None, help="output frame rate")
         command.add_argument("--width", type=int, default=None, help="output width")
@@ -564,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate", help="predict a video's work units and dollars against naive (no run)"
     )
     estimate.add_argument("video")
-    estimate.add_argument("--preset", choices=("draft", "standard", "high"), default="standard")
+    estimate.add_argument("--preset", choices=PUBLIC_PRESETS, default="standard")
     estimate.add_argument("--output", help="WIDTHxHEIGHT@FPS, e.g. 1920x1080@25")
     estimate.add_argument("--config", help="Serve config whose app args (tier) to use")
     estimate.add_argument("--json", action="store_true", help="print JSON")

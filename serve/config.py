@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from deployments.diffusion.lora import LORA_NAME_PATTERN, LoraSource
+from deployments.model_loading import parse_s3_uri
 from deployments.video import InputLimits
 
 
@@ -131,12 +133,24 @@ class AppArgs(BaseModel):
         "a hub id, or 'tiny' for the built-in random-weight adapter. Unset: no motion module "
         "(such jobs are refused with 422).",
     )
+    base_model_few_step: bool = Field(
+        default=False,
+        description="The base model is itself a few-step model (an LCM, TCD or Hyper-SD "
+        "distilled SD 1.5): the `turbo` preset then runs without a few-step LoRA.",
+    )
+    loras: dict[str, LoraSource] = Field(
+        default_factory=dict,
+        description='LoRAs requests and presets may name (`overrides: {"loras": [{"name": '
+        '..., "scale": 1.0}]}`), by name: their weights (diffusers/PEFT or kohya format, '
+        ".safetensors), and whether each is a few-step LoRA. Each is read and checked against "
+        "the base model when the app starts; s3:// ones must be in allowed_input_buckets.",
+    )
     upscaler_model: str = Field(
         default="realesr-animevideov3-x4",
         description="Real-ESRGAN weights: a converted model name, a path or s3:// URI; 'lanczos' "
         "uses no model.",
     )
-    default_preset: Literal["draft", "standard", "high"] = Field(
+    default_preset: Literal["draft", "standard", "high", "turbo"] = Field(
         default="standard", description="Preset used when a request names none."
     )
     limits: InputLimits | None = Field(
@@ -183,6 +197,24 @@ class AppArgs(BaseModel):
     max_chunks_in_flight: int = Field(
         default=4, ge=1, le=64, description="Chunks of one job running through the stages at once."
     )
+
+    @model_validator(mode="after")
+    def _loras_fit_the_app(self) -> AppArgs:
+        import re
+
+        for name, source in self.loras.items():
+            if not re.match(LORA_NAME_PATTERN, name):
+                raise ValueError(f"LoRA name {name!r} must match {LORA_NAME_PATTERN}")
+            if source.uri == "tiny" and self.base_model != "tiny":
+                raise ValueError(f"LoRA '{name}': the tiny LoRA fits only base_model 'tiny'")
+            if source.uri.startswith("s3://"):
+                bucket = parse_s3_uri(source.uri)[0]
+                if bucket not in self.allowed_input_buckets:
+                    raise ValueError(
+                        f"LoRA '{name}': bucket '{bucket}' is not in allowed_input_buckets "
+                        f"{self.allowed_input_buckets}"
+                    )
+        return self
 
     def input_limits(self) -> InputLimits:
         """The configured limits, else the environment's (one source with the command line)."""

@@ -425,6 +425,11 @@ def naive_settings(settings: GenerationSettings, output_width: int, output_heigh
             "steps": NAIVE.steps,
             "precision": NAIVE.precision,
             "controlnet_every": NAIVE.controlnet_every,
+            # The naive plan's own sampling: a plain SD 1.5 with CFG, whatever the plan uses
+            # (turbo's few-step LoRA and CFG off are levers, not part of the baseline).
+            "scheduler": NAIVE.scheduler,
+            "guidance_scale": NAIVE.guidance_scale,
+            "loras": (),
             # A straightforward implementation has no anchor attention; leaving it out of the
             # baseline keeps the reported savings conservative.
             "anchor": "off",

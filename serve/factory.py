@@ -75,11 +75,14 @@ def engine_config(args: AppArgs, model_id: str) -> diffusion.EngineConfig:
     else:
         base = model_loading.ModelSource(uri=args.base_model)
         control = model_loading.ModelSource(uri=args.controlnet_model)
+    from serve.loras import lora_sources
+
     return diffusion.EngineConfig(
         model_id=model_id,
         base=base,
         controlnet=control,
         motion_module=motion_module_source(args),
+        loras=lora_sources(args),
         cache_dir=settings.cache_dir / "models",
         s3_endpoint_url=args.s3_endpoint_url or settings.s3_endpoint_url,
     )

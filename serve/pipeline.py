@@ -133,6 +133,11 @@ class Plan(BaseModel):
             anchor = f", anchor attention ({g.anchor}, pool {g.anchor_pool})"
         if g.motion_module:
             anchor += f", motion module (context window = chunk of {self.chunk_frames} frames)"
+        if g.loras:
+            fused = ", ".join(f"{lora.name} x{lora.scale:g}" for lora in g.loras)
+            anchor += f", LoRA fused: {fused}"
+        if not g.cfg:
+            anchor += ", CFG off"
         return [
             f"preset {self.preset}",
             f"generate {g.width}x{g.height} at {g.fps:g} fps, {g.steps} steps {g.scheduler}, "
@@ -266,9 +271,9 @@ def _first_error(exc: ValidationError) -> str:
 
 _PRESET_FIELDS = set(Preset.model_fields)
 _PLAN_FIELDS = {"chunk_frames", "noise", "noise_sharing", "noise_window", "chunk_overlap"}
-_GENERATION_FIELDS = {"guidance_scale", "control_guidance_start", "control_guidance_end",
+_GENERATION_FIELDS = {"control_guidance_start", "control_guidance_end",
                       "controlnet_conditioning_scale", "anchor", "anchor_pool",
-                      "motion_module"}  # fmt: skip
+                      "motion_module", "loras"}  # fmt: skip
 
 
 def _preset_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -291,6 +296,7 @@ def _generation(preset: Preset, model_id: str, width: int, height: int, override
             precision=preset.precision,
             fps=preset.generation_fps,
             controlnet_every=preset.controlnet_every,
+            guidance_scale=preset.guidance_scale,
             **extra,
         )
     except ValidationError as exc:

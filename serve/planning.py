@@ -9,14 +9,18 @@ from deployments.motion import MotionEditor
 from deployments.video import InputLimits, decoded_frame_count
 from serve.config import AppArgs
 from serve.cost import estimate_plan
+from serve.loras import few_step_loras
 from serve.pipeline import Plan, make_plan
+from serve.presets import PRESETS
 
 
 def plan_for(args: AppArgs, request, info, reference: bool | None = None) -> dict[str, Any]:
     """The job's plan. `reference`: whether the job has a reference image (None: not known, as
     for an estimate). A reference turns anchor attention on with the reference as its anchor
     (`anchor: "reference"`) unless the overrides name another anchor (`"off"` turns it off);
-    `anchor: "reference"` without a reference image is refused."""
+    `anchor: "reference"` without a reference image is refused. LoRAs named in the overrides
+    become the plan's LoRA set (with their weights' digests); `turbo` adds the app's few-step
+    LoRA, or is refused without one (serve.loras.few_step_loras)."""
     overrides = dict(request.overrides or {})
     if reference and "anchor" not in overrides:
         overrides["anchor"] = "reference"
@@ -30,8 +34,11 @@ def plan_for(args: AppArgs, request, info, reference: bool | None = None) -> dic
             "motion_module needs a motion module, and this server has none configured (the "
             "app's motion_module setting); leave it out or set it to false"
         )
+    preset = request.preset or args.default_preset
+    if preset in PRESETS:  # an unknown one is refused by make_plan
+        few_step_loras(args, overrides, PRESETS[preset].few_step)
     plan = make_plan(
-        request.preset or args.default_preset,
+        preset,
         info.width,
         info.height,
         model_id=args.base_model,

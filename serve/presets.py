@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-PresetName = Literal["draft", "standard", "high", "naive"]
+PresetName = Literal["draft", "standard", "high", "turbo", "naive"]
 
 
 class Preset(BaseModel):
@@ -25,6 +25,16 @@ class Preset(BaseModel):
     steps: int = Field(description="Denoising steps.")
     scheduler: str = Field(default="dpmpp_2m", description="Diffusion scheduler.")
     precision: Literal["fp16", "bf16", "fp32"] = Field(description="Model dtype on CUDA.")
+    guidance_scale: float = Field(
+        default=7.5,
+        description="Classifier-free guidance scale; <= 1 turns CFG off (one UNet "
+        "row per frame instead of two).",
+    )
+    few_step: bool = Field(
+        default=False,
+        description="Needs a few-step model: refused unless the app's base model is flagged "
+        "few-step or a few-step LoRA is configured (the plan then fuses it).",
+    )
     controlnet_every: int = Field(description="ControlNet on every K-th frame.")
     output_long_side: int = Field(description="Long side of the delivered video, pixels.")
     output_fps: float = Field(default=25.0, description="Delivered frame rate.")
@@ -51,6 +61,14 @@ PRESETS: dict[str, Preset] = {
     "high": Preset(
         generation_long_side=768, generation_fps=12, steps=20, precision="fp16",
         controlnet_every=2, output_long_side=1920,
+    ),
+    # Few-step: what `standard` plans, denoised in 6 LCM steps with CFG off (guidance 1: one UNet
+    # row per frame, not two), which only a few-step model does well: it needs a few-step LoRA
+    # (LCM-LoRA, TCD, Hyper-SD; fused into the weights, so no per-step cost) or a few-step base
+    # model, and is refused without one (6 steps of plain SD 1.5 give mush).
+    "turbo": Preset(
+        generation_long_side=None, generation_fps=12, steps=6, scheduler="lcm", precision="fp16",
+        guidance_scale=1.0, few_step=True, controlnet_every=4, output_long_side=1920,
     ),
     # The baseline: what a straightforward implementation would run for the same output.
     "naive": Preset(

@@ -158,7 +158,9 @@ class JobRequest(BaseModel):
         description="Motion styles applied in order, e.g. ['smooth', 'exaggerate=1.3'].",
     )
     preset: PresetText = Field(
-        default=None, description="draft, standard or high; None uses the app's default."
+        default=None,
+        description="draft, standard, high or turbo (few-step: needs a few-step LoRA or base "
+        "model); None uses the app's default.",
     )
     seed: int | None = Field(
         default=None, ge=0, lt=2**32, description="Noise seed; None picks one (recorded)."

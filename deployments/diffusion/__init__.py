@@ -6,6 +6,7 @@ public API (`from deployments import diffusion; diffusion.X`) and re-exports the
 - `work_units`: the pure-Python work-unit formula (no torch: the cost model imports it directly);
 - `keyframes`: which frames ControlNet sees and how the others blend its residuals;
 - `noise`: seeds, initial noise and schedulers;
+- `lora`: LoRA sources, their checks, and fusing a batch's set into the UNet;
 - `anchor`: anchor attention (the processor, the anchors' keys/values, the first-keyframe anchor);
 - `engine`: `DiffusionEngine`, the denoising loop (the loader lives in `model_loading`).
 Importing the package loads no torch; the engine imports it when it runs.
@@ -13,6 +14,7 @@ Importing the package loads no torch; the engine imports it when it runs.
 
 from deployments.diffusion.engine import DiffusionEngine, measure_model_weights, resolve_precision
 from deployments.diffusion.keyframes import BatchLayout, keyframe_blend
+from deployments.diffusion.lora import LoraRef, LoraSource
 from deployments.diffusion.noise import (
     build_scheduler,
     derive_seed,
@@ -22,6 +24,7 @@ from deployments.diffusion.noise import (
 )
 from deployments.diffusion.settings import (
     DIFFUSION_CODE_VERSION,
+    FEW_STEP_SCHEDULERS,
     LATENT_CHANNELS,
     MAX_CONDITIONING_SCALE,
     MAX_GUIDANCE_SCALE,
@@ -62,6 +65,7 @@ from deployments.diffusion.work_units import (
 __all__ = [
     "keyframe_settings",
     "DIFFUSION_CODE_VERSION",
+    "FEW_STEP_SCHEDULERS",
     "LATENT_CHANNELS",
     "MAX_CONDITIONING_SCALE",
     "MAX_GUIDANCE_SCALE",
@@ -82,6 +86,8 @@ __all__ = [
     "DiffusionEngine",
     "EngineConfig",
     "GenerationSettings",
+    "LoraRef",
+    "LoraSource",
     "ModelWeights",
     "NoiseMode",
     "Precision",

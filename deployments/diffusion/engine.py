@@ -12,6 +12,9 @@ Decisions (the why):
 - Motion module (settings.motion_module on): see `motion_module.py`; the UNet forwards of the
   frames pack whole chunks of one length, each chunk (and CFG half) one context window. With
   the module off the loop runs exactly as it did before the module existed.
+- LoRAs (settings.loras): see `lora.py`; the batch's set is fused into the UNet weights before
+  the loop (read, hashed and checked against the UNet on first use, on the CPU side of the
+  batch), so the loop runs a plain UNet and counts the same work units.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ from deployments.diffusion.anchor import (
     self_attention_flops,
 )
 from deployments.diffusion.keyframes import BatchLayout
+from deployments.diffusion.lora import (
+    LoraRef,
+    UNetLoras,
+    check_lora_fits,
+    lora_digest,
+    read_lora_state,
+    resolve_lora_file,
+)
 from deployments.diffusion.motion_module import (
     build_motion_unet,
     measure_motion_weights,
@@ -145,6 +156,7 @@ class DiffusionEngine:
         self._dtype: Any = None
         self._weights: ModelWeights | None = None
         self._motion: Any = None  # UNetMotionModel sharing the UNet's weights, when configured
+        self._loras: UNetLoras | None = None  # the UNet's adapters while loaded
         self.last_load_seconds = 0.0
 
     # - lifecycle -
@@ -210,6 +222,7 @@ class DiffusionEngine:
                 )
             self._weights = weights
             self._modules, self._device, self._dtype = modules, device, dtype
+            self._loras = UNetLoras(modules.unet, self.config.max_loaded_loras)
             self.last_load_seconds = time.perf_counter() - started
             return self.last_load_seconds
 
@@ -219,7 +232,7 @@ class DiffusionEngine:
             if not self.is_loaded:
                 return
             was_cuda = self._device.type == "cuda"
-            self._modules = self._motion = None
+            self._modules = self._motion = self._loras = None
             gc.collect()
             if was_cuda:
                 import torch
@@ -244,6 +257,46 @@ class DiffusionEngine:
         if self._motion is not None:  # the UNet's parameters are cast already (shared)
             self._motion.to(dtype=dtype)
         self._dtype = dtype
+
+    # - LoRAs -
+
+    def apply_loras(self, loras: Sequence[LoraRef]) -> None:
+        """Fuse exactly `loras` into the UNet (none: the base weights, bit-exact); loads the
+        models if needed. Raises InvalidSettingError for a LoRA that is not configured, whose
+        bytes differ from the digest it was planned with, or that does not fit this UNet."""
+        with self._lock:
+            self.load()
+            assert self._loras is not None
+            self._loras.apply(loras, self._lora_state)
+
+    @property
+    def lora_loads(self) -> int:
+        """LoRA files loaded into the UNet since the models were loaded."""
+        return self._loras.loads if self._loras is not None else 0
+
+    def _lora_state(self, ref: LoraRef) -> tuple[dict[str, Any], dict[str, float] | None]:
+        source = self.config.loras.get(ref.name)
+        if source is None:
+            raise InvalidSettingError(
+                f"LoRA '{ref.name}' is not configured on this engine (configured: "
+                f"{sorted(self.config.loras)})"
+            )
+        path = resolve_lora_file(
+            ref.name,
+            source,
+            self.config.cache_dir,
+            s3_client=self._s3_client,
+            s3_endpoint_url=self.config.s3_endpoint_url,
+        )
+        digest = lora_digest(ref.name, source, path)
+        if digest != ref.digest:
+            raise InvalidSettingError(
+                f"LoRA '{ref.name}' has changed since the job was planned (weights {digest}, "
+                f"planned with {ref.digest}): submit the job again"
+            )
+        state, alphas = read_lora_state(ref.name, source, path)
+        check_lora_fits(ref.name, state, self._modules.unet)
+        return state, alphas
 
     # - inputs -
 
@@ -273,6 +326,12 @@ class DiffusionEngine:
             raise InvalidSettingError(
                 f"{settings.width}x{settings.height} frames exceed this engine's limit of "
                 f"{self.config.max_pixels} pixels per frame"
+            )
+        unknown = [ref.name for ref in settings.loras if ref.name not in self.config.loras]
+        if unknown:
+            raise InvalidSettingError(
+                f"LoRA(s) {unknown} are not configured on this engine (configured: "
+                f"{sorted(self.config.loras)})"
             )
         for request in requests:
             self._check_control_images(request)
@@ -350,6 +409,7 @@ class DiffusionEngine:
             dtype, precision, note = resolve_precision(settings.precision, self._device.type)
             self._ensure_dtype(dtype)
             self._check_windows(requests)
+            self.apply_loras(settings.loras)
             truncations = [self.truncation_notes(r) for r in requests]  # needs the tokenizer
             # unet, controlnet, vae, anchor attention, vae encodes, motion module, motion
             # attention (evaluations x window frames)

@@ -117,6 +117,7 @@ def build_scheduler(name: SchedulerName, config: dict[str, Any]) -> Any:
         DPMSolverMultistepScheduler,
         EulerAncestralDiscreteScheduler,
         LCMScheduler,
+        TCDScheduler,
         UniPCMultistepScheduler,
     )
 
@@ -128,5 +129,6 @@ def build_scheduler(name: SchedulerName, config: dict[str, Any]) -> Any:
         "unipc": UniPCMultistepScheduler,
         "euler_a": EulerAncestralDiscreteScheduler,
         "lcm": LCMScheduler,
+        "tcd": TCDScheduler,
     }
     return classes[name].from_config(config)

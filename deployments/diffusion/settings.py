@@ -14,6 +14,9 @@ Decisions (the why):
 - The motion module (`motion_module`) is a key field for the same reason (another model runs:
   UNetMotionModel, and every chunk becomes one context window), and is likewise left out of
   the serialisation while off, so existing keys do not change.
+- LoRAs (`loras`, see lora.py) are a key field the same way: fused into the UNet weights for the
+  batch, so requests with different sets never share a batch; an empty set is left out of the
+  serialisation, so keys without LoRAs are unchanged. A fused LoRA adds no work units.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
 
+from deployments.diffusion.lora import LoraRef, LoraSource, canonical_loras
 from deployments.diffusion.work_units import VAE_FACTOR, WorkUnits, cfg_enabled
 from deployments.errors import InvalidSettingError
 from deployments.model_loading import ModelSource
@@ -41,7 +46,8 @@ from deployments.model_loading import ModelSource
 # Part of every generated chunk's cache key: bump when the same request would give other frames.
 DIFFUSION_CODE_VERSION = "diffusion-1"
 
-SchedulerName = Literal["dpmpp_2m", "unipc", "euler_a", "lcm"]
+SchedulerName = Literal["dpmpp_2m", "unipc", "euler_a", "lcm", "tcd"]
+FEW_STEP_SCHEDULERS = ("lcm", "tcd")  # consistency samplers: need a few-step model or LoRA
 Precision = Literal["fp16", "bf16", "fp32"]
 # Where a job's anchor keyframe takes its look from: frame 0 alone, or the reference image.
 AnchorMode = Literal["off", "first_keyframe", "reference"]
@@ -53,7 +59,7 @@ NoiseMode = Literal["per_chunk", "job_windows"]
 MAX_NOISE_WINDOW = 1024
 
 MIN_STEPS, MAX_STEPS = 1, 150
-MAX_LCM_STEPS = 50  # LCMScheduler's default original_inference_steps
+MAX_LCM_STEPS = 50  # LCMScheduler's (and TCDScheduler's) default original_inference_steps
 # Structural bounds; what a replica can run is bounded by EngineConfig.max_pixels (VRAM).
 MIN_SIDE, MAX_SIDE = 64, 8192
 LATENT_CHANNELS = 4
@@ -76,7 +82,8 @@ class GenerationSettings(BaseModel):
     steps: int = Field(default=20, description=f"Denoising steps ({MIN_STEPS}..{MAX_STEPS}).")
     scheduler: SchedulerName = Field(
         default="dpmpp_2m",
-        description="dpmpp_2m (DPM++ 2M), unipc (UniPC), euler_a (Euler ancestral), lcm (LCM).",
+        description="dpmpp_2m (DPM++ 2M), unipc (UniPC), euler_a (Euler ancestral), lcm (LCM), "
+        "tcd (TCD); lcm and tcd need a few-step model or LoRA.",
     )
     precision: Precision = Field(
         default="fp16", description="Model dtype on CUDA; a CPU always runs fp32."
@@ -122,23 +129,36 @@ class GenerationSettings(BaseModel):
         f"(1..{MAX_ANCHOR_POOL}): the wider attention costs 1/pool^2 of a full-size anchor's.",
     )
 
+    loras: tuple[LoraRef, ...] = Field(
+        default=(),
+        description="LoRA adapters fused into the UNet weights for this batch (sorted by name; "
+        "empty: the base model). Omitted from the serialisation when empty.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> GenerationSettings:
         check_settings(self)
         return self
 
+    @field_validator("loras")
+    @classmethod
+    def _canonical_loras(cls, loras: tuple[LoraRef, ...]) -> tuple[LoraRef, ...]:
+        return canonical_loras(loras)
+
     @model_serializer(mode="wrap")
     def _optional_fields_only_when_on(
         self, handler: SerializerFunctionWrapHandler
     ) -> dict[str, Any]:
-        """Leave the anchor fields out while the anchor is off, and motion_module while off (see
-        the module's decisions)."""
+        """Leave the anchor fields out while the anchor is off, motion_module while off and the
+        LoRAs while there are none (see the module's decisions)."""
         data = handler(self)
         if self.anchor == "off":
             for name in ANCHOR_FIELDS:
                 data.pop(name, None)
         if not self.motion_module:
             data.pop("motion_module", None)
+        if not self.loras:
+            data.pop("loras", None)
         return data
 
     @property
@@ -178,9 +198,10 @@ def check_settings(settings: GenerationSettings) -> None:
         raise InvalidSettingError(
             f"steps must be between {MIN_STEPS} and {MAX_STEPS}, got {settings.steps}"
         )
-    if settings.scheduler == "lcm" and settings.steps > MAX_LCM_STEPS:
+    if settings.scheduler in FEW_STEP_SCHEDULERS and settings.steps > MAX_LCM_STEPS:
         raise InvalidSettingError(
-            f"the lcm scheduler supports at most {MAX_LCM_STEPS} steps, got {settings.steps}"
+            f"the {settings.scheduler} scheduler supports at most {MAX_LCM_STEPS} steps, "
+            f"got {settings.steps}"
         )
     if not 0.0 <= settings.guidance_scale <= MAX_GUIDANCE_SCALE:
         raise InvalidSettingError(
@@ -358,4 +379,16 @@ class EngineConfig(BaseModel):
     )
     s3_endpoint_url: str | None = Field(
         default=None, description="S3 endpoint for s3:// sources (MinIO, moto); None = AWS."
+    )
+    loras: dict[str, LoraSource] = Field(
+        default_factory=dict,
+        description="LoRAs this engine may fuse, by the name requests use (GenerationSettings."
+        "loras); each file is read, checked against the UNet and hashed on first use.",
+    )
+    max_loaded_loras: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="LoRA adapters kept loaded (unfused) in the UNet between batches; the least "
+        "recently used one is dropped beyond this.",
     )

@@ -121,7 +121,7 @@ def test_submit_documents_both_bodies_it_reads_by_hand():
 def test_preset_and_styles_are_enumerated():
     request = api().openapi()["components"]["schemas"]["JobRequest"]["properties"]
     (enum,) = [option for option in request["preset"]["anyOf"] if "enum" in option]
-    assert enum["enum"] == list(PUBLIC_PRESETS) == ["draft", "standard", "high"]
+    assert enum["enum"] == list(PUBLIC_PRESETS) == ["draft", "standard", "high", "turbo"]
     assert request["styles"]["items"]["pattern"] == STYLE_PATTERN
     assert set(STYLE_NAMES) == {"smooth", "exaggerate", "mirror", "stabilize", "retime"}
 
@@ -178,7 +178,7 @@ def test_validation_errors_use_the_error_shape():
 
 def test_estimate_refuses_the_naive_preset_like_submit():
     body = {"duration_s": 2, "width": 64, "height": 64, "request": {"prompt": "x"}}
-    for preset in ("naive", "turbo"):
+    for preset in ("naive", "ultra"):
         body["request"]["preset"] = preset
         response = call(api(), "POST", "/v1/estimate", json=body)
         assert response.status_code == 422, response.text

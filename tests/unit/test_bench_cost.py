@@ -108,3 +108,20 @@ def test_anchor_row_splits_its_overhead_and_keeps_the_budget():
     assert row["overhead_pct"] < cost.ANCHOR_BUDGET_PCT
     naive = anchored["naive"]["work_units"]["total"]
     assert naive / anchored["work_units"]["total"] >= 20
+
+
+def test_turbo_levers_stack_to_the_turbo_plan_and_cost_no_lora_work():
+    from benchmarks.cost import full_size_prediction, turbo_levers
+
+    section = turbo_levers()
+    assert section["stack_reaches_turbo_units"]
+    assert [row["lever"] for row in section["rows"]] == [
+        "6 lcm steps (few-step LoRA)",
+        "CFG off (guidance 1.0)",
+    ]
+    standard = full_size_prediction("standard")
+    turbo = full_size_prediction("turbo")
+    # A third of the steps and half the UNet/ControlNet rows per step; VAE decodes unchanged.
+    assert turbo["work_units"]["unet_evals"] * 6 == standard["work_units"]["unet_evals"]
+    assert turbo["naive"] == standard["naive"]  # the baseline is the same plain SD 1.5
+    assert section["ratio_vs_naive"] > 100 and section["fused_lora_extra_units"] == 0.0
