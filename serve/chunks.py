@@ -46,7 +46,8 @@ class ChunkSpec(BaseModel):
         """The fields the generation key hashes: the prompt and seed, not the job or position
         (another job's identical chunk is a cache hit). Same dict as before this model existed,
         so cache keys did not change; the noise fields join it only when they differ from
-        today's defaults (the generated frames' span, hashed beside it, gives first_frame)."""
+        today's defaults (the generated frames' span, hashed beside it, gives first_frame), and
+        `stages.generation_key` drops the noise mode and window where they cannot act."""
         fields: dict[str, Any] = {
             "prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed
         }  # fmt: skip

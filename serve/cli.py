@@ -146,8 +146,19 @@ def _job_request(args: argparse.Namespace):
         preset=args.preset,
         seed=args.seed,
         output=OutputSpec(fps=args.fps, width=args.width, height=args.height),
+        coherence=_coherence(args),
         frames="anchor" if getattr(args, "anchor_frame", None) else "motion",
     )
+
+
+def _coherence(args: argparse.Namespace):
+    """--anchor/--no-anchor and --seamless/--no-seamless; None when neither was given (the
+    preset's default, and the same request body as before the flags existed)."""
+    from serve.schemas import Coherence
+
+    if args.anchor is None and args.seamless is None:
+        return None
+    return Coherence(anchor=args.anchor, seamless=args.seamless)
 
 
 def _reference(args: argparse.Namespace) -> Path | None:
@@ -338,6 +349,7 @@ def _cmd_estimate(args: argparse.Namespace) -> None:
         prompt="estimate",
         preset=args.preset,
         output=OutputSpec(fps=fps, width=width, height=height),
+        coherence=_coherence(args),
     )
     config = _app_args(args.config)
     result = estimate(config, request, info.duration_s, info.width, info.height)
@@ -504,6 +516,24 @@ def build_parser() -> argparse.ArgumentParser:
             help="reference image (PNG, JPEG or WebP): the character's look; turns anchor "
             "attention on with it as the anchor",
         )
+        add_coherence_options(command)
+
+    def add_coherence_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--anchor",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="anchor attention: every frame also attends to the job's anchor keyframe, so "
+            "the character holds across chunks (default: the preset's; on for standard and "
+            "high)",
+        )
+        command.add_argument(
+            "--seamless",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="seamless chunks: job-level noise windows (and high's overlap frame) so chunks "
+            "do not meet in a cut (default: the preset's; on for standard and high)",
+        )
 
     edit = commands.add_parser("edit", help="edit a video in this process (no server)")
     edit.add_argument("video")
@@ -569,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--output", help="WIDTHxHEIGHT@FPS, e.g. 1920x1080@25")
     estimate.add_argument("--config", help="Serve config whose app args (tier) to use")
     estimate.add_argument("--json", action="store_true", help="print JSON")
+    add_coherence_options(estimate)
     estimate.set_defaults(handler=_cmd_estimate)
 
     cons = commands.add_parser(

@@ -19,16 +19,15 @@ from deployments.interpolate import InterpolationSettings
 from deployments.motion import MotionEditor, parse_styles
 from deployments.pose import PoseSettings
 from deployments.video import DecodeSettings, EncodeSettings
-from serve.presets import PRESETS, Preset, PresetName
+from serve.presets import MAX_CHUNK_OVERLAP, PRESETS, Preset, PresetName
 from serve.schemas import (
     OUTPUT_FPS_MAX,
     OUTPUT_FPS_MIN,
     OUTPUT_PIXELS_MAX,
     OUTPUT_SIDE_MAX,
     OUTPUT_SIDE_MIN,
+    Coherence,
 )
-
-MAX_CHUNK_OVERLAP = 8
 
 
 class Plan(BaseModel):
@@ -191,16 +190,21 @@ def make_plan(
     output_width: int | None = None,
     output_height: int | None = None,
     overrides: dict[str, Any] | None = None,
+    coherence: Coherence | None = None,
+    reference: bool | None = None,
 ) -> Plan:
-    """The plan for a source of this size under a preset, with the request's overrides.
+    """The plan for a source of this size under a preset, with the request's overrides and
+    coherence switches, for a job with a reference image or not (`reference`; None: not known,
+    as for an estimate). See `coherence_overrides` for how those combine.
 
     Raises InvalidSettingError (a 422 at submission) for anything the pipeline could not
     deliver, so an accepted job does not fail later on its settings."""
     if preset_name not in PRESETS:
         raise InvalidSettingError(f"unknown preset {preset_name!r}; use one of {list(PRESETS)}")
+    overrides = coherence_overrides(PRESETS[preset_name], overrides or {}, coherence, reference)
     try:
         preset = Preset.model_validate(
-            {**PRESETS[preset_name].model_dump(), **_preset_overrides(overrides or {})}
+            {**PRESETS[preset_name].model_dump(), **_preset_overrides(overrides)}
         )
     except ValidationError as exc:
         raise InvalidSettingError(f"invalid override: {_first_error(exc)}") from None
@@ -216,7 +220,7 @@ def make_plan(
         )
     out_w, out_h = _output_size(source_width, source_height, preset, output_width, output_height)
     check_output_size(out_w, out_h, source_width, source_height)
-    generation = _generation(preset, model_id, gen_w, gen_h, overrides or {})
+    generation = _generation(preset, model_id, gen_w, gen_h, overrides)
     fields: dict[str, Any] = {
         "preset": preset_name,
         "generation": generation,
@@ -229,7 +233,7 @@ def make_plan(
     if styles is not None:
         fields["styles"] = styles
         MotionEditor(styles)  # raises InvalidSettingError if the retimes slow it down too much
-    fields.update({k: v for k, v in (overrides or {}).items() if k in _PLAN_FIELDS})
+    fields.update({k: v for k, v in overrides.items() if k in _PLAN_FIELDS})
     try:
         fields["decode"] = DecodeSettings(
             fps=preset.generation_fps, width=gen_w, height=gen_h, fit="crop"
@@ -237,6 +241,54 @@ def make_plan(
         return Plan(**fields)
     except ValidationError as exc:
         raise InvalidSettingError(f"invalid plan: {_first_error(exc)}") from None
+
+
+def coherence_overrides(
+    preset: Preset,
+    overrides: dict[str, Any],
+    coherence: Coherence | None = None,
+    reference: bool | None = None,
+) -> dict[str, Any]:
+    """The request's overrides completed with the job's coherence fields (`anchor`,
+    `anchor_pool`, `noise`, `chunk_overlap`): the one place that decides them. Each field is
+    taken from the first of these that says something about it:
+
+    1. an explicit field override (`overrides["anchor"]`, `["anchor_pool"]`, `["noise"]`,
+       `["chunk_overlap"]`): the most specific; an explicit `noise` also decides whether the
+       chunks are seamless, so `"per_chunk"` leaves no preset overlap behind;
+    2. the request's coherence switches (`coherence.anchor`, `coherence.seamless`; None says
+       nothing): on uses the preset's pool and overlap, off turns the fields off;
+    3. a reference image (`reference` True): it turns the anchor on, with the reference as the
+       anchor (`anchor: "reference"`); it never overrides 1 or 2 (an explicit other anchor, or
+       the anchor switched off, leaves it without effect);
+    4. the preset's default (`Preset.coherence`).
+
+    When the anchor is on by 2 or 4 and the job has a reference, the reference is the anchor.
+    `anchor: "reference"` without a reference image (`reference` False) is refused."""
+    resolved = dict(overrides)
+    switches = coherence or Coherence()
+    preset_coherence = preset.coherence
+    if "anchor" not in resolved:
+        anchor_on = switches.anchor
+        if anchor_on is None:
+            anchor_on = bool(reference) or preset_coherence.anchor
+        if anchor_on:
+            resolved["anchor"] = "reference" if reference else "first_keyframe"
+        else:
+            resolved["anchor"] = "off"
+    resolved.setdefault("anchor_pool", preset_coherence.anchor_pool)
+    if reference is False and resolved["anchor"] == "reference":
+        raise InvalidSettingError(
+            "anchor 'reference' needs a reference image (multipart file 'reference', or "
+            "'reference': 's3://...')"
+        )
+    if "noise" in resolved:
+        seamless = resolved["noise"] == "job_windows"
+    else:
+        seamless = preset_coherence.seamless if switches.seamless is None else switches.seamless
+        resolved["noise"] = "job_windows" if seamless else "per_chunk"
+    resolved.setdefault("chunk_overlap", preset_coherence.chunk_overlap if seamless else 0)
+    return resolved
 
 
 def check_output_size(width: int, height: int, source_width: int, source_height: int) -> None:
@@ -269,7 +321,8 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {error['msg']}" if where else str(error["msg"])
 
 
-_PRESET_FIELDS = set(Preset.model_fields)
+# Coherence is set through the request's switches or its own fields (`coherence_overrides`).
+_PRESET_FIELDS = set(Preset.model_fields) - {"coherence"}
 _PLAN_FIELDS = {"chunk_frames", "noise", "noise_sharing", "noise_window", "chunk_overlap"}
 _GENERATION_FIELDS = {"control_guidance_start", "control_guidance_end",
                       "controlnet_conditioning_scale", "anchor", "anchor_pool",

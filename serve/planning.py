@@ -16,19 +16,13 @@ from serve.presets import PRESETS
 
 def plan_for(args: AppArgs, request, info, reference: bool | None = None) -> dict[str, Any]:
     """The job's plan. `reference`: whether the job has a reference image (None: not known, as
-    for an estimate). A reference turns anchor attention on with the reference as its anchor
-    (`anchor: "reference"`) unless the overrides name another anchor (`"off"` turns it off);
-    `anchor: "reference"` without a reference image is refused. LoRAs named in the overrides
-    become the plan's LoRA set (with their weights' digests); `turbo` adds the app's few-step
-    LoRA, or is refused without one (serve.loras.few_step_loras)."""
+    for an estimate). The preset's coherence, the request's `coherence` switches, its field
+    overrides and the reference image combine as `serve.pipeline.coherence_overrides` says (a
+    reference turns anchor attention on with the reference as its anchor, unless a switch or
+    an override says otherwise); `anchor: "reference"` without a reference image is refused.
+    LoRAs named in the overrides become the plan's LoRA set (with their weights' digests);
+    `turbo` adds the app's few-step LoRA, or is refused without one (serve.loras.few_step_loras)."""
     overrides = dict(request.overrides or {})
-    if reference and "anchor" not in overrides:
-        overrides["anchor"] = "reference"
-    if reference is False and overrides.get("anchor") == "reference":
-        raise InvalidSettingError(
-            "anchor 'reference' needs a reference image (multipart file 'reference', or "
-            "'reference': 's3://...')"
-        )
     if overrides.get("motion_module") and args.motion_module is None:
         raise InvalidSettingError(
             "motion_module needs a motion module, and this server has none configured (the "
@@ -47,6 +41,8 @@ def plan_for(args: AppArgs, request, info, reference: bool | None = None) -> dic
         output_width=request.output.width,
         output_height=request.output.height,
         overrides=overrides,
+        coherence=request.coherence,
+        reference=reference,
     )
     return plan.model_dump(mode="json")
 

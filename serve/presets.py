@@ -4,6 +4,13 @@ so the cost model can read them without loading what `serve.pipeline` needs).
 `naive` is the baseline every cost report compares against: every output frame generated at
 output size, with the naive preset's steps, precision and ControlNet interval, batch 1, no
 cache, everything on the GPU.
+
+Coherence (issue 15, design 5b): `standard` and `high` render one video of one character by
+default: anchor attention (every frame also attends to the job's anchor keyframe) and seamless
+chunks (job-level noise windows; `high` also one overlap frame per boundary). `draft` and
+`naive` have neither, so their plans and content keys are what they were before coherence
+existed. A request turns each off or on with its `coherence` switches; how the switches, the
+field overrides and a reference image combine is `serve.pipeline.coherence_overrides`.
 """
 
 from __future__ import annotations
@@ -12,7 +19,50 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from deployments.diffusion.settings import MAX_ANCHOR_POOL, GenerationSettings
+
 PresetName = Literal["draft", "standard", "high", "turbo", "naive"]
+MAX_CHUNK_OVERLAP = 8  # the plan's bound on seamless chunks' overlap frames
+
+
+class PresetCoherence(BaseModel):
+    """A preset's coherence: whether anchor attention and seamless chunks are on by default,
+    and how they run when on (also when a request switches on what the preset leaves off)."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    anchor: bool = Field(
+        description="Anchor attention on by default: every frame's self-attention also attends "
+        "to the job's anchor keyframe (anchor 'first_keyframe'; with a reference image, "
+        "'reference')."
+    )
+    anchor_pool: int = Field(
+        ge=1,
+        le=MAX_ANCHOR_POOL,
+        description="The anchor's keys/values averaged over pool x pool token blocks when the "
+        "anchor is on: the wider attention costs 1/pool^2 of a full-size anchor's.",
+    )
+    seamless: bool = Field(
+        description="Seamless chunks on by default: job-level noise windows (noise "
+        "'job_windows'), so neighbouring chunks meet on continuous noise."
+    )
+    chunk_overlap: int = Field(
+        ge=0,
+        le=MAX_CHUNK_OVERLAP,
+        description="With seamless chunks: frames every chunk but the first also generates "
+        "before its span and cross-fades at the boundary (each billed by both chunks).",
+    )
+
+
+# No anchor, per-chunk noise, no overlap: each chunk generated on its own (the plans of before
+# coherence existed). Switched on (by a reference image, a switch or an override), the anchor
+# runs at the engine's default pool, as it did before presets had coherence.
+COHERENCE_OFF = PresetCoherence(
+    anchor=False,
+    anchor_pool=GenerationSettings.model_fields["anchor_pool"].default,
+    seamless=False,
+    chunk_overlap=0,
+)
 
 
 class Preset(BaseModel):
@@ -40,6 +90,10 @@ class Preset(BaseModel):
     output_fps: float = Field(default=25.0, description="Delivered frame rate.")
     batching: bool = Field(default=True, description="Micro-batch chunks across jobs.")
     cache: bool = Field(default=True, description="Reuse cached stage outputs.")
+    coherence: PresetCoherence = Field(
+        description="Anchor attention and seamless chunks by default (a request's `coherence` "
+        "switches and field overrides change them).",
+    )
 
 
 PRESETS: dict[str, Preset] = {
@@ -47,20 +101,26 @@ PRESETS: dict[str, Preset] = {
     # quality plateaus around 15-20), ControlNet on every 4th frame, 720p-class output.
     "draft": Preset(
         generation_long_side=512, generation_fps=12, steps=15, precision="fp16",
-        controlnet_every=4, output_long_side=1280,
+        controlnet_every=4, output_long_side=1280, coherence=COHERENCE_OFF,
     ),
     # The default: 512 or 768 by aspect (wide frames get 768 so the short side stays near the
     # 512 SD 1.5 was trained at), 12 fps (half of 25: interpolation fills the rest on CPU),
     # 18 steps, fp16 (half the VRAM, no visible loss), ControlNet every 4th frame (poses move
-    # little in 1/3 s; residuals are interpolated), upscaled to 1080p.
+    # little in 1/3 s; residuals are interpolated), upscaled to 1080p. Coherent: anchor
+    # attention at pool 4 (its wider attention then costs 1/16 of a full-size anchor's) and job
+    # noise windows (free): +7.7% work units on the 10 s 1080p25 clip (benchmarks/cost.py).
     "standard": Preset(
         generation_long_side=None, generation_fps=12, steps=18, precision="fp16",
         controlnet_every=4, output_long_side=1920,
+        coherence=PresetCoherence(anchor=True, anchor_pool=4, seamless=True, chunk_overlap=0),
     ),
-    # For fast motion: 768, 20 steps and ControlNet every 2nd frame.
+    # For fast motion: 768, 20 steps and ControlNet every 2nd frame; a finer anchor (pool 2)
+    # and one overlap frame cross-faded at each chunk boundary. (The optional motion module
+    # joins this preset when one is configured: a field of PresetCoherence.)
     "high": Preset(
         generation_long_side=768, generation_fps=12, steps=20, precision="fp16",
         controlnet_every=2, output_long_side=1920,
+        coherence=PresetCoherence(anchor=True, anchor_pool=2, seamless=True, chunk_overlap=1),
     ),
     # Few-step: what `standard` plans, denoised in 6 LCM steps with CFG off (guidance 1: one UNet
     # row per frame, not two), which only a few-step model does well: it needs a few-step LoRA
@@ -69,11 +129,13 @@ PRESETS: dict[str, Preset] = {
     "turbo": Preset(
         generation_long_side=None, generation_fps=12, steps=6, scheduler="lcm", precision="fp16",
         guidance_scale=1.0, few_step=True, controlnet_every=4, output_long_side=1920,
+        coherence=COHERENCE_OFF,
     ),
     # The baseline: what a straightforward implementation would run for the same output.
     "naive": Preset(
         generation_long_side=1920, generation_fps=25, steps=30, precision="fp32",
         controlnet_every=1, output_long_side=1920, batching=False, cache=False,
+        coherence=COHERENCE_OFF,
     ),
 }  # fmt: skip
 

@@ -190,11 +190,20 @@ def job_keys(
     return keys
 
 
+# The fields of `ChunkSpec.key_fields` that name a frame's own noise (mode and window).
+NOISE_KEY_FIELDS = ("noise", "noise_window")
+
+
 def generation_key(keys: JobKeys, plan, span: tuple[int, int], request: dict,
                    anchor_key: str | None = None) -> str:  # fmt: skip
     """Key of one chunk's generated frames: its poses, the diffusion settings and the prompt
     (and, when the anchor is a reference image, that image's bytes; with anchor attention, the
-    key of the anchor keyframe it anchors on)."""
+    key of the anchor keyframe it anchors on). The noise mode and window count only where a
+    frame's own noise acts."""
+    if not diffusion.own_noise_acts(plan.generation.scheduler, request.get("noise_sharing", 1.0)):
+        # The noise mode and window cannot change these frames (`own_noise_acts`): left out,
+        # so seamless noise alone keeps the keys (and the cache) of per-chunk noise.
+        request = {k: v for k, v in request.items() if k not in NOISE_KEY_FIELDS}
     settings = {"generation": plan.generation, "request": request, "frames": list(span)}
     inputs = [keys.motion] + ([keys.reference] if keys.reference else [])
     inputs += [anchor_key] if anchor_key else []

@@ -20,6 +20,7 @@ from deployments.diffusion.noise import (
     derive_seed,
     initial_latents,
     job_window_noise,
+    own_noise_acts,
     step_generators,
 )
 from deployments.diffusion.settings import (
@@ -101,6 +102,7 @@ __all__ = [
     "derive_seed",
     "initial_latents",
     "job_window_noise",
+    "own_noise_acts",
     "keyframe_blend",
     "keyframe_indices",
     "latent_area_weight",

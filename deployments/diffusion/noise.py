@@ -18,6 +18,11 @@ Decisions (the why):
   of noise per context window) without its shuffle: the shuffle serves a temporal attention
   window, which SD 1.5 frames do not have; frame by frame, a permuted neighbour would flicker.
   With noise_sharing = 1 (the default) every frame gets the shared tensor in both modes.
+- So a frame's own noise, and with it the noise mode and window, acts only where
+  `own_noise_acts`: noise_sharing below 1, or a scheduler whose step draws noise
+  (`STEP_NOISE_SCHEDULERS`). DPM++ 2M (its dpmsolver++ algorithm, not the SDE variant) and
+  UniPC are deterministic given the initial latents; elsewhere the generation key leaves the
+  noise fields out, as they cannot change a frame.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ from deployments.diffusion.settings import LATENT_CHANNELS, ChunkRequest, Schedu
 
 if TYPE_CHECKING:
     import torch
+
+# Schedulers whose step draws noise from `step_generators` (Euler ancestral; LCM's multistep
+# sampling re-noises between steps).
+STEP_NOISE_SCHEDULERS: frozenset[str] = frozenset({"euler_a", "lcm"})
+
+
+def own_noise_acts(scheduler: str, noise_sharing: float) -> bool:
+    """Whether a frame's own noise (so the noise mode and window) can change its frames."""
+    return noise_sharing < 1.0 or scheduler in STEP_NOISE_SCHEDULERS
 
 
 def derive_seed(*parts: object) -> int:
