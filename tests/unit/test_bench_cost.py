@@ -21,7 +21,11 @@ def test_levers_stacked_reach_the_standard_plan_and_a_repeat_costs_nothing():
     assert rows["fp16"]["cumulative"]["step_saving_pct"] == 0.0  # unmeasured: x1.0
     assert rows["cache"]["cumulative"]["units"] == 0.0
     assert rows["cache"]["cumulative"]["spot"] == 0.0
-    savings = [row["cumulative"]["saving_pct"] for row in table["rows"]]
+    # Every lever saves but coherence, which costs its (bounded) share.
+    assert -cost.COHERENCE_BUDGET_PCT <= rows["coherence"]["cumulative"]["step_saving_pct"] < 0
+    savings = [
+        row["cumulative"]["saving_pct"] for row in table["rows"] if row["key"] != "coherence"
+    ]
     assert savings == sorted(savings)
 
 
@@ -81,7 +85,8 @@ def test_naive_bills_its_cpu_side_stages_at_the_gpu_price():
 
 def test_full_size_prediction_is_the_estimate_and_far_below_naive():
     standard = cost.full_size_prediction("standard")
-    assert standard["generation"] == "768x432" and standard["generated_frames"] == 120
+    # 120 frames and the anchor keyframe (standard's anchor attention)
+    assert standard["generation"] == "768x432" and standard["generated_frames"] == 121
     assert standard["naive"]["generation"] == "1920x1080"
     assert standard["naive"]["generated_frames"] == 250
     assert standard["naive"]["work_units"]["total"] / standard["work_units"]["total"] > 20
@@ -94,20 +99,47 @@ def test_precision_rows_run_on_cpu(tiny_sd):
     assert all(row["s_per_unit"] > 0 and row["peak_gib"] is None for row in rows)
 
 
-def test_anchor_row_splits_its_overhead_and_keeps_the_budget():
+def test_standard_coherence_splits_its_overhead_and_keeps_the_budget():
+    plain = cost.full_size_prediction("standard", coherence=cost.NO_COHERENCE)
     standard = cost.full_size_prediction("standard")
-    anchored = cost.full_size_prediction("standard", cost.ANCHOR_OVERRIDES)
-    assert anchored["anchor"] == "first_keyframe" and standard["anchor"] == "off"
-    assert anchored["naive"]["work_units"] == standard["naive"]["work_units"]
-    row = cost.anchor_overhead(standard, anchored)
+    assert (standard["anchor"], standard["anchor_pool"], standard["noise"]) == (
+        "first_keyframe", 4, "job_windows")  # fmt: skip
+    assert (plain["anchor"], plain["noise"]) == ("off", "per_chunk")
+    assert standard["naive"]["work_units"] == plain["naive"]["work_units"]
+    row = cost.anchor_overhead(plain, standard)
     print(cost.format_anchor({"anchor": row, "ratios_vs_naive": {"work_units": 22.0}}))
     parts = row["keyframe_pct"] + row["anchor_pass_pct"] + row["wider_attention_pct"]
-    assert row["overhead_pct"] == pytest.approx(parts, abs=0.03)
-    assert 0 < row["keyframe_pct"] < row["wider_attention_pct"] < row["anchor_pass_pct"]
-    assert row["anchor_pass_pct"] < row["overhead_pct"]
-    assert row["overhead_pct"] < cost.ANCHOR_BUDGET_PCT
-    naive = anchored["naive"]["work_units"]["total"]
-    assert naive / anchored["work_units"]["total"] >= 20
+    assert row["overhead_pct"] == pytest.approx(parts, abs=0.03)  # job noise is free
+    # pool 4: the wider attention costs 1/16 of a full-size anchor's, about the keyframe's
+    assert 0 < max(row["keyframe_pct"], row["wider_attention_pct"]) < row["anchor_pass_pct"]
+    assert row["overhead_pct"] <= cost.COHERENCE_BUDGET_PCT
+    naive = standard["naive"]["work_units"]["total"]
+    assert naive / standard["work_units"]["total"] >= 20
+
+
+def test_coherence_rows_beside_the_budget():
+    section = cost.coherence_rows()
+    print(cost.format_coherence(section))
+    rows = {row["row"]: row for row in section["rows"]}
+    assert rows["no coherence"]["overhead_pct"] == 0.0
+    assert rows["seamless only (job noise)"]["overhead_pct"] == 0.0  # the noise is free
+    assert rows["high, no coherence"]["overhead_pct"] == 0.0
+    standard = rows["standard: anchor pool 4 + job noise"]
+    anchor_only = rows["anchor only (pool 4)"]
+    assert standard["work_units"] == anchor_only["work_units"]
+    assert section["budget_met"] and standard["within_budget"] and standard["x_naive"] >= 20
+    assert 0 < standard["overhead_pct"] == section["standard_overhead_pct"]
+    # A finer anchor and an overlap frame each cost more; high's settings together exceed the
+    # standard budget, which is why they are high's and not standard's.
+    finer, overlap = rows["anchor pool 2 + job noise"], rows["pool 4 + job noise + 1 overlap"]
+    high_settings = rows["high's: pool 2 + job noise + 1 overlap"]
+    assert standard["overhead_pct"] < finer["overhead_pct"] < high_settings["overhead_pct"]
+    assert standard["overhead_pct"] < overlap["overhead_pct"] < high_settings["overhead_pct"]
+    # 120 frames in 8 chunks of 16: 7 chunks generate 1 overlap frame more; +1: the keyframe
+    assert [standard["generated_frames"], overlap["generated_frames"]] == [121, 128]
+    high = rows["high (its coherence)"]
+    assert (high["anchor_pool"], high["noise"], high["chunk_overlap"]) == (2, "job_windows", 1)
+    assert high["work_units"]["total"] > rows["high, no coherence"]["work_units"]["total"]
 
 
 def test_turbo_levers_stack_to_the_turbo_plan_and_cost_no_lora_work():
@@ -119,7 +151,7 @@ def test_turbo_levers_stack_to_the_turbo_plan_and_cost_no_lora_work():
         "6 lcm steps (few-step LoRA)",
         "CFG off (guidance 1.0)",
     ]
-    standard = full_size_prediction("standard")
+    standard = full_size_prediction("standard", coherence=cost.NO_COHERENCE)  # turbo has none
     turbo = full_size_prediction("turbo")
     # A third of the steps and half the UNet/ControlNet rows per step; VAE decodes unchanged.
     assert turbo["work_units"]["unet_evals"] * 6 == standard["work_units"]["unet_evals"]

@@ -21,10 +21,12 @@ from serve.cost import generated_frame_count, predict_generation_units
 from serve.local_run import edit_video
 from serve.orchestrator import chunk_spans, generation_spans
 from serve.pipeline import make_plan
-from serve.schemas import JobRequest
+from serve.schemas import Coherence, JobRequest
 from tests.conftest import FAST_OVERRIDES
 
 SEAMLESS = {"noise": "job_windows", "chunk_overlap": 2}
+# Standard as it was before presets had coherence (anchor and seamless chunks both off).
+NO_COHERENCE = Coherence(anchor=False, seamless=False)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # Other rows or batch sizes round differently on CPU and random weights amplify it over the
@@ -102,10 +104,17 @@ def test_seamless_settings_are_overrides_with_bounds():
     assert (plan.noise, plan.chunk_overlap, plan.overlap_before(0), plan.overlap_before(3)) == (
         "job_windows", 2, 0, 2)  # fmt: skip
     assert "2 overlap frame(s)" in plan.explain()[-1]
-    default = make_plan("standard", 1920, 1080, model_id="tiny")
-    assert len(default.explain()) == 5  # nothing new said about today's plans
-    with pytest.raises(InvalidSettingError, match="needs noise 'job_windows'"):
-        make_plan("standard", 1920, 1080, model_id="tiny", overrides={"chunk_overlap": 1})
+    plain = make_plan("standard", 1920, 1080, model_id="tiny", coherence=NO_COHERENCE)
+    assert len(plain.explain()) == 5  # nothing new said about plans without seamless chunks
+    overlap_without_job_noise = [
+        ("draft", {"chunk_overlap": 1}, None),
+        ("standard", {"chunk_overlap": 1, "noise": "per_chunk"}, None),
+        ("standard", {"chunk_overlap": 1}, NO_COHERENCE),
+    ]
+    for preset, overrides, coherence in overlap_without_job_noise:
+        with pytest.raises(InvalidSettingError, match="needs noise 'job_windows'"):
+            make_plan(preset, 1920, 1080, model_id="tiny", overrides=overrides,
+                      coherence=coherence)  # fmt: skip
     with pytest.raises(InvalidSettingError, match="less than chunk_frames"):
         make_plan("draft", 640, 360, model_id="tiny",
                   overrides={**SEAMLESS, "chunk_overlap": 4, "chunk_frames": 4})  # fmt: skip
@@ -115,7 +124,9 @@ def test_seamless_settings_are_overrides_with_bounds():
 
 def test_keys_of_plans_without_seamless_chunks_did_not_change():
     """Computed with the code before seamless chunks existed (commit d6c5242)."""
-    plan = make_plan("standard", 1920, 1080, model_id="tiny", overrides={"steps": 4})
+    plan = make_plan(
+        "standard", 1920, 1080, model_id="tiny", overrides={"steps": 4}, coherence=NO_COHERENCE
+    )
     keys = stages.job_keys("0" * 64, plan)
     spec = ChunkSpec(job_id="j", chunk_index=0, prompt="p", seed=3)
     spans = generation_spans(chunk_spans(50, plan.chunk_frames), plan)
@@ -312,16 +323,3 @@ def test_a_retried_chunk_with_overlap_gives_the_same_video_and_is_billed_once(
     report, retried = run_job(short_clip, tmp_path, monkeypatch, "flaky", **SEAMLESS)
     assert FlakyStages.failed and np.array_equal(clean, retried)
     assert report["plan"]["work_units"] == report["plan"]["predicted_work_units"]
-
-
-def test_cost_benchmark_rows_for_seamless_chunks():
-    from benchmarks.cost import format_seamless, seamless_rows
-
-    section = seamless_rows()
-    rows = {row["row"]: row for row in section["rows"]}
-    assert rows["job noise"]["overhead_pct"] == 0.0  # the noise is free
-    # 120 frames in 8 chunks of 16: 7 chunks generate 1 (2) overlap frames more
-    assert [row["generated_frames"] for row in rows.values()] == [120, 127, 134]
-    assert 0 < rows["job noise + 1 overlap frame"]["overhead_pct"] < section["budget_pct"]
-    assert all(row["x_naive"] >= 20 for row in rows.values())
-    assert "+5.20%" in format_seamless(section)
