@@ -71,6 +71,20 @@ def test_each_post_documents_its_request_bodies(document):
     assert estimate["schema"] == {"$ref": SCHEMAS + "EstimateRequest"}
 
 
+def test_the_coherence_switches_are_documented(document):
+    schemas = document["components"]["schemas"]
+    field = schemas["JobRequest"]["properties"]["coherence"]
+    assert {"$ref": SCHEMAS + "Coherence"} in field["anyOf"] and field["description"]
+    coherence = schemas["Coherence"]
+    assert coherence["additionalProperties"] is False and coherence["description"]
+    assert set(coherence["properties"]) == {"anchor", "seamless"}
+    for name, prop in coherence["properties"].items():
+        assert {"type": "boolean"} in prop["anyOf"] and prop["default"] is None, name
+        assert "preset" in prop["description"], name
+    # S3 bodies and estimates carry the same request model
+    assert "coherence" in schemas["S3JobRequest"]["properties"]
+
+
 def test_every_response_references_a_model_or_the_error_schema(document):
     for path, operations in document["paths"].items():
         for method, operation in operations.items():

@@ -139,14 +139,17 @@ def test_a_reference_turns_the_anchor_on_unless_the_request_says_otherwise():
     class Info:
         width, height = 640, 360
 
-    def anchor(reference, **overrides):
-        request = JobRequest(prompt="a dancer", overrides=overrides)
+    def anchor(reference, preset="draft", **overrides):
+        request = JobRequest(prompt="a dancer", preset=preset, overrides=overrides)
         return plan_for(args, request, Info(), reference)["generation"].get("anchor", "off")
 
     assert anchor(True) == "reference"
     assert anchor(True, anchor="off") == "off"
     assert anchor(True, anchor="first_keyframe") == "first_keyframe"
-    assert anchor(False) == "off" and anchor(None) == "off"
+    assert anchor(False) == "off" and anchor(None) == "off"  # draft has no anchor of its own
     assert anchor(None, anchor="reference") == "reference"  # an estimate
+    # standard anchors every job: on its first keyframe, or with a reference on the reference
+    assert anchor(False, "standard") == "first_keyframe" == anchor(None, "standard")
+    assert anchor(True, "standard") == "reference"
     with pytest.raises(InvalidSettingError, match="needs a reference image"):
         anchor(False, anchor="reference")
