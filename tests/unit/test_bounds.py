@@ -78,7 +78,7 @@ def test_plans_the_pipeline_could_not_deliver_are_refused(source, kwargs, messag
 
 
 def test_an_estimate_counts_the_frames_after_retiming():
-    args = AppArgs()
+    args = AppArgs(default_preset="draft")  # no anchor keyframe: the edited frames alone
     plain = estimate(args, JobRequest(prompt="x"), 10, 640, 360)
     slow = estimate(args, JobRequest(prompt="x", styles=["retime=0.5"]), 10, 640, 360)
     fast = estimate(args, JobRequest(prompt="x", styles=["retime=10", "retime=10"]), 10, 640, 360)

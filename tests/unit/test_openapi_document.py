@@ -79,7 +79,7 @@ def test_the_coherence_switches_are_documented(document):
     assert coherence["additionalProperties"] is False and coherence["description"]
     assert set(coherence["properties"]) == {"anchor", "seamless"}
     for name, prop in coherence["properties"].items():
-        assert {"type": "boolean"} in prop["anyOf"] and prop["default"] is None, name
+        assert {"type": "boolean"} in prop["anyOf"] and prop.get("default") is None, name
         assert "preset" in prop["description"], name
     # S3 bodies and estimates carry the same request model
     assert "coherence" in schemas["S3JobRequest"]["properties"]
