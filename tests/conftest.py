@@ -133,3 +133,11 @@ def motionserve(capfd):
     from tests.cli import motionserve_fixture
 
     return motionserve_fixture(capfd)
+
+
+def pytest_collection_modifyitems(items):
+    """The modules on the shared e2e server run together, after those that start servers of
+    their own (tests/ordering.py)."""
+    from tests.ordering import order_packages
+
+    order_packages(items)
