@@ -121,3 +121,23 @@ def short_clip(sample_video, tmp_path_factory) -> Path:
 
 # Generation at 128 px, output at 256 px, 4 steps: every lever of the pipeline runs, in seconds.
 FAST_OVERRIDES = {"generation_long_side": 128, "output_long_side": 256, "steps": 4}
+
+
+# --- The `motionserve` command in this process (tests/cli.py) ----------------------------------
+
+
+@pytest.fixture
+def motionserve(capfd):
+    """Runs `motionserve ARGS` through `serve.cli.main` in this process; returns a CliResult
+    (returncode, stdout, stderr), like a finished subprocess."""
+    from tests.cli import motionserve_fixture
+
+    return motionserve_fixture(capfd)
+
+
+def pytest_collection_modifyitems(items):
+    """The modules on the shared e2e server run together, after those that start servers of
+    their own (tests/ordering.py)."""
+    from tests.ordering import order_packages
+
+    order_packages(items)

@@ -106,8 +106,11 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def server(moto_s3, tmp_path_factory) -> Server:
+    """One server for every e2e module that takes it (tests/ordering.py runs them together);
+    stopped at the end of the e2e tests. Modules that kill, restart or reconfigure a server
+    start their own (make_server)."""
     instance = make_server(moto_s3, tmp_path_factory.mktemp("server"))
     instance.start()
     yield instance
@@ -125,7 +128,7 @@ def make_server(moto_s3, folder: Path, ingress_replicas: int = 1) -> Server:
         api_keys=[{"tenant": t, "key_sha256": hash_api_key(k)} for t, k in KEYS.items()],
         allowed_input_buckets=[moto_s3.bucket],
         max_active_jobs=3,
-        job_lease_s=3,  # the restart test's resume waits for the dead app's lease to lapse
+        job_lease_s=3,  # a restart's resume waits for the dead app's lease to lapse
     )
     (ingress,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress"]
     ingress["num_replicas"] = ingress_replicas

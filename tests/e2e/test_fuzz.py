@@ -38,7 +38,8 @@ CHECKS = [
 ]
 
 
-# The module's `server` is its own (module scope); the fuzzer's tenant is one more guard.
+# The server is shared with other modules (tests/ordering.py runs the fuzzer last on it); the
+# fuzzer acts as a tenant under which no other module submits work, one more guard.
 FUZZ_TENANT = "globex"
 
 

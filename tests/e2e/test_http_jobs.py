@@ -1,4 +1,7 @@
-"""HTTP against a real `motionserve serve`: jobs, cache, tenants, bad input, S3, restarts."""
+"""HTTP against a real `motionserve serve`: jobs, cache, tenants, bad input, S3, a replica lost.
+
+The server is the e2e package's shared one (tests/ordering.py); restarts of a server are in
+test_shutdown.py, on a server of its own."""
 
 from __future__ import annotations
 
@@ -291,29 +294,6 @@ def test_a_diffusion_replica_killed_mid_job_does_not_fail_the_job(server, short_
     assert server.replica_pids("Diffusion") not in ([], [victim])  # a new replica served it
     plan = status["report"]["plan"]
     assert plan["work_units"] == plan["predicted_work_units"]  # every chunk billed once
-
-
-def test_restart_mid_job_resumes_without_recomputing(server, short_clip):
-    with server.client() as client:
-        # Many small chunks and more steps: long enough to be caught mid-way.
-        job_id = submit(client, short_clip, seed=77, chunk_frames=2, steps=12).json()["job_id"]
-        before = wait(client, job_id, until=lambda s: len(s["checkpointed_chunks"]) >= 2
-                      or s["state"] in TERMINAL)  # fmt: skip
-    assert before["state"] == "running", "the job finished before it could be interrupted"
-    server.kill()
-    server.start()
-    with server.client() as client:
-        status = wait(client, job_id)
-    assert status["state"] == "done" and status["attempts"] == 2
-    checkpointed = set(before["checkpointed_chunks"])
-    redone = {
-        r["chunk"] for r in status["ledger"]
-        if r["attempt"] == 2 and r["chunk"] in checkpointed and not r["cache_hit"]
-    }  # fmt: skip
-    assert not redone, f"checkpointed chunks {sorted(redone)} were computed again"
-    first = {r["chunk"] for r in status["ledger"] if r["attempt"] == 1 and r["chunk"] is not None}
-    assert checkpointed <= first  # their cost is still in the ledger and the report
-    assert status["report"]["attempts"] == 2
 
 
 def reference_images(folder) -> dict[str, tuple[bytes, int, str]]:

@@ -12,6 +12,19 @@ import pytest
 from tests.e2e.test_http_jobs import TERMINAL, ffprobe, job_request, submit, wait
 
 
+@pytest.fixture(scope="module")
+def short_clip(short_clip, tmp_path_factory):
+    """The short clip mirrored (same size, length and audio, other content): this module's own
+    input on the shared server, so nothing another module computed is a cache hit here; the
+    preview below is what fills the cache its job hits."""
+    from deployments.video import DecodeSettings, EncodeSettings, decode_all, encode_mp4
+
+    frames = decode_all(short_clip, DecodeSettings(fps=25, width=640))
+    path = tmp_path_factory.mktemp("previews") / "mirrored.mp4"
+    encode_mp4(frames[:, :, ::-1].copy(), path, EncodeSettings(fps=25, audio_from=str(short_clip)))
+    return path
+
+
 def submit_preview(client: httpx.Client, video, **overrides) -> httpx.Response:
     with open(video, "rb") as handle:
         return client.post(
@@ -44,6 +57,7 @@ def test_preview_runs_no_gpu_work_and_fills_the_cache_the_job_hits(server, short
         preview = report["preview"]
         assert preview["work_units"]["unet_evals"] == 0 and preview["gpu_seconds"] == 0
         assert {r["stage"] for r in status["ledger"]} == {"decode", "pose", "motion", "preview"}
+        assert not any(r["cache_hit"] for r in status["ledger"]), status["ledger"]  # all computed
         assert all(r["gpu_s"] == 0 and r["device"] == "cpu" for r in status["ledger"])
         estimate = report["estimate"]  # the full job: 2 s at 12 fps = 24 generated frames
         assert estimate["plan"]["generated_frames"] == 24

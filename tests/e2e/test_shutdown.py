@@ -1,5 +1,8 @@
 """Stopping `motionserve serve`: SIGTERM hands running jobs back and leaves no Ray process
-within the bound; a kill -9 leaves none either, and an immediate restart resumes the jobs."""
+within the bound; a kill -9 leaves none either, and an immediate restart resumes the jobs; a
+server killed whole (its Ray too) resumes its job without recomputing what was checkpointed.
+These tests stop and start their own server (the shared one of tests/e2e/conftest.py must stay
+up for the other modules)."""
 
 from __future__ import annotations
 
@@ -103,6 +106,30 @@ def test_kill_9_then_immediate_restart_resumes(server, short_clip):
     with server.client() as client:
         status = wait(client, job_id)
     assert status["state"] == "done" and status["attempts"] == 2, status["error"]
+
+
+def test_restart_mid_job_resumes_without_recomputing(server, short_clip):
+    with server.client() as client:
+        # Many small chunks and more steps: long enough to be caught mid-way.
+        job_id = submit(client, short_clip, seed=77, chunk_frames=2, steps=12).json()["job_id"]
+        before = wait(client, job_id, until=lambda s: len(s["checkpointed_chunks"]) >= 2
+                      or s["state"] in TERMINAL)  # fmt: skip
+    assert before["state"] == "running", "the job finished before it could be interrupted"
+    set_lease(server, 3)  # the next start adopts the dead app's (unreleased) job soon
+    server.kill()  # the app and its Ray cluster at once, as a lost node
+    server.start()
+    with server.client() as client:
+        status = wait(client, job_id)
+    assert status["state"] == "done" and status["attempts"] == 2
+    checkpointed = set(before["checkpointed_chunks"])
+    redone = {
+        r["chunk"] for r in status["ledger"]
+        if r["attempt"] == 2 and r["chunk"] in checkpointed and not r["cache_hit"]
+    }  # fmt: skip
+    assert not redone, f"checkpointed chunks {sorted(redone)} were computed again"
+    first = {r["chunk"] for r in status["ledger"] if r["attempt"] == 1 and r["chunk"] is not None}
+    assert checkpointed <= first  # their cost is still in the ledger and the report
+    assert status["report"]["attempts"] == 2
 
 
 def test_a_port_in_use_fails_with_one_line(server):

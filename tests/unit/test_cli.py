@@ -1,32 +1,35 @@
-"""The `motionserve` command, run as a real subprocess."""
+"""The `motionserve` command: in this process through `serve.cli.main` (tests/cli.py), and
+once as the installed console script in a real process (the entry point itself)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
+import sysconfig
 from pathlib import Path
 
 import cv2
 import pytest
 
 from deployments.video import DecodeSettings, decode_all
+from tests.cli import assert_user_error
 
 
-def motionserve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "serve.cli", *args], capture_output=True, text=True, timeout=300
-    )
+def test_the_console_script_runs_main_and_exits_with_its_status(sample_video, tmp_path):
+    """The installed `motionserve` executable (pyproject's [project.scripts]) in a process of
+    its own: output on stdout, a user error as exit status 2 with one line on stderr."""
+    script = Path(sysconfig.get_path("scripts")) / "motionserve"
+    assert script.is_file(), f"{script}: the console script is not installed"
+    result = subprocess.run([str(script), "probe", str(sample_video)], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["codec"] == "vp9"
+    result = subprocess.run([str(script), "probe", str(tmp_path / "nope.mp4")],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert_user_error(result, "no such file")
 
 
-def assert_user_error(result: subprocess.CompletedProcess, phrase: str) -> None:
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and phrase in error_lines[0], result.stderr
-
-
-def test_probe_prints_json(sample_video):
+def test_probe_prints_json(motionserve, sample_video):
     result = motionserve("probe", str(sample_video))
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
@@ -37,13 +40,13 @@ def test_probe_prints_json(sample_video):
     "content,phrase",
     [(b"", "empty"), (b"hello " * 100, "not a video"), (b"\x00\x00\x00\x18ftypmp42", "truncated")],
 )
-def test_probe_bad_input_is_one_line(tmp_path, content, phrase):
+def test_probe_bad_input_is_one_line(motionserve, tmp_path, content, phrase):
     path = tmp_path / "bad.mp4"
     path.write_bytes(content)
     assert_user_error(motionserve("probe", str(path)), phrase)
 
 
-def test_pose_then_motion_with_render(sample_video, tmp_path):
+def test_pose_then_motion_with_render(motionserve, sample_video, tmp_path):
     poses = tmp_path / "poses.json"
     result = motionserve(
         "pose", str(sample_video), "-o", str(poses), "--fps", "6", "--width", "256"
@@ -77,7 +80,7 @@ def test_pose_then_motion_with_render(sample_video, tmp_path):
     assert rendered.max() > 200 and (rendered.mean(axis=(1, 2, 3)) < 40).all()  # colour on black
 
 
-def test_pose_on_images_and_render_to_directory(sample_video, tmp_path):
+def test_pose_on_images_and_render_to_directory(motionserve, sample_video, tmp_path):
     frames = decode_all(sample_video, DecodeSettings(fps=1, width=384, max_frames=2))
     images = []
     for i, frame in enumerate(frames):
@@ -95,7 +98,7 @@ def test_pose_on_images_and_render_to_directory(sample_video, tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == ["pose_00000.png", "pose_00001.png"]
 
 
-def test_motion_rejects_bad_style_and_bad_json(tmp_path):
+def test_motion_rejects_bad_style_and_bad_json(motionserve, tmp_path):
     poses = tmp_path / "p.json"
     poses.write_text("{not json")
     assert_user_error(motionserve("motion", str(poses), "-o", str(tmp_path / "o.json")), "not JSON")
@@ -105,18 +108,18 @@ def test_motion_rejects_bad_style_and_bad_json(tmp_path):
     assert not Path(tmp_path / "o.json").exists()
 
 
-def test_unknown_style_names_the_valid_ones(sample_video, tmp_path):
+def test_unknown_style_names_the_valid_ones(motionserve, sample_video, tmp_path):
     poses = tmp_path / "p.json"
     motionserve("pose", str(sample_video), "-o", str(poses), "--fps", "2", "--width", "128")
     result = motionserve("motion", str(poses), "--style", "wobble", "-o", str(tmp_path / "o.json"))
     assert_user_error(result, "exaggerate")
 
 
-def test_missing_file(tmp_path):
+def test_missing_file(motionserve, tmp_path):
     assert_user_error(motionserve("probe", str(tmp_path / "nope.mp4")), "no such file")
 
 
-def test_estimate_predicts_without_running(sample_video):
+def test_estimate_predicts_without_running(motionserve, sample_video):
     result = motionserve("estimate", str(sample_video), "--output", "1920x1080@25", "--json")
     assert result.returncode == 0, result.stderr
     estimate = json.loads(result.stdout)
@@ -128,7 +131,7 @@ def test_estimate_predicts_without_running(sample_video):
     assert_user_error(bad, "WIDTHxHEIGHT")
 
 
-def test_interpolate_and_upscale_commands(short_clip, tmp_path):
+def test_interpolate_and_upscale_commands(motionserve, short_clip, tmp_path):
     frames = decode_all(short_clip, DecodeSettings(fps=25, width=320, max_frames=3))
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     cv2.imwrite(str(a), frames[0][:, :, ::-1])
@@ -152,7 +155,7 @@ def test_interpolate_and_upscale_commands(short_clip, tmp_path):
     assert_user_error(motionserve("interpolate", str(a), "-o", str(mid)), "--fps")
 
 
-def test_bad_reference_is_one_line_and_writes_nothing(short_clip, tmp_path):
+def test_bad_reference_is_one_line_and_writes_nothing(motionserve, short_clip, tmp_path):
     import struct
     import zlib
 
@@ -180,7 +183,7 @@ def test_bad_reference_is_one_line_and_writes_nothing(short_clip, tmp_path):
     out = tmp_path / "out.mp4"
     edit = ["edit", str(short_clip), "-o", str(out), "--prompt", "x"]
     # Every bad image through one command, and one bad image through each other command: the
-    # three share one check (each case is a process start that imports torch: ~2 s).
+    # three share one check.
     runs = [(edit, image, phrase) for image, phrase in cases] + [
         (["preview", str(short_clip), "-o", str(out)], random_bytes, cases[0][1]),
         (["submit", str(short_clip), "--url", "http://127.0.0.1:9", "--prompt", "x"], gif,

@@ -1,12 +1,9 @@
 """The consistency metric (deployments/consistency.py) on synthetic clips, its cache, and the
-`motionserve consistency` command (a real subprocess; bad input through `cli.main`)."""
+`motionserve consistency` command (in process through `cli.main`, tests/cli.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from fractions import Fraction
 
 import cv2
@@ -149,18 +146,14 @@ def test_figures_are_cached_by_content(clips, tmp_path, monkeypatch):
 # --- the command -------------------------------------------------------------------------
 
 
-def motionserve(cache_dir, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MOTIONSERVE_CACHE_DIR": str(cache_dir)}
-    env.pop("MOTIONSERVE_STORAGE_URI", None)
-    return subprocess.run(
-        [sys.executable, "-m", "serve.cli", "consistency", *args],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+def consistency_command(motionserve, cache_dir, *args: str):
+    env = {"MOTIONSERVE_CACHE_DIR": str(cache_dir), "MOTIONSERVE_STORAGE_URI": None}
+    return motionserve("consistency", *args, env=env)
 
 
-def test_command_prints_figures_and_caches_them(clips, tmp_path):
+def test_command_prints_figures_and_caches_them(motionserve, clips, tmp_path):
     args = [str(clips["cut"]), "--source", str(clips["smooth"]), "--json"]
-    result = motionserve(tmp_path, *args)
+    result = consistency_command(motionserve, tmp_path, *args)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["settings"]["chunk_frames"] == Plan.model_fields["chunk_frames"].default
@@ -169,11 +162,11 @@ def test_command_prints_figures_and_caches_them(clips, tmp_path):
     assert doc["source"]["seam_ratio"] == pytest.approx(1.0, abs=0.05)
     assert doc["output"]["warp_error"] > doc["source"]["warp_error"]
 
-    again = json.loads(motionserve(tmp_path, *args).stdout)
+    again = json.loads(consistency_command(motionserve, tmp_path, *args).stdout)
     assert again["output"]["cache_hit"] and again["source"]["cache_hit"]
     assert again["output"]["seam_ratio"] == doc["output"]["seam_ratio"]
 
-    text = motionserve(tmp_path, str(clips["cut"]), "--chunk-frames", "8")
+    text = consistency_command(motionserve, tmp_path, str(clips["cut"]), "--chunk-frames", "8")
     assert text.returncode == 0, text.stderr
     assert "seam ratio" in text.stdout and "(7 boundaries)" in text.stdout
 

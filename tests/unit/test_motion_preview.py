@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 
 import av
 import numpy as np
@@ -169,13 +167,17 @@ def test_a_job_decodes_and_poses_in_separate_records(short_clip, tmp_path):
     assert stages["decode"]["seconds"] > 0 and stages["pose"]["seconds"] > 0
 
 
-def run_cli(*args: str, store) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MOTIONSERVE_STORAGE_URI": str(store)}
-    return subprocess.run([sys.executable, "-m", "serve.cli", *args], capture_output=True,
-                          text=True, timeout=300, env=env)  # fmt: skip
+@pytest.fixture
+def run_cli(motionserve):
+    """`motionserve ARGS` in this process (tests/cli.py) with its store at `store`."""
+
+    def run(*args: str, store):
+        return motionserve(*args, env={"MOTIONSERVE_STORAGE_URI": str(store)})
+
+    return run
 
 
-def test_cli_preview_writes_the_mp4_and_the_report(short_clip, tmp_path):
+def test_cli_preview_writes_the_mp4_and_the_report(run_cli, short_clip, tmp_path):
     out, report = tmp_path / "p.mp4", tmp_path / "p.json"
     result = run_cli("preview", str(short_clip), "--style", "smooth", "--style", "mirror",
                      "--preset", "draft", "-o", str(out), "--report", str(report),
@@ -187,7 +189,7 @@ def test_cli_preview_writes_the_mp4_and_the_report(short_clip, tmp_path):
     assert json.loads(report.read_text())["preview"]["gpu_seconds"] == 0
 
 
-def test_cli_preview_bad_input_is_one_line(tmp_path):
+def test_cli_preview_bad_input_is_one_line(run_cli, tmp_path):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"hello " * 100)
     result = run_cli("preview", str(bad), "-o", str(tmp_path / "p.mp4"), store=tmp_path / "s")
@@ -198,7 +200,7 @@ def test_cli_preview_bad_input_is_one_line(tmp_path):
     assert result.returncode == 2 and "moonwalk" in result.stderr
 
 
-def test_cli_anchor_frame_without_anchor_attention_is_one_line(short_clip, tmp_path):
+def test_cli_anchor_frame_without_anchor_attention_is_one_line(run_cli, short_clip, tmp_path):
     out, png = tmp_path / "p.mp4", tmp_path / "a.png"
     result = run_cli("preview", str(short_clip), "--preset", "draft", "-o", str(out),
                      "--anchor-frame", str(png), store=tmp_path / "s")  # fmt: skip
