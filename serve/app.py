@@ -18,12 +18,15 @@ from typing import Any, Literal
 import ray
 from ray import serve
 from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
     NodeDiedError,
     ObjectLostError,
+    OwnerDiedError,
     RayActorError,
     WorkerCrashedError,
 )
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeStatus
 
@@ -48,11 +51,19 @@ from serve.stages import Frames, JobKeys, StageContext, StageRecord
 logger = logging.getLogger("ray.serve")
 
 # Failures of the infrastructure, not of a stage's code: the orchestrator runs the chunk again.
-# (ActorDiedError and ActorUnavailableError are RayActorErrors; OwnerDiedError an ObjectLostError.)
+# Named one by one although some are subclasses of others, so that none is dropped by a change
+# of Ray's hierarchy: a spot node hard-killed mid-call fails the replica's in-flight calls with
+# ActorUnavailableError (the node is unreachable, not yet known dead) and later ones with
+# ActorDiedError, and Serve does not retry either; a chained call whose upstream replica died
+# gets a RayServeException caused by ActorDiedError (`is_transient` follows the causes).
 TRANSIENT_RAY_ERRORS = (
+    ActorUnavailableError,
+    ActorDiedError,
     RayActorError,
+    ReplicaUnavailableError,
     WorkerCrashedError,
     NodeDiedError,
+    OwnerDiedError,
     ObjectLostError,
     BackPressureError,
 )
