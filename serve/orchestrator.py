@@ -115,6 +115,11 @@ class StageCalls(Protocol):
         """True for an infrastructure failure worth retrying (a dead replica or node)."""
         ...
 
+    async def settled(self, call: Awaitable[Frames]) -> None:
+        """Return once a chunk call has finished; raise its error if it failed. A result is
+        not fetched (its frames stay where they are)."""
+        ...
+
 
 def chunk_spans(frames: int, chunk_frames: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_frames, frames)) for start in range(0, frames, chunk_frames)]
@@ -358,13 +363,16 @@ class _ChunkRun:
         return start - self.plan.overlap_before(chunk), stop
 
     def _pipeline(self, chunk: int):
+        """The chunk's chained calls; returns its own calls after the generations (upscale,
+        interpolate, encode: the last one's result is the chunk's) and the generation calls
+        it uses (its own and its successor's, shared with the neighbouring chunks)."""
         first, stop = self.spans[chunk]
         has_next = chunk + 1 < len(self.spans)
+        generations = [self._generation(chunk, chunk)]
+        if has_next:
+            generations.append(self._generation(chunk + 1, chunk))
         upscaled = self._made(chunk, self.calls.upscale(
-            self._generation(chunk, chunk),
-            self._generation(chunk + 1, chunk) if has_next else None,
-            self.plan,
-            chunk,
+            generations[0], generations[1] if has_next else None, self.plan, chunk,
         ))  # fmt: skip
         total = self.spans[-1][1]
         frames = self._made(
@@ -372,7 +380,10 @@ class _ChunkRun:
         )
         self.generated.pop(chunk - 1, None)  # no later chunk needs it: free its object
         self.maps.pop(chunk - 1, None)
-        return self._made(chunk, self.calls.encode(frames, self.seg_keys[chunk], self.plan, chunk))
+        encoded = self._made(
+            chunk, self.calls.encode(frames, self.seg_keys[chunk], self.plan, chunk)
+        )
+        return [upscaled, frames, encoded], generations
 
     async def all(self, events: JobEvents, window: int) -> None:
         pending: dict[asyncio.Future, int] = {}
@@ -405,9 +416,35 @@ class _ChunkRun:
         async def run():
             if delay_s:
                 await asyncio.sleep(delay_s)
-            return await self._pipeline(chunk)
+            own, generations = self._pipeline(chunk)
+            return await self._unless_generation_failed(own, generations)
 
         return asyncio.ensure_future(run())
+
+    async def _unless_generation_failed(self, own: list, generations: list):
+        """The chunk's encode result, or the error of a generation call it uses, whichever
+        comes first. A generation whose replica was lost with its node fails with
+        ActorUnavailableError, and a call given that result as an argument (the upscale)
+        does not fail: Serve's router takes the error for its own replica being unavailable
+        and routes it again, forever. So the generation calls are watched themselves."""
+        done_task = asyncio.ensure_future(_awaited(own[-1]))
+        watchers = [asyncio.ensure_future(self.calls.settled(g)) for g in generations]
+        try:
+            pending = {done_task, *watchers}
+            while True:
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if done_task in finished:
+                    return done_task.result()
+                for watcher in finished:
+                    if watcher.exception() is not None:
+                        # Cancel this chunk's calls stuck behind the failed generation, not
+                        # the generations: a neighbour may share them (it watches them too).
+                        for call in own:
+                            call.cancel()
+                        raise watcher.exception()
+        finally:
+            for task in (done_task, *watchers):
+                task.cancel()
 
     async def _finished_before(self, chunk: int, events: JobEvents) -> bool:
         """True for a chunk checkpointed by an earlier attempt (its records are in the ledger
@@ -461,6 +498,10 @@ class _ChunkRun:
             self.generated.pop(generation, None)
             self.maps.pop(generation, None)
         return True
+
+
+async def _awaited(call: Awaitable[Any]) -> Any:
+    return await call
 
 
 def _chunk_specs(

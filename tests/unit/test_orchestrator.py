@@ -153,6 +153,37 @@ def test_an_error_of_the_stage_code_is_not_retried(tmp_path, monkeypatch):
     assert FlakyStages.calls.count(1) == 1
 
 
+class StuckChainStages(FlakyStages):
+    """As Serve does with a call whose argument is a lost replica's result: the upscale given
+    a failed generation never answers (its router retries it forever)."""
+
+    def upscale(self, generated, next_generated, plan, chunk):
+        async def run():
+            inputs = [g for g in (generated, next_generated) if g is not None]
+            await asyncio.wait(inputs)
+            if any(not g.cancelled() and g.exception() is not None for g in inputs):
+                await asyncio.Event().wait()  # stuck until cancelled
+            return await LocalStages.upscale(self, generated, next_generated, plan, chunk)
+
+        return asyncio.ensure_future(run())
+
+
+def test_a_chunk_stuck_behind_a_lost_generation_is_cancelled_and_retried(tmp_path, monkeypatch):
+    """The orchestrator watches each chunk's generation calls itself: when one fails, the
+    chunk's calls chained on it are cancelled and the chunk runs again."""
+    monkeypatch.setattr(local_run, "LocalStages", StuckChainStages)
+    monkeypatch.setattr(orchestrator, "RETRY_BACKOFF_S", 0.0)
+    FlakyStages.failures, FlakyStages.error, FlakyStages.calls = 1, ReplicaDied, []
+    args = AppArgs(storage_uri=str(tmp_path / "store"), upscaler_model="lanczos")
+    job = JobRequest(prompt="a dancer", preset="draft", seed=1,
+                     overrides={**FAST_OVERRIDES, "chunk_frames": 4})  # fmt: skip
+    run = edit_video(request_clip(tmp_path), tmp_path / "out.mp4", job, args)
+    report = asyncio.run(asyncio.wait_for(run, 120))
+    assert report["chunk_retries"] >= 1
+    assert report["plan"]["work_units"] == report["plan"]["predicted_work_units"]
+    assert (tmp_path / "out.mp4").stat().st_size > 0
+
+
 def test_a_job_without_failures_reports_no_retries(tmp_path, monkeypatch):
     report = run_flaky(tmp_path, monkeypatch, failures=0)
     assert report["chunk_retries"] == 0
