@@ -19,6 +19,7 @@ replicas and jobs in flight over time, the faults marked).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -62,6 +63,10 @@ def _without_jobs(phase: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in phase.items() if k != "jobs"}
 
 
+MARKED_EVENTS = ("burst submitted", "spot node killed", "spot node drained",
+                 "last GPU node gone", "spot capacity gone (max 0)")  # fmt: skip
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -76,12 +81,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.step(t, [s["diffusion"] for s in samples], where="post", label="Diffusion replicas",
             linestyle="--")  # fmt: skip
     ax.step(t, [s["jobs"] for s in samples], where="post", label="jobs in flight", alpha=0.5)
-    for event in result["timeline"]["events"]:
-        if event["event"] in ("burst submitted", "spot node killed", "spot node drained",
-                              "last GPU node gone", "spot capacity gone (max 0)"):  # fmt: skip
-            ax.axvline(event["t"], color="grey", linewidth=0.8)
-            ax.text(event["t"], ax.get_ylim()[1] * 0.95, " " + event["event"], fontsize=7,
-                    rotation=90, va="top")  # fmt: skip
+    top = ax.get_ylim()[1]
+    marked = [e for e in result["timeline"]["events"] if e["event"] in MARKED_EVENTS]
+    for i, event in enumerate(marked):
+        ax.axvline(event["t"], color="grey", linewidth=0.8)
+        # labels alternate between two heights: events can fall within a second of each other
+        ax.text(event["t"], top * (0.97 if i % 2 == 0 else 0.55), " " + event["event"],
+                fontsize=7, rotation=90, va="top")  # fmt: skip
     ax.set_xlabel("seconds")
     ax.set_ylabel("count")
     ax.legend(fontsize=8, loc="upper right")
@@ -98,7 +104,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw autoscale.png from the existing autoscale.json")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.plot_only:
+        out = results_dir()
+        plot(json.loads((out / "autoscale.json").read_text()), out / "autoscale.png")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in ("ray", "ray.serve", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
