@@ -424,8 +424,10 @@ class ServeStages(CacheLookup):
     async def settled(self, call: DeploymentResponse) -> None:
         """Once the call has finished, its error if it failed; a result in a node's object
         store is not fetched (`ObjectRef._ready` waits for presence only, as Serve's own
-        chaining does). Results and errors not in plasma are small (inline in the owner)."""
-        ref = await call._to_object_ref()
+        chaining does). Results and errors not in plasma are small (inline in the owner).
+        Shielded: the watch is cancelled when the chunk ends, and cancelling a wait for the
+        call's replica assignment would cancel the call itself (a neighbour's, still needed)."""
+        ref = await asyncio.shield(call._to_object_ref())
         await ref._ready()
         located = get_local_object_locations([ref]).get(ref) or {}
         if not located.get("node_ids"):
