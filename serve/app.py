@@ -18,13 +18,17 @@ from typing import Any, Literal
 import ray
 from ray import serve
 from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
     NodeDiedError,
     ObjectLostError,
+    OwnerDiedError,
     RayActorError,
     WorkerCrashedError,
 )
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from ray.experimental.locations import get_local_object_locations
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.schema import ServeStatus
 
 from deployments import diffusion, interpolate
@@ -48,11 +52,19 @@ from serve.stages import Frames, JobKeys, StageContext, StageRecord
 logger = logging.getLogger("ray.serve")
 
 # Failures of the infrastructure, not of a stage's code: the orchestrator runs the chunk again.
-# (ActorDiedError and ActorUnavailableError are RayActorErrors; OwnerDiedError an ObjectLostError.)
+# Named one by one although some are subclasses of others, so that none is dropped by a change
+# of Ray's hierarchy: a spot node hard-killed mid-call fails the replica's in-flight calls with
+# ActorUnavailableError (the node is unreachable, not yet known dead) and later ones with
+# ActorDiedError, and Serve does not retry either; a chained call whose upstream replica died
+# gets a RayServeException caused by ActorDiedError (`is_transient` follows the causes).
 TRANSIENT_RAY_ERRORS = (
+    ActorUnavailableError,
+    ActorDiedError,
     RayActorError,
+    ReplicaUnavailableError,
     WorkerCrashedError,
     NodeDiedError,
+    OwnerDiedError,
     ObjectLostError,
     BackPressureError,
 )
@@ -292,6 +304,14 @@ class DiffusionServer(StageServer):
     def recent_batches(self) -> list[dict[str, Any]]:
         return list(self.batches)
 
+    async def check_health(self) -> None:
+        """Serve's periodic health check; an idle replica also collects its garbage. Frames
+        left in reference cycles (a finished batch's requests, a failed call's traceback) keep
+        their objects pinned in this node's object store, and a node holding objects is not
+        idle to the autoscaler: a spot node would never scale down."""
+        if self.in_flight == 0:
+            gc.collect()
+
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
@@ -400,6 +420,18 @@ class ServeStages(CacheLookup):
             error = getattr(error, "cause", None) or error.__cause__
             seen += 1
         return False
+
+    async def settled(self, call: DeploymentResponse) -> None:
+        """Once the call has finished, its error if it failed; a result in a node's object
+        store is not fetched (`ObjectRef._ready` waits for presence only, as Serve's own
+        chaining does). Results and errors not in plasma are small (inline in the owner).
+        Shielded: the watch is cancelled when the chunk ends, and cancelling a wait for the
+        call's replica assignment would cancel the call itself (a neighbour's, still needed)."""
+        ref = await asyncio.shield(call._to_object_ref())
+        await ref._ready()
+        located = get_local_object_locations([ref]).get(ref) or {}
+        if not located.get("node_ids"):
+            await ref  # small: an inline result, or the error (raised here)
 
     async def upscaler_identity(self) -> dict[str, Any]:
         return await _awaited(self.h["upscale"].identity.remote())
@@ -512,6 +544,11 @@ class IngressServer:
         # jobs whose replica died (or a previous app left), keep the queue-depth gauge fresh.
         self._adopt_orphans_when_due()
         self.service.metrics.queue_depth(self.service.active)
+        if self.service.active == 0:
+            # The ingress owns every chunk's frames (it made the calls): refs left in
+            # reference cycles of finished jobs would pin them in the GPU nodes' object
+            # stores, and a node holding objects never counts as idle, so never scales down.
+            gc.collect()
 
     async def __del__(self) -> None:
         """Serve calls this when it stops the replica gracefully (a downscale, a new version):

@@ -511,6 +511,13 @@ class CostReport(BaseModel):
     hardware: str = Field(description="Hardware kind of the tier (price table key).")
     price_source: str = Field(description="Source of the GPU price used.")
     attempts: int = Field(default=1, description="Attempts the job took (retries, resumes).")
+    chunk_retries: int = Field(
+        default=0,
+        ge=0,
+        description="Chunk pipelines (and anchor keyframe calls) of the last attempt run again "
+        "after an infrastructure failure: a replica, worker or node lost (a spot node killed). "
+        "Their work is billed once: only finished chunks' records reach the ledger.",
+    )
     plan: CostSide = Field(description="What ran.")
     naive: CostSide = Field(description="The naive baseline (estimated, never run).")
     ratios: dict[str, float] = Field(
@@ -585,6 +592,7 @@ def build_report(
     frames: int,
     tier: str = "local",
     attempts: int = 1,
+    chunk_retries: int = 0,
     prices: PriceTable = DEFAULT_PRICES,
     weights: ModelWeights | None = None,
 ) -> CostReport:
@@ -621,6 +629,7 @@ def build_report(
         hardware=hardware,
         price_source=price.source,
         attempts=attempts,
+        chunk_retries=chunk_retries,
         plan=plan_side,
         naive=naive_side,
         ratios={

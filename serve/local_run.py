@@ -37,6 +37,11 @@ class LocalStages(CacheLookup):
     def is_transient(self, error: BaseException) -> bool:
         return False  # in one process a failure is the code's own: running again won't help
 
+    async def settled(self, call) -> None:
+        await asyncio.wait([call])
+        if not call.cancelled() and call.exception() is not None:
+            raise call.exception()
+
     async def upscaler_identity(self) -> dict[str, Any]:
         return await asyncio.to_thread(_identity, self.upscaler)
 

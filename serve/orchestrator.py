@@ -7,7 +7,8 @@ asyncio tasks (`LocalStages`, serve/local_run.py). Each chunk ends as an encoded
 content key and a checkpoint in the manifest, so a repeat or a resumed job skips finished chunks
 and a restart loses at most the chunks in flight. When a replica dies, Serve's router re-sends
 the requests it held to a replacement; a chunk whose failure still reaches us (its result object
-lost with a node, a worker crash) runs again, up to `MAX_CHUNK_RETRIES` times. An error of the
+lost with a node, a worker crash) runs again, up to `MAX_CHUNK_RETRIES` times, counted in the
+report's `chunk_retries`. An error of the
 stage's own code is not retried (it would fail the same way). Work a dead replica had done is
 not in the report (its records died with it).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from serve import stages
@@ -40,6 +42,19 @@ logger = logging.getLogger(__name__)
 # replica is up (as from zero). 1 + 2 + 4 s covers the controller noticing the death.
 MAX_CHUNK_RETRIES = 3
 RETRY_BACKOFF_S = 1.0  # doubled per retry of the same chunk
+
+
+@dataclass
+class RetryLog:
+    """The stage calls of one job run made again after an infrastructure failure (this
+    attempt); the report's `chunk_retries` is their total."""
+
+    keyframe: int = 0  # anchor keyframe calls made again
+    chunks: dict[int, int] = field(default_factory=dict)  # chunk -> pipelines made again
+
+    @property
+    def total(self) -> int:
+        return self.keyframe + sum(self.chunks.values())
 
 
 class StageCalls(Protocol):
@@ -100,6 +115,11 @@ class StageCalls(Protocol):
         """True for an infrastructure failure worth retrying (a dead replica or node)."""
         ...
 
+    async def settled(self, call: Awaitable[Frames]) -> None:
+        """Return once a chunk call has finished; raise its error if it failed. A result is
+        not fetched (its frames stay where they are)."""
+        ...
+
 
 def chunk_spans(frames: int, chunk_frames: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_frames, frames)) for start in range(0, frames, chunk_frames)]
@@ -138,7 +158,8 @@ class Orchestrator:
         keys = job_keys_of(manifest, plan)
         motion_record = await self._poses(manifest, plan, keys, events)
         spans = chunk_spans(motion_record.frames, plan.chunk_frames)
-        segment_keys = await self._run_chunks(manifest, plan, keys, spans, events)
+        retries = RetryLog()
+        segment_keys = await self._run_chunks(manifest, plan, keys, spans, events, retries)
         result_key = self.result_key_for(manifest)
         keeps = _keeps_timing(plan, manifest)
         audio = (manifest.input_key, manifest.input_sha256) if keeps else None
@@ -148,8 +169,12 @@ class Orchestrator:
         # The ledger holds every attempt's records, so a resumed job's report counts all work.
         ledger = [StageRecord.model_validate(r) for r in events.manifest.ledger]
         report = build_report(
-            plan, ledger, frames=motion_record.frames, tier=self.tier, attempts=manifest.attempts
-        )
+            plan, ledger, frames=motion_record.frames, tier=self.tier,
+            attempts=manifest.attempts, chunk_retries=retries.total,
+        )  # fmt: skip
+        if retries.total:
+            logger.info("job %s: %d chunk call(s) retried after infrastructure failures",
+                        manifest.job_id, retries.total)  # fmt: skip
         consistency = await self._consistency(manifest, result_key, plan)
         return result_key, {
             **report.model_dump(mode="json"),
@@ -208,7 +233,7 @@ class Orchestrator:
 
     async def _run_chunks(
         self, manifest: JobManifest, plan: Plan, keys: JobKeys, spans: list[tuple[int, int]],
-        events: JobEvents,
+        events: JobEvents, retries: RetryLog,
     ) -> list[str]:  # fmt: skip
         """Run every chunk (records go to the job's ledger); returns the segment keys."""
         generated = generation_spans(spans, plan)
@@ -228,16 +253,18 @@ class Orchestrator:
         ]  # fmt: skip
         cached = await self._cached_generations(plan, gen_keys)
         if anchor_key and len(cached) < len(spans):  # some chunk will anchor on it
-            await self.keyframe(keys, plan, chunks[0], anchor_key, events)
+            await self.keyframe(keys, plan, chunks[0], anchor_key, events, retries)
         run = _ChunkRun(self.calls, manifest, plan, keys, spans, chunks, gen_keys, seg_keys)
+        run.retries = retries
         run.anchor_key = anchor_key
         run.cached_generations = cached
         await run.all(events, self.max_chunks_in_flight)
         return seg_keys
 
     async def keyframe(
-        self, keys: JobKeys, plan: Plan, first_chunk: ChunkSpec, key: str, events: JobEvents
-    ) -> Frames:
+        self, keys: JobKeys, plan: Plan, first_chunk: ChunkSpec, key: str, events: JobEvents,
+        retries: RetryLog | None = None,
+    ) -> Frames:  # fmt: skip
         """The job's anchor keyframe (its frame 0 generated alone; `stages.keyframe_plan`),
         cached at `key` before any chunk anchors on it: from the cache when a preview or an
         earlier job made it (a hit, free), else generated here and billed to this job, once.
@@ -261,6 +288,8 @@ class Orchestrator:
                 if not self.calls.is_transient(error) or attempt >= MAX_CHUNK_RETRIES:
                     raise
                 attempt += 1
+                if retries is not None:
+                    retries.keyframe += 1
                 logger.warning("anchor keyframe failed (%s); retry %d", error, attempt)
                 await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
         note = "anchor keyframe (frame 0 alone; every chunk anchors on it)"
@@ -290,7 +319,7 @@ class _ChunkRun:
         self.spans, self.chunks, self.gen_keys, self.seg_keys = spans, chunks, gen_keys, seg_keys
         self.generated: dict[int, Awaitable[Frames]] = {}
         self.cached_generations: set[int] = set()
-        self.retries: dict[int, int] = {}
+        self.retries = RetryLog()
         # Every stage call made for a chunk that has not finished, so a stop can cancel them
         # all (the calls are chained: only encode's is awaited here).
         self.calls_of: dict[int, list[Any]] = {}
@@ -334,13 +363,16 @@ class _ChunkRun:
         return start - self.plan.overlap_before(chunk), stop
 
     def _pipeline(self, chunk: int):
+        """The chunk's chained calls; returns its own calls after the generations (upscale,
+        interpolate, encode: the last one's result is the chunk's) and the generation calls
+        it uses (its own and its successor's, shared with the neighbouring chunks)."""
         first, stop = self.spans[chunk]
         has_next = chunk + 1 < len(self.spans)
+        generations = [self._generation(chunk, chunk)]
+        if has_next:
+            generations.append(self._generation(chunk + 1, chunk))
         upscaled = self._made(chunk, self.calls.upscale(
-            self._generation(chunk, chunk),
-            self._generation(chunk + 1, chunk) if has_next else None,
-            self.plan,
-            chunk,
+            generations[0], generations[1] if has_next else None, self.plan, chunk,
         ))  # fmt: skip
         total = self.spans[-1][1]
         frames = self._made(
@@ -348,7 +380,10 @@ class _ChunkRun:
         )
         self.generated.pop(chunk - 1, None)  # no later chunk needs it: free its object
         self.maps.pop(chunk - 1, None)
-        return self._made(chunk, self.calls.encode(frames, self.seg_keys[chunk], self.plan, chunk))
+        encoded = self._made(
+            chunk, self.calls.encode(frames, self.seg_keys[chunk], self.plan, chunk)
+        )
+        return [upscaled, frames, encoded], generations
 
     async def all(self, events: JobEvents, window: int) -> None:
         pending: dict[asyncio.Future, int] = {}
@@ -381,9 +416,35 @@ class _ChunkRun:
         async def run():
             if delay_s:
                 await asyncio.sleep(delay_s)
-            return await self._pipeline(chunk)
+            own, generations = self._pipeline(chunk)
+            return await self._unless_generation_failed(own, generations)
 
         return asyncio.ensure_future(run())
+
+    async def _unless_generation_failed(self, own: list, generations: list):
+        """The chunk's encode result, or the error of a generation call it uses, whichever
+        comes first. A generation whose replica was lost with its node fails with
+        ActorUnavailableError, and a call given that result as an argument (the upscale)
+        does not fail: Serve's router takes the error for its own replica being unavailable
+        and routes it again, forever. So the generation calls are watched themselves."""
+        done_task = asyncio.ensure_future(_awaited(own[-1]))
+        watchers = [asyncio.ensure_future(self.calls.settled(g)) for g in generations]
+        try:
+            pending = {done_task, *watchers}
+            while True:
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if done_task in finished:
+                    return done_task.result()
+                for watcher in finished:
+                    if watcher.exception() is not None:
+                        # Cancel this chunk's calls stuck behind the failed generation, not
+                        # the generations: a neighbour may share them (it watches them too).
+                        for call in own:
+                            call.cancel()
+                        raise watcher.exception()
+        finally:
+            for task in (done_task, *watchers):
+                task.cancel()
 
     async def _finished_before(self, chunk: int, events: JobEvents) -> bool:
         """True for a chunk checkpointed by an earlier attempt (its records are in the ledger
@@ -408,7 +469,7 @@ class _ChunkRun:
                 key, records = future.result()
             except BaseException as error:  # a cancellation is never retried
                 if isinstance(error, Exception) and self._may_retry(chunk, error):
-                    delay = RETRY_BACKOFF_S * 2 ** (self.retries[chunk] - 1)
+                    delay = RETRY_BACKOFF_S * 2 ** (self.retries.chunks[chunk] - 1)
                     pending[self._start(chunk, delay)] = chunk
                     continue
                 raise  # all() cancels the other chunks' calls
@@ -424,18 +485,23 @@ class _ChunkRun:
         generation cache spares the diffusion work that had finished)."""
         if not self.calls.is_transient(error):
             return False
-        if self.retries.get(chunk, 0) >= MAX_CHUNK_RETRIES:
+        tried = self.retries.chunks
+        if tried.get(chunk, 0) >= MAX_CHUNK_RETRIES:
             return False
-        self.retries[chunk] = self.retries.get(chunk, 0) + 1
+        tried[chunk] = tried.get(chunk, 0) + 1
         logger.warning(
             "job %s: chunk %d failed (%s: %s); retry %d of %d",
             self.manifest.job_id, chunk, type(error).__name__, error,
-            self.retries[chunk], MAX_CHUNK_RETRIES,
+            tried[chunk], MAX_CHUNK_RETRIES,
         )  # fmt: skip
         for generation in (chunk, chunk + 1):  # a response that failed would fail again
             self.generated.pop(generation, None)
             self.maps.pop(generation, None)
         return True
+
+
+async def _awaited(call: Awaitable[Any]) -> Any:
+    return await call
 
 
 def _chunk_specs(

@@ -128,6 +128,9 @@ def test_a_chunk_whose_replica_died_runs_again_and_the_job_completes(tmp_path, m
     report = run_flaky(tmp_path, monkeypatch, failures=MAX_CHUNK_RETRIES)
     # chunk 0's pipeline shares chunk 1's generation (its next frames), so both ran again
     assert FlakyStages.calls.count(1) >= MAX_CHUNK_RETRIES + 1
+    # every failed pipeline is counted once in the report: chunk 1's own failures, and those of
+    # chunk 0 whose pipeline waited on the same failed generation call
+    assert MAX_CHUNK_RETRIES <= report["chunk_retries"] <= 2 * MAX_CHUNK_RETRIES
     with av.open(str(tmp_path / "out.mp4")) as container:
         frames = sum(1 for _ in container.decode(video=0))
     assert frames == 25  # the 1 s clip at the draft preset's 25 fps: no chunk missing
@@ -148,6 +151,63 @@ def test_an_error_of_the_stage_code_is_not_retried(tmp_path, monkeypatch):
     with pytest.raises(ValueError):
         run_flaky(tmp_path, monkeypatch, failures=1, error=ValueError)
     assert FlakyStages.calls.count(1) == 1
+
+
+class StuckChainStages(FlakyStages):
+    """As Serve does with a call whose argument is a lost replica's result: the upscale given
+    a failed generation never answers (its router retries it forever)."""
+
+    def upscale(self, generated, next_generated, plan, chunk):
+        async def run():
+            inputs = [g for g in (generated, next_generated) if g is not None]
+            await asyncio.wait(inputs)
+            if any(not g.cancelled() and g.exception() is not None for g in inputs):
+                await asyncio.Event().wait()  # stuck until cancelled
+            return await LocalStages.upscale(self, generated, next_generated, plan, chunk)
+
+        return asyncio.ensure_future(run())
+
+
+def test_a_chunk_stuck_behind_a_lost_generation_is_cancelled_and_retried(tmp_path, monkeypatch):
+    """The orchestrator watches each chunk's generation calls itself: when one fails, the
+    chunk's calls chained on it are cancelled and the chunk runs again."""
+    monkeypatch.setattr(local_run, "LocalStages", StuckChainStages)
+    monkeypatch.setattr(orchestrator, "RETRY_BACKOFF_S", 0.0)
+    FlakyStages.failures, FlakyStages.error, FlakyStages.calls = 1, ReplicaDied, []
+    args = AppArgs(storage_uri=str(tmp_path / "store"), upscaler_model="lanczos")
+    job = JobRequest(prompt="a dancer", preset="draft", seed=1,
+                     overrides={**FAST_OVERRIDES, "chunk_frames": 4})  # fmt: skip
+    run = edit_video(request_clip(tmp_path), tmp_path / "out.mp4", job, args)
+    report = asyncio.run(asyncio.wait_for(run, 120))
+    assert report["chunk_retries"] >= 1
+    assert report["plan"]["work_units"] == report["plan"]["predicted_work_units"]
+    assert (tmp_path / "out.mp4").stat().st_size > 0
+
+
+def test_a_job_without_failures_reports_no_retries(tmp_path, monkeypatch):
+    report = run_flaky(tmp_path, monkeypatch, failures=0)
+    assert report["chunk_retries"] == 0
+    assert FlakyStages.calls.count(1) == 1
+
+
+def test_serve_treats_lost_replicas_and_nodes_as_transient():
+    """What a hard-killed spot node does to the calls in flight (ActorUnavailableError, then
+    ActorDiedError; chained calls get Serve's wrapper caused by it) is retried; errors of the
+    stage's code and a deployment that failed to deploy are not."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+    from ray.serve.exceptions import DeploymentUnavailableError, RayServeException
+
+    from serve.app import ServeStages
+
+    stages = ServeStages({}, ctx=None)
+    unavailable = ActorUnavailableError("node unreachable", actor_id=None)
+    upstream = RayServeException("upstream actor died")
+    upstream.__cause__ = ActorDiedError()
+    in_task = RayTaskError("generate", "traceback", unavailable).as_instanceof_cause()
+    for error in (unavailable, ActorDiedError(), upstream, in_task):
+        assert stages.is_transient(error), error
+    for error in (ValueError("bad frames"), DeploymentUnavailableError("diffusion")):
+        assert not stages.is_transient(error), error
 
 
 def test_frames_this_job_generated_are_billed_once_and_another_jobs_are_free(tmp_path):
