@@ -192,6 +192,7 @@ def make_plan(
     overrides: dict[str, Any] | None = None,
     coherence: Coherence | None = None,
     reference: bool | None = None,
+    motion_module_available: bool = False,
 ) -> Plan:
     """The plan for a source of this size under a preset, with the request's overrides and
     coherence switches, for a job with a reference image or not (`reference`; None: not known,
@@ -201,7 +202,9 @@ def make_plan(
     deliver, so an accepted job does not fail later on its settings."""
     if preset_name not in PRESETS:
         raise InvalidSettingError(f"unknown preset {preset_name!r}; use one of {list(PRESETS)}")
-    overrides = coherence_overrides(PRESETS[preset_name], overrides or {}, coherence, reference)
+    overrides = coherence_overrides(
+        PRESETS[preset_name], overrides or {}, coherence, reference, motion_module_available
+    )
     try:
         preset = Preset.model_validate(
             {**PRESETS[preset_name].model_dump(), **_preset_overrides(overrides)}
@@ -248,10 +251,11 @@ def coherence_overrides(
     overrides: dict[str, Any],
     coherence: Coherence | None = None,
     reference: bool | None = None,
+    motion_module_available: bool = False,
 ) -> dict[str, Any]:
     """The request's overrides completed with the job's coherence fields (`anchor`,
-    `anchor_pool`, `noise`, `chunk_overlap`): the one place that decides them. Each field is
-    taken from the first of these that says something about it:
+    `anchor_pool`, `noise`, `chunk_overlap`, `motion_module`): the one place that decides
+    them. Each field is taken from the first of these that says something about it:
 
     1. an explicit field override (`overrides["anchor"]`, `["anchor_pool"]`, `["noise"]`,
        `["chunk_overlap"]`): the most specific; an explicit `noise` also decides whether the
@@ -261,7 +265,8 @@ def coherence_overrides(
     3. a reference image (`reference` True): it turns the anchor on, with the reference as the
        anchor (`anchor: "reference"`); it never overrides 1 or 2 (an explicit other anchor, or
        the anchor switched off, leaves it without effect);
-    4. the preset's default (`Preset.coherence`).
+    4. the preset's default (`Preset.coherence`; its motion module only where the app has one,
+       `motion_module_available`).
 
     When the anchor is on by 2 or 4 and the job has a reference, the reference is the anchor.
     `anchor: "reference"` without a reference image (`reference` False) is refused."""
@@ -288,6 +293,11 @@ def coherence_overrides(
         seamless = preset_coherence.seamless if switches.seamless is None else switches.seamless
         resolved["noise"] = "job_windows" if seamless else "per_chunk"
     resolved.setdefault("chunk_overlap", preset_coherence.chunk_overlap if seamless else 0)
+    if "motion_module" not in resolved:
+        module = switches.motion_module
+        if module is None:
+            module = preset_coherence.motion_module and motion_module_available
+        resolved["motion_module"] = module
     return resolved
 
 

@@ -23,11 +23,6 @@ def plan_for(args: AppArgs, request, info, reference: bool | None = None) -> dic
     LoRAs named in the overrides become the plan's LoRA set (with their weights' digests);
     `turbo` adds the app's few-step LoRA, or is refused without one (serve.loras.few_step_loras)."""
     overrides = dict(request.overrides or {})
-    if overrides.get("motion_module") and args.motion_module is None:
-        raise InvalidSettingError(
-            "motion_module needs a motion module, and this server has none configured (the "
-            "app's motion_module setting); leave it out or set it to false"
-        )
     preset = request.preset or args.default_preset
     if preset in PRESETS:  # an unknown one is refused by make_plan
         few_step_loras(args, overrides, PRESETS[preset].few_step)
@@ -43,7 +38,13 @@ def plan_for(args: AppArgs, request, info, reference: bool | None = None) -> dic
         overrides=overrides,
         coherence=request.coherence,
         reference=reference,
+        motion_module_available=args.motion_module is not None,
     )
+    if plan.generation.motion_module and args.motion_module is None:
+        raise InvalidSettingError(
+            "motion_module needs a motion module, and this server has none configured (the "
+            "app's motion_module setting); leave it out or set it to false"
+        )
     return plan.model_dump(mode="json")
 
 

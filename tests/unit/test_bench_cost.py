@@ -151,7 +151,7 @@ def test_turbo_levers_stack_to_the_turbo_plan_and_cost_no_lora_work():
         "6 lcm steps (few-step LoRA)",
         "CFG off (guidance 1.0)",
     ]
-    standard = full_size_prediction("standard", coherence=cost.NO_COHERENCE)  # turbo has none
+    standard = full_size_prediction("standard")  # turbo has standard's coherence
     turbo = full_size_prediction("turbo")
     # A third of the steps and half the UNet/ControlNet rows per step; VAE decodes unchanged.
     assert turbo["work_units"]["unet_evals"] * 6 == standard["work_units"]["unet_evals"]

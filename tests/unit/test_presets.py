@@ -217,3 +217,32 @@ def test_jobs_count_what_they_predict(
     assert anchored == (generated != 24)
     if with_reference:
         assert any("anchor attention (reference" in line for line in report["plan_explained"])
+
+
+def test_high_takes_the_motion_module_where_the_app_has_one():
+    def module(preset: str, available: bool, coherence=None, overrides=None) -> bool:
+        plan = make_plan(preset, 640, 360, model_id="tiny", overrides=overrides,
+                         coherence=coherence, motion_module_available=available)  # fmt: skip
+        return plan.generation.motion_module
+
+    assert module("high", available=True) and not module("high", available=False)
+    assert not module("standard", available=True) and not module("turbo", available=True)
+    assert not module("high", True, Coherence(motion_module=False))  # switched off
+    assert module("standard", True, Coherence(motion_module=True))  # switched on
+    assert not module("high", True, Coherence(motion_module=True), {"motion_module": False})
+    # Asked for on an app without one: refused at planning, whichever way it was asked.
+    from serve.planning import plan_for
+
+    class Info:
+        width, height = 640, 360
+
+    args = AppArgs()
+    assert args.motion_module is None
+    for request in (
+        JobRequest(prompt="x", preset="standard", coherence=Coherence(motion_module=True)),
+        JobRequest(prompt="x", preset="draft", overrides={"motion_module": True}),
+    ):
+        with pytest.raises(InvalidSettingError, match="has none configured"):
+            plan_for(args, request, Info())
+    plan = plan_for(args, JobRequest(prompt="x", preset="high"), Info())
+    assert "motion_module" not in plan["generation"]  # high without one: as before

@@ -18,7 +18,7 @@ from serve.loras import check_app_loras, lora_sources
 from serve.pipeline import Plan, make_plan
 from serve.planning import estimate, plan_for
 from serve.presets import PRESETS
-from serve.schemas import Coherence, JobRequest
+from serve.schemas import JobRequest
 
 
 class Info:
@@ -104,9 +104,8 @@ def test_unknown_or_malformed_loras_are_422_listing_the_configured_ones(lora_fil
 def test_turbo_costs_what_standard_costs_without_cfg_and_with_a_third_of_the_steps():
     """A fused LoRA adds no work; turbo's units are standard's at 6/18 steps and no CFG half."""
     turbo = make_plan("turbo", 1920, 1080, model_id="tiny")
-    # turbo has no coherence: compare with standard without its anchor and seamless chunks
-    no_coherence = Coherence(anchor=False, seamless=False)
-    standard = make_plan("standard", 1920, 1080, model_id="tiny", coherence=no_coherence)
+    standard = make_plan("standard", 1920, 1080, model_id="tiny")  # the same coherence
+    assert turbo.generation.anchor == standard.generation.anchor == "first_keyframe"
     frames = 120
     units = {
         name: predict_generation_units(p.generation, frames, p.chunk_frames, SD15_MODEL_WEIGHTS)
@@ -145,7 +144,10 @@ def test_the_tiny_lora_scheme_builds_a_lora_that_fits_the_tiny_model():
 
 def test_turbo_work_units_counted_equal_predicted_at_the_engine(lora_engine_turbo):
     engine, turbo = lora_engine_turbo
-    settings = turbo.generation.model_copy(update={"width": 64, "height": 64, "precision": "fp32"})
+    # CFG off is what this counts; anchor attention is counted in test_diffusion.py
+    settings = turbo.generation.model_copy(
+        update={"width": 64, "height": 64, "precision": "fp32", "anchor": "off"}
+    )
     from tests.unit.test_diffusion import pose_maps
 
     request = d.ChunkRequest(
