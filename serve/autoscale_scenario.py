@@ -82,7 +82,9 @@ def scenario_serve_config(storage_uri: str, port: int) -> dict[str, Any]:
                 "max_batch_size": 2, "batch_wait_timeout_s": 0.05, "idle_unload_s": 5,
             }  # fmt: skip
             deployment["health_check_period_s"] = 2
-            deployment["graceful_shutdown_timeout_s"] = 10
+            # A drained node's replica serves until the notice's deadline minus this grace
+            # (or until its replacement runs), then finishes its queued chunks within it.
+            deployment["graceful_shutdown_timeout_s"] = 20
         else:
             raise ValueError(f"scale.yaml has a deployment this scenario does not know: {name}")
     return config
@@ -332,7 +334,7 @@ class Scenario:
             "nodes_to_zero_s": round(nodes_gone - last_job, 2),
         }
 
-    def fault(self, kind: str, jobs: int = 4, drain_deadline_s: float = 30.0) -> dict[str, Any]:
+    def fault(self, kind: str, jobs: int = 4, drain_deadline_s: float = 60.0) -> dict[str, Any]:
         """(c) kind="kill": a spot node hard-killed mid-job; (d) kind="drain": a spot node
         drained with a preemption notice mid-job. Returns the jobs' final statuses."""
         ids = self.submit(jobs)
