@@ -172,8 +172,8 @@ class Coherence(BaseModel):
     motion_module: bool | None = Field(
         default=None,
         description="The AnimateDiff motion module (each chunk one context window), where the "
-        "server has one configured: on by default for high, off elsewhere. true where none is "
-        "configured is refused (422). Costs about +0.38 UNet evaluations per frame.",
+        "server has one configured: on by default in the high preset, off in the others. true "
+        "where none is configured is refused (422). Costs about +0.38 UNet evaluations per frame.",
     )
 
 

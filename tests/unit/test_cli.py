@@ -123,7 +123,8 @@ def test_estimate_predicts_without_running(motionserve, sample_video):
     result = motionserve("estimate", str(sample_video), "--output", "1920x1080@25", "--json")
     assert result.returncode == 0, result.stderr
     estimate = json.loads(result.stdout)
-    assert estimate["plan"]["generated_frames"] == 92  # 7.67 s at 12 fps
+    # 7.67 s at 12 fps, and standard's anchor keyframe (its coherence) generated once
+    assert estimate["plan"]["generated_frames"] == 92 + 1
     assert estimate["naive"]["generated_frames"] == 192  # every output frame at 25 fps
     assert estimate["ratio"] >= 20, "naive / standard work units"
     assert any("768x432" in line for line in estimate["plan_explained"])

@@ -77,7 +77,7 @@ def test_the_coherence_switches_are_documented(document):
     assert {"$ref": SCHEMAS + "Coherence"} in field["anyOf"] and field["description"]
     coherence = schemas["Coherence"]
     assert coherence["additionalProperties"] is False and coherence["description"]
-    assert set(coherence["properties"]) == {"anchor", "seamless"}
+    assert set(coherence["properties"]) == {"anchor", "seamless", "motion_module"}
     for name, prop in coherence["properties"].items():
         assert {"type": "boolean"} in prop["anyOf"] and prop.get("default") is None, name
         assert "preset" in prop["description"], name
