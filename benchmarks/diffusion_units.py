@@ -113,11 +113,22 @@ def sd15_motion_flops(windows: tuple[int, ...] = (8, 16, 24)) -> dict:
     }
 
 
+def fastest_chunk(engine, settings, maps, repeats: int):
+    """The benchmark's one chunk generated `repeats` times; the result with the least device
+    time (its work units are the same every time)."""
+    from deployments.diffusion import ChunkRequest
+
+    request = ChunkRequest(job_id="bench", chunk_index=0, prompt="a person dancing", seed=0,
+                           control_images=maps.astype(np.uint8), settings=settings)  # fmt: skip
+    results = [engine.generate([request])[0] for _ in range(repeats)]
+    return min(results, key=lambda result: result.device_seconds)
+
+
 def run_motion(args: argparse.Namespace) -> dict:
     """The motion module's cost: SD 1.5 FLOP counts, and one tiny chunk off vs on."""
     import torch
 
-    from deployments.diffusion import ChunkRequest, GenerationSettings, predict_chunk_units
+    from deployments.diffusion import GenerationSettings, predict_chunk_units
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -136,19 +147,7 @@ def run_motion(args: argparse.Namespace) -> dict:
                 controlnet_every=every,
                 motion_module=motion,
             )
-            request = ChunkRequest(
-                job_id="bench",
-                chunk_index=0,
-                prompt="a person dancing",
-                seed=0,
-                control_images=maps.astype(np.uint8),
-                settings=settings,
-            )
-            best = None
-            for _ in range(args.repeats):
-                result = engine.generate([request])[0]
-                if best is None or result.device_seconds < best.device_seconds:
-                    best = result
+            best = fastest_chunk(engine, settings, maps, args.repeats)
             units = best.work_units
             rows.append(
                 {
@@ -210,7 +209,7 @@ def print_motion_table(result: dict) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from deployments.diffusion import ChunkRequest, GenerationSettings, predict_chunk_units
+    from deployments.diffusion import GenerationSettings, predict_chunk_units
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -228,19 +227,7 @@ def run(args: argparse.Namespace) -> dict:
                 guidance_scale=guidance,
                 controlnet_every=every,
             )
-            request = ChunkRequest(
-                job_id="bench",
-                chunk_index=0,
-                prompt="a person dancing",
-                seed=0,
-                control_images=maps.astype(np.uint8),
-                settings=settings,
-            )
-            best = None
-            for _ in range(args.repeats):
-                result = engine.generate([request])[0]
-                if best is None or result.device_seconds < best.device_seconds:
-                    best = result
+            best = fastest_chunk(engine, settings, maps, args.repeats)
             predicted = predict_chunk_units(settings, args.frames, engine.model_weights)
             units = best.work_units
             rows.append(
