@@ -36,6 +36,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
+from serve.wheels import download_wheels
+
 ROOT = Path(__file__).resolve().parents[1]
 WHEEL_DIR = ROOT / ".gpu-wheels"
 CARRY_LIMIT_BYTES = 64 * 2**20  # the device tool's limit on everything that travels
@@ -217,24 +219,9 @@ def size_problems(wheels: list[Wheel], tree: int, limit: int = CARRY_LIMIT_BYTES
 def download(pins: dict[str, str], destination: Path) -> None:
     """`pip download` the pinned wheels for the machine (no dependencies, binaries only)."""
     platforms = [option for platform in PLATFORMS for option in ("--platform", platform)]
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--quiet",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--python-version",
-        MACHINE_PYTHON,
-        "--implementation",
-        "cp",
-        *platforms,
-        "-d",
-        str(destination),
-        *(f"{name}=={version}" for name, version in sorted(pins.items())),
-    ]
-    subprocess.run(command, check=True)
+    machine = ["--python-version", MACHINE_PYTHON, "--implementation", "cp", *platforms]
+    requirements = [f"{name}=={version}" for name, version in sorted(pins.items())]
+    download_wheels(requirements, destination, machine)
 
 
 def check(directory: Path, pins: dict[str, str], tree: int) -> tuple[list[Wheel], list[str]]:
