@@ -193,6 +193,22 @@ def _errors(*statuses: int) -> dict[int | str, dict]:
     return responses
 
 
+def _binary(media_type: str, description: str) -> dict[int | str, dict]:
+    """OpenAPI responses of a route that sends a file of `media_type` once its job is done."""
+    return {
+        200: {
+            "content": {media_type: {"schema": {"type": "string", "format": "binary"}}},
+            "description": description,
+        },
+        **_errors(401, 404, 409),
+    }
+
+
+def _require_done(manifest: JobManifest) -> None:
+    if manifest.state != JobState.DONE or not manifest.result_key:
+        raise ApiError(409, "not_ready", f"the {manifest.kind} is {manifest.state}, not done")
+
+
 def _describe(errors: list[dict]) -> str:
     parts = []
     for error in errors[:5]:
@@ -348,22 +364,13 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
     )
     async def get_job(job_id: str, request: Request) -> JobStatus:
         manifest = await _find(request, job_id)
-        marked = not manifest.terminal and await asyncio.to_thread(
-            service.jobs.cancel_requested, manifest.tenant, manifest.job_id
-        )
-        return _status(manifest, cancel_requested=marked)
+        return _status(manifest, cancel_requested=await _cancel_marked(manifest))
 
     @app.get(
         f"/{API_VERSION}/jobs/{{job_id}}/result",
         tags=["jobs"],
         response_class=StreamingResponse,
-        responses={
-            200: {
-                "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
-                "description": "The edited video.",
-            },
-            **_errors(401, 404, 409),
-        },
+        responses=_binary("video/mp4", "The edited video."),
     )
     async def get_result(job_id: str, request: Request) -> Response:
         manifest = await _find(request, job_id)
@@ -417,23 +424,17 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
     )
     async def get_preview(preview_id: str, request: Request) -> PreviewStatus:
         manifest = await _find(request, preview_id, "preview")
-        marked = not manifest.terminal and await asyncio.to_thread(
-            service.jobs.cancel_requested, manifest.tenant, manifest.job_id
-        )
-        return _preview_status(manifest, cancel_requested=marked)
+        return _preview_status(manifest, cancel_requested=await _cancel_marked(manifest))
 
     @app.get(
         f"/{API_VERSION}/previews/{{preview_id}}/video",
         tags=["previews"],
         response_class=StreamingResponse,
-        responses={
-            200: {
-                "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
-                "description": "The preview: source + original skeleton | source + edited "
-                "skeleton, at the generation fps and size.",
-            },
-            **_errors(401, 404, 409),
-        },
+        responses=_binary(
+            "video/mp4",
+            "The preview: source + original skeleton | source + edited skeleton, at the "
+            "generation fps and size.",
+        ),
     )
     async def get_preview_video(preview_id: str, request: Request) -> Response:
         manifest = await _find(request, preview_id, "preview")
@@ -443,14 +444,11 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
         f"/{API_VERSION}/previews/{{preview_id}}/anchor",
         tags=["previews"],
         response_class=Response,
-        responses={
-            200: {
-                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-                "description": "The job's anchor keyframe (its frame 0 as the job will anchor "
-                "every chunk on it), at the generation size.",
-            },
-            **_errors(401, 404, 409),
-        },
+        responses=_binary(
+            "image/png",
+            "The job's anchor keyframe (its frame 0 as the job will anchor every chunk on it), "
+            "at the generation size.",
+        ),
     )
     async def get_preview_anchor(preview_id: str, request: Request) -> Response:
         """The anchor-frame preview (asked for with `frames: "anchor"`)."""
@@ -459,8 +457,7 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
             raise ApiError(404, "anchor_not_requested",
                            f"preview {preview_id} was not asked for its anchor frame "
                            '(submit with "frames": "anchor")')  # fmt: skip
-        if manifest.state != JobState.DONE or not manifest.result_key:
-            raise ApiError(409, "not_ready", f"the preview is {manifest.state}, not done")
+        _require_done(manifest)
         key = anchor_image_key(manifest.result_key)
         data = await asyncio.to_thread(service.jobs.store.get_bytes, key)
         return Response(data, media_type="image/png")
@@ -501,9 +498,14 @@ def create_api(service, auth: Authenticator, on_request=None) -> FastAPI:
             raise ApiError(404, f"{kind}_not_found", f"no {kind} {job_id}") from None
         return manifest
 
+    async def _cancel_marked(manifest: JobManifest) -> bool:
+        """Whether a cancel is asked for a job (or preview) still running (on any replica)."""
+        return not manifest.terminal and await asyncio.to_thread(
+            service.jobs.cancel_requested, manifest.tenant, manifest.job_id
+        )
+
     async def _video(manifest: JobManifest, filename: str) -> Response:
-        if manifest.state != JobState.DONE or not manifest.result_key:
-            raise ApiError(409, "not_ready", f"the {manifest.kind} is {manifest.state}, not done")
+        _require_done(manifest)
         stream = await service.open_result(manifest)
         return StreamingResponse(
             iter(lambda: stream.read(1 << 20), b""),
