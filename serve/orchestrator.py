@@ -44,6 +44,14 @@ MAX_CHUNK_RETRIES = 3
 RETRY_BACKOFF_S = 1.0  # doubled per retry of the same chunk
 
 
+def retry_delay_s(calls: StageCalls, error: BaseException, tried: int) -> float | None:
+    """Seconds to wait before calling again after `error`, a call already retried `tried`
+    times; None when it must not be retried (not an infrastructure failure, or tried enough)."""
+    if not calls.is_transient(error) or tried >= MAX_CHUNK_RETRIES:
+        return None
+    return RETRY_BACKOFF_S * 2**tried
+
+
 @dataclass
 class RetryLog:
     """The stage calls of one job run made again after an infrastructure failure (this
@@ -285,13 +293,14 @@ class Orchestrator:
                 call.cancel()
                 raise
             except Exception as error:
-                if not self.calls.is_transient(error) or attempt >= MAX_CHUNK_RETRIES:
+                delay = retry_delay_s(self.calls, error, attempt)
+                if delay is None:
                     raise
                 attempt += 1
                 if retries is not None:
                     retries.keyframe += 1
                 logger.warning("anchor keyframe failed (%s); retry %d", error, attempt)
-                await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+                await asyncio.sleep(delay)
         note = "anchor keyframe (frame 0 alone; every chunk anchors on it)"
         events.record(
             [
@@ -468,8 +477,8 @@ class _ChunkRun:
             try:
                 key, records = future.result()
             except BaseException as error:  # a cancellation is never retried
-                if isinstance(error, Exception) and self._may_retry(chunk, error):
-                    delay = RETRY_BACKOFF_S * 2 ** (self.retries.chunks[chunk] - 1)
+                delay = self._retry_delay_s(chunk, error) if isinstance(error, Exception) else None
+                if delay is not None:
                     pending[self._start(chunk, delay)] = chunk
                     continue
                 raise  # all() cancels the other chunks' calls
@@ -480,14 +489,13 @@ class _ChunkRun:
         events.check_cancelled()
         return succeeded
 
-    def _may_retry(self, chunk: int, error: Exception) -> bool:
-        """Whether to run a failed chunk again; if so, its stage calls are made anew (the
-        generation cache spares the diffusion work that had finished)."""
-        if not self.calls.is_transient(error):
-            return False
+    def _retry_delay_s(self, chunk: int, error: Exception) -> float | None:
+        """When to run a failed chunk again (None: never); its stage calls are then made anew
+        (the generation cache spares the diffusion work that had finished)."""
         tried = self.retries.chunks
-        if tried.get(chunk, 0) >= MAX_CHUNK_RETRIES:
-            return False
+        delay = retry_delay_s(self.calls, error, tried.get(chunk, 0))
+        if delay is None:
+            return None
         tried[chunk] = tried.get(chunk, 0) + 1
         logger.warning(
             "job %s: chunk %d failed (%s: %s); retry %d of %d",
@@ -497,7 +505,7 @@ class _ChunkRun:
         for generation in (chunk, chunk + 1):  # a response that failed would fail again
             self.generated.pop(generation, None)
             self.maps.pop(generation, None)
-        return True
+        return delay
 
 
 async def _awaited(call: Awaitable[Any]) -> Any:

@@ -184,6 +184,42 @@ def test_a_chunk_stuck_behind_a_lost_generation_is_cancelled_and_retried(tmp_pat
     assert (tmp_path / "out.mp4").stat().st_size > 0
 
 
+class FlakyKeyframeStages(LocalStages):
+    """The anchor keyframe's generation (frame 0 alone, `stages.keyframe_plan`: no anchor of
+    its own) fails `failures` times with a lost replica, then works."""
+
+    failures = 1
+    keyframe_calls = 0
+
+    def generate(self, maps, request, key, plan):
+        if plan.generation.anchor == "off":
+            FlakyKeyframeStages.keyframe_calls += 1
+            if FlakyKeyframeStages.failures > 0:
+                FlakyKeyframeStages.failures -= 1
+
+                async def fail():
+                    raise ReplicaDied("the keyframe lost its replica")
+
+                return asyncio.ensure_future(fail())
+        return super().generate(maps, request, key, plan)
+
+    def is_transient(self, error):
+        return isinstance(error, ReplicaDied)
+
+
+def test_a_lost_anchor_keyframe_is_generated_again_and_billed_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_run, "LocalStages", FlakyKeyframeStages)
+    monkeypatch.setattr(orchestrator, "RETRY_BACKOFF_S", 0.0)
+    FlakyKeyframeStages.failures, FlakyKeyframeStages.keyframe_calls = 2, 0
+    args = AppArgs(storage_uri=str(tmp_path / "store"), upscaler_model="lanczos")
+    job = JobRequest(prompt="a dancer", preset="draft", seed=1, coherence={"anchor": True},
+                     overrides={**FAST_OVERRIDES, "chunk_frames": 4})  # fmt: skip
+    report = asyncio.run(edit_video(request_clip(tmp_path), tmp_path / "out.mp4", job, args))
+    assert FlakyKeyframeStages.keyframe_calls == 3  # two lost, the third made it
+    assert report["chunk_retries"] == 2
+    assert report["plan"]["work_units"] == report["plan"]["predicted_work_units"]
+
+
 def test_a_job_without_failures_reports_no_retries(tmp_path, monkeypatch):
     report = run_flaky(tmp_path, monkeypatch, failures=0)
     assert report["chunk_retries"] == 0
