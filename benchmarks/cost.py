@@ -473,12 +473,12 @@ def anchor_overhead(standard: dict[str, Any], anchored: dict[str, Any]) -> dict[
     `anchored`: with it, and no overlap), and where: the job's anchor keyframe (frame 0
     generated once), each chunk's anchor pass (its UNet row per step and the VAE encode of the
     keyframe image) and the wider self-attention (job noise is free)."""
-    from deployments.diffusion.work_units import latent_area_weight
+    from deployments.diffusion.work_units import SD15_MODEL_WEIGHTS as weights
 
     base, with_anchor = standard["work_units"], anchored["work_units"]
     keyframe = anchored["keyframe_units"]
     width, height = map(int, anchored["generation"].split("x"))
-    area = latent_area_weight(width, height)
+    row = weights.units(weights.unet, width, height)  # one UNet row at this size
     chunk_rows = with_anchor["unet_evals"] - base["unet_evals"] - keyframe["unet_evals"]
     encodes = with_anchor["vae_encode_units"] - keyframe["vae_encode_units"]
     wider = with_anchor["anchor_attention_units"] - keyframe["anchor_attention_units"]
@@ -492,7 +492,7 @@ def anchor_overhead(standard: dict[str, Any], anchored: dict[str, Any]) -> dict[
         "anchored_units": with_anchor["total"],
         "overhead_pct": pct(with_anchor["total"] - total),
         "keyframe_pct": pct(keyframe["total"]),
-        "anchor_pass_pct": pct(chunk_rows * area + encodes),
+        "anchor_pass_pct": pct(chunk_rows * row + encodes),
         "wider_attention_pct": pct(wider),
         "budget_pct": COHERENCE_BUDGET_PCT,
         "budget_note": "issue 15: anchor attention plus seamless chunks at most +12% over "

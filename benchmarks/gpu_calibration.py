@@ -388,7 +388,8 @@ def run_engine(
         engine_config(device, "fp16", source, source, max(batches)), components=components
     )
     phase["load_seconds"] = engine.load()
-    phase["model_weights"] = engine.model_weights.model_dump()
+    weights = engine.model_weights
+    phase["model_weights"] = {**weights.model_dump(), **weights.reference_weights()}
     for precision in ("fp16", "fp32"):
         for cfg in (True, False):
             for batch in batches:

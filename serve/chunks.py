@@ -130,6 +130,7 @@ def generation_record(result: diffusion.ChunkResult, gpu_fraction: float) -> Sta
         load_s=result.load_seconds,
         frames=len(result.frames),
         work_units={**result.work_units.model_dump(), "total": result.work_units.total},
+        model_weights=result.model_weights,
         notes=result.notes + [f"batch of {result.batch_requests} chunk(s)"],
     )
 

@@ -30,8 +30,6 @@ from deployments.diffusion.work_units import (
     SD15_MODEL_WEIGHTS,
     ModelWeights,
     WorkUnits,
-    anchor_attention_scale,
-    latent_area_weight,
     predict_chunk_units,
 )
 from serve.presets import NAIVE, NAIVE_SKIPS
@@ -439,37 +437,6 @@ def naive_settings(settings: GenerationSettings, output_width: int, output_heigh
     )
 
 
-def weights_from_units(
-    units: WorkUnits, width: int, height: int, anchor_pool: int = 1
-) -> ModelWeights | None:
-    """The model weights that produced measured units (None when they hold no evaluations);
-    the anchor attention and motion module weights only when the units hold such evaluations
-    (else SD 1.5's)."""
-    area = latent_area_weight(width, height)
-    if units.controlnet_evals == 0 or units.vae_decodes == 0:
-        return None
-    anchor = {}
-    if units.anchor_attention_evals:
-        scale = anchor_attention_scale(width, height, anchor_pool)
-        anchor["anchor_attention_weight"] = units.anchor_attention_units / (
-            units.anchor_attention_evals * scale
-        )
-    if units.vae_encodes:
-        anchor["vae_encode_weight"] = units.vae_encode_units / (units.vae_encodes * area)
-    if units.motion_module_evals:
-        anchor["motion_module_weight"] = units.motion_module_units / (
-            units.motion_module_evals * area
-        )
-        anchor["motion_attention_weight"] = units.motion_attention_units / (
-            units.motion_attention_evals * area
-        )
-    return ModelWeights(
-        controlnet_weight=units.controlnet_units / (units.controlnet_evals * area),
-        vae_weight=units.vae_units / (units.vae_decodes * area),
-        **anchor,
-    )
-
-
 # --- Reports --------------------------------------------------------------------------------------
 
 
@@ -572,6 +539,15 @@ def _side(frames: int, units: WorkUnits, predicted: WorkUnits, stages: list[Stag
     )
 
 
+def _measured_weights(records: Sequence[Any]) -> ModelWeights | None:
+    """The model weights the engine counted with (carried in its diffusion records); None when
+    no record carries them (all from the cache, or records from before they were carried)."""
+    for record in records:
+        if record.stage == "diffusion" and getattr(record, "model_weights", None) is not None:
+            return ModelWeights.model_validate(record.model_weights)
+    return None
+
+
 def _measured_units(records: Sequence[Any]) -> WorkUnits:
     total = WorkUnits()
     for record in records:
@@ -600,16 +576,15 @@ def build_report(
 
     `plan` is a `serve.pipeline.Plan` (its `generation`, `chunk_frames`, `output_*`), `records`
     the job's stage records (`serve.stages.StageRecord`: stage, device, gpu_s, cpu_s, wall_s,
-    load_s, cache_hit, work_units) and `frames` the number of frames of the edited motion
-    (the chunks' spans; with an overlap, the plan side's generated frames count its frames too).
+    load_s, cache_hit, work_units, model_weights) and `frames` the number of frames of the
+    edited motion (the chunks' spans; with an overlap, the plan side's generated frames count
+    its frames too). The prediction uses the model weights the engine counted with (from the
+    records), so predicted equals counted exactly.
     """
     hardware, price = prices.for_tier(tier)
     settings: GenerationSettings = plan.generation
     measured = _measured_units(records)
-    weights = weights or weights_from_units(
-        measured, settings.width, settings.height, settings.anchor_pool
-    )
-    weights = weights or SD15_MODEL_WEIGHTS
+    weights = weights or _measured_weights(records) or SD15_MODEL_WEIGHTS
     plan_stages = _stage_costs(records, price, prices)
     overlap = getattr(plan, "chunk_overlap", 0)
     predicted = predict_generation_units(settings, frames, plan.chunk_frames, weights, overlap)
@@ -796,9 +771,8 @@ def build_preview_report(
     keyframe = units.unet_evals > 0
     predicted = WorkUnits()
     if keyframe:  # weighed as the job's report weighs its units: by the models that ran
-        g = plan.generation
-        weights = weights_from_units(units, g.width, g.height, g.anchor_pool)
-        predicted = predict_keyframe_units(g, weights or SD15_MODEL_WEIGHTS)
+        weights = _measured_weights(records) or SD15_MODEL_WEIGHTS
+        predicted = predict_keyframe_units(plan.generation, weights)
     side = _side(int(keyframe), units, predicted, stages, estimated=False)
     return PreviewReport(
         tier=tier,

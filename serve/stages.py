@@ -70,6 +70,11 @@ class StageRecord(BaseModel):
     work_units: dict[str, float] | None = Field(
         default=None, description="Diffusion work units (diffusion only)."
     )
+    model_weights: diffusion.ModelWeights | None = Field(
+        default=None,
+        description="The FLOP formulas the engine weighed `work_units` with (diffusion only): "
+        "the report predicts with the same, so predicted equals counted to the last digit.",
+    )
     notes: list[str] = Field(default_factory=list, description="E.g. precision overrides.")
     attempt: int = Field(default=0, description="Job attempt that did the work (0: not set).")
 

@@ -200,29 +200,6 @@ def anchor_attention(unet: Any, bank: AnchorBank) -> Iterator[AnchorBank]:
         unet.set_attn_processor(original)
 
 
-def self_attention_flops(unet_meta: Any, run: Any) -> int:
-    """FLOPs a full-size anchor adds to one evaluation: 4 x tokens^2 x channels per attn1
-    layer (QK^T and AV over as many anchor tokens as the frame has), with shapes recorded
-    while `run` evaluates `unet_meta` on one row."""
-    shapes: list[tuple[int, int]] = []
-
-    def record(module: Any, args: Any, kwargs: Any) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        shapes.append((hidden.shape[-2], module.to_q.out_features))
-
-    hooks = [
-        module.register_forward_pre_hook(record, with_kwargs=True)
-        for name, module in unet_meta.named_modules()
-        if name.endswith("attn1")
-    ]
-    try:
-        run()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return sum(4 * tokens * tokens * channels for tokens, channels in shapes)
-
-
 class ImageAnchor:
     """A request's anchor: its anchor image (the job's anchor keyframe, or the reference image
     for the keyframe's own generation; see the module's decisions).

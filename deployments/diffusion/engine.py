@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gc
 import inspect
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -34,8 +33,8 @@ from deployments.diffusion.anchor import (
     AnchorBank,
     ImageAnchor,
     anchor_attention,
-    self_attention_flops,
 )
+from deployments.diffusion.flops import measure_formulas, measure_motion_formulas
 from deployments.diffusion.keyframes import BatchLayout
 from deployments.diffusion.lora import (
     LoraRef,
@@ -47,7 +46,6 @@ from deployments.diffusion.lora import (
 )
 from deployments.diffusion.motion_module import (
     build_motion_unet,
-    measure_motion_weights,
     motion_forward,
     motion_window_limit,
     window_groups,
@@ -62,7 +60,6 @@ from deployments.diffusion.settings import (
     Precision,
 )
 from deployments.diffusion.work_units import (
-    REFERENCE_LATENT_AREA,
     ModelWeights,
     controlnet_active_steps,
     weigh_work,
@@ -72,51 +69,26 @@ from deployments.errors import InvalidSettingError
 # torch is imported where it is used: importing the package for its schemas (the API
 # process) must not load it.
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
 
-def measure_model_weights(unet: Any, controlnet: Any, vae: Any) -> ModelWeights:
-    """`ModelWeights` of loaded (or meta) models: parameter ratio, and VAE/UNet FLOP ratio.
-
-    FLOPs are counted with torch's FlopCounterMode on meta-device copies built from the models'
-    configs at 512x512, so nothing is computed and no memory is used.
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+def measure_model_weights(
+    unet: Any, controlnet: Any, vae: Any, cache_dir: Path | None = None
+) -> ModelWeights:
+    """`ModelWeights` of loaded (or meta) models: each model's FLOP formula over latent shapes
+    (`flops.py`: fitted from FLOP counts on meta-device copies built from the configs, so
+    nothing is computed and no memory is used; once per architecture, kept in `cache_dir`)
+    and parameter counts."""
 
     def parameters(module: Any) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    def flops(run: Any) -> int:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            run()
-        return counter.get_total_flops()
-
-    with torch.device("meta"):
-        unet_meta = type(unet).from_config(unet.config)
-        vae_meta = type(vae).from_config(vae.config)
-        side = int(math.sqrt(REFERENCE_LATENT_AREA))
-        latents = torch.zeros(1, unet.config.in_channels, side, side)
-        text = torch.zeros(1, 77, unet.config.cross_attention_dim)
-
-        def unet_run() -> Any:
-            return unet_meta(latents, 10, encoder_hidden_states=text)
-
-        unet_flops = flops(unet_run)
-        with torch.no_grad():
-            anchor_flops = self_attention_flops(unet_meta, unet_run)
-        vae_flops = flops(lambda: vae_meta.decode(latents[:, : vae.config.latent_channels]))
-        image = torch.zeros(1, vae.config.in_channels, side * 8, side * 8)
-        encode_flops = flops(lambda: vae_meta.encode(image))
-    unet_parameters, controlnet_parameters = parameters(unet), parameters(controlnet)
     return ModelWeights(
-        controlnet_weight=controlnet_parameters / unet_parameters,
-        vae_weight=vae_flops / unet_flops,
-        vae_encode_weight=encode_flops / unet_flops,
-        anchor_attention_weight=anchor_flops / unet_flops,
-        unet_parameters=unet_parameters,
-        controlnet_parameters=controlnet_parameters,
+        **measure_formulas(unet, controlnet, vae, cache_dir),
+        unet_parameters=parameters(unet),
+        controlnet_parameters=parameters(controlnet),
     )
 
 
@@ -213,12 +185,16 @@ class DiffusionEngine:
                 getattr(modules, name).to(device)
             if self._components is not None:  # built in their own dtype: cast at generate
                 dtype = modules.unet.dtype
-            weights = measure_model_weights(modules.unet, modules.controlnet, modules.vae)
+            weights = measure_model_weights(
+                modules.unet, modules.controlnet, modules.vae, self.config.cache_dir
+            )
             if adapter is not None:
                 self._motion = build_motion_unet(modules.unet, adapter)
-                motion, attention = measure_motion_weights(modules.unet, adapter.config)
+                motion, attention = measure_motion_formulas(
+                    modules.unet, adapter.config, weights.unet, self.config.cache_dir
+                )
                 weights = weights.model_copy(
-                    update={"motion_module_weight": motion, "motion_attention_weight": attention}
+                    update={"motion_module": motion, "motion_attention": attention}
                 )
             self._weights = weights
             self._modules, self._device, self._dtype = modules, device, dtype
@@ -866,17 +842,12 @@ class DiffusionEngine:
                 int(vae),
                 width=settings.width,
                 height=settings.height,
-                controlnet_weight=weights.controlnet_weight,
-                vae_weight=weights.vae_weight,
+                weights=weights,
                 anchor_attention_evals=int(anchor),
-                anchor_attention_weight=weights.anchor_attention_weight,
                 anchor_pool=settings.anchor_pool,
                 vae_encodes=int(encodes),
-                vae_encode_weight=weights.vae_encode_weight,
                 motion_module_evals=int(motion),
                 motion_attention_evals=int(motion_attention),
-                motion_module_weight=weights.motion_module_weight,
-                motion_attention_weight=weights.motion_attention_weight,
             )
             for unet, control, vae, anchor, encodes, motion, motion_attention in counts
         ]
@@ -892,6 +863,7 @@ class DiffusionEngine:
                     chunk_index=request.chunk_index,
                     frames=frames[start : start + count],
                     work_units=work,
+                    model_weights=weights,
                     wall_seconds=wall_seconds,
                     device_seconds=compute_seconds * work.total / total,
                     load_seconds=load_seconds * work.total / total,

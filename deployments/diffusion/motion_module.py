@@ -20,18 +20,16 @@ Decisions (the why):
   the temporal attention layers are also named `attn1` inside `motion_modules` and keep their
   processor. The anchor's own pass runs through the motion model as a window of one frame.
 - Cost: the motion module's FLOPs per frame are affine in the window length F (projections,
-  norms and feed-forwards per frame, plus the temporal QK^T and AV, F x channels per frame),
-  counted on meta copies at 512x512 (`measure_motion_weights`): `motion_module_weight` (the
-  per-frame part) + `motion_attention_weight` x F UNet-evaluation equivalents per frame.
+  norms and feed-forwards per frame, plus the temporal QK^T and AV, F x channels per frame)
+  and linear in each level's tokens (the temporal attention runs per token, along the frames):
+  `ModelWeights.motion_module` + F x `ModelWeights.motion_attention`, fitted from counts on
+  meta copies (`flops.measure_motion_formulas`, at MEASURE_WINDOWS).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
-
-from deployments.diffusion.work_units import REFERENCE_LATENT_AREA
 
 # Window lengths the FLOP count is taken at; FLOPs per frame are exactly affine in the length,
 # so two points give both coefficients (a test checks a third point lies on the line).
@@ -137,44 +135,3 @@ def motion_forward(
 def motion_window_limit(motion_unet: Any) -> int:
     """Longest window the motion module's positional embeddings cover."""
     return int(motion_unet.config.motion_max_seq_length)
-
-
-def measure_motion_weights(unet: Any, adapter_config: Any) -> tuple[float, float]:
-    """(motion_module_weight, motion_attention_weight): the motion model's FLOPs per frame
-    minus the UNet's, at 512x512, as a + b x F UNet evaluations for a window of F frames.
-
-    Counted with torch's FlopCounterMode on meta copies built from the configs (nothing is
-    computed, no memory is used), at two window lengths (MEASURE_WINDOWS)."""
-    per_frame = _flops_per_frame(unet, adapter_config)
-    unet_flops = per_frame[None]
-    (f1, m1), (f2, m2) = ((f, per_frame[f]) for f in MEASURE_WINDOWS)
-    slope = (m2 - m1) / (f2 - f1)
-    intercept = m1 - slope * f1 - unet_flops
-    return intercept / unet_flops, slope / unet_flops
-
-
-def _flops_per_frame(unet: Any, adapter_config: Any, windows=MEASURE_WINDOWS) -> dict:
-    """FLOPs per frame: of the UNet (key None) and of the motion model at each window length."""
-    import torch
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def flops(run: Any) -> int:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            run()
-        return counter.get_total_flops()
-
-    side = int(math.sqrt(REFERENCE_LATENT_AREA))
-    with torch.device("meta"):
-        unet_meta = UNet2DConditionModel.from_config(unet.config)
-        adapter_meta = MotionAdapter.from_config(adapter_config)
-        motion_meta = UNetMotionModel.from_unet2d(unet_meta, adapter_meta, load_weights=False)
-        channels, text_dim = unet.config.in_channels, unet.config.cross_attention_dim
-        text = torch.zeros(1, 77, text_dim)
-        result = {None: flops(lambda: unet_meta(torch.zeros(1, channels, side, side), 10, text))}
-        for window in windows:
-            sample = torch.zeros(1, channels, window, side, side)
-            texts = text.expand(window, -1, -1)
-            result[window] = flops(lambda s=sample, t=texts: motion_meta(s, 10, t)) / window
-    return result

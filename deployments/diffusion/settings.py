@@ -39,7 +39,7 @@ from pydantic import (
 )
 
 from deployments.diffusion.lora import LoraRef, LoraSource, canonical_loras
-from deployments.diffusion.work_units import VAE_FACTOR, WorkUnits, cfg_enabled
+from deployments.diffusion.work_units import VAE_FACTOR, ModelWeights, WorkUnits, cfg_enabled
 from deployments.errors import InvalidSettingError
 from deployments.model_loading import ModelSource
 
@@ -321,6 +321,11 @@ class ChunkResult(BaseModel):
         description="uint8 RGB (frames, height, width, 3); float32 in [0, 1] on request."
     )
     work_units: WorkUnits = Field(description="Work counted in the loop for this chunk's frames.")
+    model_weights: ModelWeights = Field(
+        default_factory=ModelWeights,
+        description="The FLOP formulas the work units were weighed with (the engine's loaded "
+        "models'): the cost model predicts with these, never re-deriving them from rounded units.",
+    )
     wall_seconds: float = Field(description="Wall time of the whole batch call.")
     device_seconds: float = Field(
         description="This chunk's share (by work units) of the batch's model compute time."
@@ -375,7 +380,8 @@ class EngineConfig(BaseModel):
     )
     cache_dir: Path = Field(
         default=Path.home() / ".cache" / "motionserve" / "models",
-        description="Where s3:// model sources are downloaded (once).",
+        description="Where s3:// model sources are downloaded (once), and where the models' "
+        "fitted FLOP formulas are kept (flops-*.json, one per architecture).",
     )
     s3_endpoint_url: str | None = Field(
         default=None, description="S3 endpoint for s3:// sources (MinIO, moto); None = AWS."

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from deployments.diffusion import SD15_MODEL_WEIGHTS, ModelWeights, predict_chunk_units
+from deployments.diffusion import SD15_MODEL_WEIGHTS, predict_chunk_units
 from serve import cost
 from serve.pipeline import Plan, make_plan
 from serve.presets import NAIVE, PRESETS
@@ -164,20 +164,45 @@ def test_naive_settings_follow_the_design_and_the_pipeline(plan):
     assert cost.naive_frame_count(24, 12.0, 24.0) == 48
 
 
-def test_weights_from_measured_units_round_trip(plan):
-    weights = ModelWeights(controlnet_weight=0.43, vae_weight=3.85)
-    units = predict_chunk_units(plan.generation, 16, weights)
-    back = cost.weights_from_units(units, plan.generation.width, plan.generation.height)
-    assert back.controlnet_weight == pytest.approx(0.43)
-    assert back.vae_weight == pytest.approx(3.85)
-    assert cost.weights_from_units(cost.WorkUnits(), 512, 512) is None
-    anchored = plan.generation.model_copy(update={"anchor": "first_keyframe", "anchor_pool": 3})
-    weights = ModelWeights(controlnet_weight=0.43, vae_weight=3.85, anchor_attention_weight=0.7)
-    units = predict_chunk_units(anchored, 16, weights)
-    g = plan.generation
-    back = cost.weights_from_units(units, g.width, g.height, anchored.anchor_pool)
-    assert back.anchor_attention_weight == pytest.approx(0.7)
-    assert predict_chunk_units(anchored, 16, back) == units
+def test_report_predicts_with_the_weights_the_engine_counted_with(engine):
+    """The demo's request with coherence on (draft, 256 px generation, anchor keyframe) showed
+    anchor_attention_units 10.376823 counted vs 10.376824 predicted: the report re-derived the
+    models' weights from counts already rounded to 1e-6. The diffusion records now carry the
+    engine's weights, and the report predicts with them: equal to the last digit."""
+    plan = make_plan(
+        "draft", 1280, 720, model_id="tiny", overrides={"generation_long_side": 256},
+        coherence=Coherence(anchor=True, seamless=True),
+    )  # fmt: skip
+    g, weights = plan.generation, engine.model_weights
+    assert g.anchor != "off" and (g.width, g.height) == (256, 144) and g.steps > 4  # not FAST
+    spans = [(start, min(plan.chunk_frames, FRAMES - start))
+             for start in range(0, FRAMES, plan.chunk_frames)]  # fmt: skip
+    # What the engine's results carry: the keyframe (its own 1-frame request) and each chunk.
+    results = [cost.predict_keyframe_units(g, weights)] + [
+        predict_chunk_units(g, frames, weights) for _, frames in spans
+    ]
+    records = [
+        StageRecord(
+            stage="diffusion",
+            chunk=index,
+            device="cuda:0",
+            gpu_s=1.0,
+            frames=1,
+            work_units={**units.model_dump(), "total": units.total},
+            model_weights=weights,
+        )
+        for index, units in enumerate(results)
+    ]
+    report = cost.build_report(plan, records, frames=FRAMES)
+    assert report.plan.work_units.anchor_attention_units > 0
+    assert report.plan.work_units == report.plan.predicted_work_units
+    # With SD 1.5's formulas instead (what a report without the engine's weights would use),
+    # the prediction differs: the weights carried are the ones used.
+    sd15 = cost.predict_generation_units(g, FRAMES, plan.chunk_frames, SD15_MODEL_WEIGHTS)
+    assert sd15.total != pytest.approx(report.plan.predicted_work_units.total, rel=1e-3)
+    # Records without weights (from the cache, or older ledgers) fall back to SD 1.5's.
+    bare = [r.model_copy(update={"model_weights": None}) for r in records]
+    assert cost.build_report(plan, bare, frames=FRAMES).plan.predicted_work_units == sd15
 
 
 def test_standard_coherence_on_a_10_s_1080p_clip():
@@ -257,7 +282,8 @@ def test_estimate_before_running(plan):
     assert estimate.plan.dollars.spot < estimate.plan.dollars.on_demand
     sd15 = cost.predict_generation_units(plan.generation, FRAMES, plan.chunk_frames)
     assert estimate.plan.work_units == pytest.approx(sd15.total)
-    assert SD15_MODEL_WEIGHTS.controlnet_weight == pytest.approx(0.4203, abs=1e-4)
+    # ControlNet by FLOPs at 512x512 (283.29 / 803.27 GFLOPs), not parameters (0.4203)
+    assert SD15_MODEL_WEIGHTS.controlnet_weight == pytest.approx(0.3527, abs=1e-4)
 
 
 def test_cost_module_imports_without_torch():

@@ -526,11 +526,26 @@ def test_unload_then_generate_reloads(tiny_sd, tmp_path):
 
 
 def test_predict_work_units_by_hand():
-    units = d.predict_work_units(16, 20, 7.5, 4, 0.0, 1.0, 512, 512, 0.5, 3.0)
+    # Made-up formulas: UNet 100 + T_0 + T_1^2 FLOPs over two levels, ControlNet half its linear
+    # part, VAE 3 FLOPs per latent token.
+    unet = d.FlopFormula(constant=100, linear=(1, 0), quadratic=(0, 1))
+    weights = d.ModelWeights(
+        unit_flops=unet.flops(64, 64),  # 100 + 4096 + 1024^2
+        unet=unet,
+        controlnet=d.FlopFormula(constant=0, linear=(0.5,), quadratic=(0,)),
+        vae_decode=d.FlopFormula(constant=0, linear=(3,), quadratic=(0,)),
+    )
+    units = d.predict_work_units(16, 20, 7.5, 4, 0.0, 1.0, 512, 512, weights)
     assert (units.unet_evals, units.controlnet_evals, units.vae_decodes) == (640, 200, 16)
-    assert units.total == pytest.approx(640 + 200 * 0.5 + 16 * 3.0)
-    half = d.predict_work_units(16, 20, 1.0, 4, 0.0, 1.0, 512, 256, 0.5, 3.0)
-    assert half.unet_evals == 320 and half.unet_units == pytest.approx(160)
+    unit = 100 + 4096 + 1024**2
+    assert units.total == pytest.approx(640 + (200 * 0.5 * 4096 + 16 * 3 * 4096) / unit)
+    half = d.predict_work_units(16, 20, 1.0, 4, 0.0, 1.0, 512, 256, weights)
+    assert half.unet_evals == 320
+    # 512x256: 2048 tokens at level 0, 512 at level 1; self-attention makes it less than half
+    assert half.unet_units == pytest.approx(320 * (100 + 2048 + 512**2) / unit, abs=1e-6)
+    assert half.unet_units < 160
+    odd = d.predict_work_units(1, 1, 1.0, 1, 0.0, 1.0, 520, 264, weights)  # 65 x 33 latent
+    assert odd.unet_units == pytest.approx((100 + 65 * 33 + (33 * 17) ** 2) / unit, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -558,31 +573,6 @@ def test_counted_units_equal_prediction(engine, frames, overrides):
     chunk = request(frames, settings=key, control_images=maps)
     result = engine.generate([chunk])[0]
     assert result.work_units == d.predict_chunk_units(chunk.settings, frames, engine.model_weights)
-
-
-def test_sd15_weights_match_the_architecture():
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
-        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-        )
-    measured = d.measure_model_weights(unet, controlnet, vae)
-    assert measured.unet_parameters == d.SD15_MODEL_WEIGHTS.unet_parameters
-    assert measured.controlnet_parameters == d.SD15_MODEL_WEIGHTS.controlnet_parameters
-    assert measured.controlnet_weight == pytest.approx(d.SD15_MODEL_WEIGHTS.controlnet_weight)
-    assert measured.vae_weight == pytest.approx(d.SD15_MODEL_WEIGHTS.vae_weight, rel=1e-3)
-    assert measured.vae_encode_weight == pytest.approx(
-        d.SD15_MODEL_WEIGHTS.vae_encode_weight, rel=1e-4
-    )
-    assert measured.anchor_attention_weight == pytest.approx(
-        d.SD15_MODEL_WEIGHTS.anchor_attention_weight, rel=1e-4
-    )
 
 
 # --- settings and input checks ----------------------------------------------------------------
@@ -860,41 +850,39 @@ def test_reference_changes_every_generated_frame(engine):
         assert (per_frame > 1e-4).all()
 
 
-def test_anchor_attention_costs_what_its_weight_says(engine):
-    """The processor's extra FLOPs (counted by torch on a meta copy of the tiny UNet at
-    512x512: on the CPU torch counts no FLOPs for its attention kernel) are
-    `anchor_attention_weight` x the UNet's FLOPs, divided by pool^2."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+@pytest.mark.parametrize("height, width", [(64, 64), (27, 45)])
+def test_anchor_attention_costs_what_its_formula_says(engine, height, width):
+    """The processor's extra FLOPs (counted by torch on a meta copy of the tiny UNet: on the
+    CPU torch counts no FLOPs for its attention kernel) are `ModelWeights.anchor_units`: per
+    level, the query tokens x the pooled anchor tokens x 4 x channels of its attn1 layers, also
+    where pooling and down-sampling round up (a 27x45 latent)."""
     from deployments.diffusion.anchor import AnchorBank, anchor_attention
+    from deployments.diffusion.flops import count_flops
 
-    weight = engine.model_weights.anchor_attention_weight
+    weights = engine.model_weights
     config = engine._modules.unet.config
     with torch.device("meta"):
         unet = type(engine._modules.unet).from_config(config)
-        x = torch.zeros(1, 4, 64, 64)
+        x = torch.zeros(1, 4, height, width)
         text = torch.zeros(1, 77, config.cross_attention_dim)
         rows = torch.tensor([0])
 
-    def flops(run) -> int:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            run()
-        return counter.get_total_flops()
+    def run():
+        return unet(x, 10, encoder_hidden_states=text)
 
-    plain = flops(lambda: unet(x, 10, encoder_hidden_states=text))
-    for pool in (1, 2):
-        bank = AnchorBank(64, 64, pool)
+    plain = count_flops(run)
+    assert plain == weights.unet.flops(height, width)
+    for pool in (1, 2, 3):
+        bank = AnchorBank(height, width, pool)
         with anchor_attention(unet, bank):
             bank.start_step()
-            written = flops(lambda: unet(x, 10, encoder_hidden_states=text))
+            written = count_flops(run)
             bank.finish_writing()
             bank.rows = rows
-            wider = flops(lambda: unet(x, 10, encoder_hidden_states=text))
+            wider = count_flops(run)
         assert written == plain  # the anchor's own pass is a plain evaluation
-        assert wider - plain == pytest.approx(weight * plain / pool**2, rel=1e-9), pool
-    assert d.anchor_attention_scale(512, 512, 2) == 0.25
-    assert d.anchor_attention_scale(1024, 1024, 1) == 16.0  # quadratic in the latent area
+        expected = weights.anchor_units(8 * width, 8 * height, pool) * weights.unit_flops
+        assert wider - plain == pytest.approx(expected, rel=1e-9), pool
 
 
 def test_anchored_batch_with_a_cancelled_request(engine):

@@ -358,36 +358,6 @@ def test_a_chunk_longer_than_the_window_is_refused(motion_engine):
 # --- work units ---------------------------------------------------------------------------------
 
 
-def test_sd15_motion_weights_match_the_architecture():
-    """SD15 constants = FLOP counts on meta copies of SD 1.5's UNet + AnimateDiff v1-5-2; FLOPs
-    per frame are affine in the window length (a third length lies on the line)."""
-    from diffusers import MotionAdapter, UNet2DConditionModel
-
-    from deployments.diffusion.motion_module import _flops_per_frame, measure_motion_weights
-    from deployments.diffusion.work_units import (
-        SD15_MOTION_ATTENTION_WEIGHT,
-        SD15_MOTION_MODULE_WEIGHT,
-    )
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
-        adapter = MotionAdapter(
-            block_out_channels=(320, 640, 1280, 1280),
-            motion_layers_per_block=2,
-            motion_mid_block_layers_per_block=1,
-            use_motion_mid_block=True,
-            motion_num_attention_heads=8,
-            motion_max_seq_length=32,
-        )
-    assert sum(p.numel() for p in adapter.parameters()) == 453_209_280
-    weight, attention = measure_motion_weights(unet, adapter.config)
-    assert weight == pytest.approx(SD15_MOTION_MODULE_WEIGHT, rel=1e-5)
-    assert attention == pytest.approx(SD15_MOTION_ATTENTION_WEIGHT, rel=1e-5)
-    flops = _flops_per_frame(unet, adapter.config, (24,))
-    assert flops[24] / flops[None] - 1 == pytest.approx(weight + 24 * attention, rel=1e-6)
-    assert 0.37 < weight + 16 * attention < 0.39  # about +38% UNet work per frame at 16
-
-
 def test_every_float_field_of_work_units_is_rounded():
     floats = [n for n, f in WorkUnits.model_fields.items() if f.annotation is float]
     assert {"anchor_attention_units", "motion_module_units", "motion_attention_units"} <= set(
@@ -397,17 +367,16 @@ def test_every_float_field_of_work_units_is_rounded():
     assert all(getattr(units, name) == 0.3 for name in floats)
 
 
-def test_cost_model_recovers_the_loaded_weights(motion_engine):
-    from serve.cost import weights_from_units
-
+def test_results_carry_the_loaded_motion_formulas(motion_engine):
+    """The engine's results carry the formulas it weighed with (the report predicts with them);
+    the tiny adapter's motion formulas are fitted, linear in each level's tokens."""
     key = motion_settings()
     result = motion_engine.generate([request(4, settings=key)])[0]
-    recovered = weights_from_units(result.work_units, key.width, key.height)
     measured = motion_engine.model_weights
-    assert recovered.motion_module_weight == pytest.approx(measured.motion_module_weight, 1e-4)
-    assert recovered.motion_attention_weight == pytest.approx(
-        measured.motion_attention_weight, 1e-3
-    )
+    assert result.model_weights == measured
+    assert measured.motion_module != d.SD15_MODEL_WEIGHTS.motion_module
+    assert not any(measured.motion_attention.quadratic) and any(measured.motion_attention.linear)
+    assert result.work_units == d.predict_chunk_units(key, 4, result.model_weights)
 
 
 # --- plans, the app and the command line --------------------------------------------------------
