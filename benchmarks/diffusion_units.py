@@ -7,6 +7,10 @@ per frame. Seconds on tiny models say how the loop scales, not what SD 1.5 costs
 
     python -m benchmarks.diffusion_units [--frames 8] [--size 64] [--repeats 1] [--threads 1]
 
+The result also holds SD 1.5's calls (UNet, ControlNet, VAE decode and encode) at the presets'
+generation sizes and at 1080p in work units by FLOPs against the linear area rule used before
+(`sd15_flops`; no model is run: the formulas, which a test checks against torch's counter).
+
 `--motion-module`: the AnimateDiff motion module's cost instead (results/motion_module_units.json):
 its weights relative to the UNet, counted with torch's FLOP counter on meta copies of SD 1.5's
 UNet + the AnimateDiff v1-5-2 adapter architecture at 512x512 for windows of 8, 16 and 24
@@ -81,14 +85,16 @@ def make_engine(model_dir: Path | None, cache_dir: Path, motion_module: bool = F
 
 def sd15_motion_flops(windows: tuple[int, ...] = (8, 16, 24)) -> dict:
     """SD 1.5 UNet and UNetMotionModel (AnimateDiff v1-5-2 adapter) GFLOPs per frame at 512x512,
-    on meta copies (nothing computed), and the weights `measure_motion_weights` derives."""
+    counted on meta copies (nothing computed), against the motion formulas SD 1.5's defaults
+    carry (`ModelWeights.motion_module` + F x `motion_attention`)."""
     import torch
-    from diffusers import MotionAdapter, UNet2DConditionModel
+    from diffusers import MotionAdapter
 
-    from deployments.diffusion.motion_module import _flops_per_frame, measure_motion_weights
+    from benchmarks.sd15_random import SD15_UNET
+    from deployments.diffusion import SD15_MODEL_WEIGHTS as weights
+    from deployments.diffusion.flops import build_motion_meta, motion_flops_per_frame
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
         adapter = MotionAdapter(
             block_out_channels=(320, 640, 1280, 1280),
             motion_layers_per_block=2,
@@ -98,9 +104,10 @@ def sd15_motion_flops(windows: tuple[int, ...] = (8, 16, 24)) -> dict:
             motion_norm_num_groups=32,
             motion_max_seq_length=32,
         )
-    per_frame = _flops_per_frame(unet, adapter.config, windows)
-    weight, attention = measure_motion_weights(unet, adapter.config)
-    unet_flops = per_frame[None]
+    motion = build_motion_meta(SD15_UNET, adapter.config)
+    with torch.device("meta"):
+        per_frame = {w: motion_flops_per_frame(motion, 64, 64, w) for w in windows}
+    unet_flops = weights.unit_flops
     return {
         "adapter_parameters": sum(p.numel() for p in adapter.parameters()),
         "unet_gflops": round(unet_flops / 1e9, 2),
@@ -108,9 +115,61 @@ def sd15_motion_flops(windows: tuple[int, ...] = (8, 16, 24)) -> dict:
         "extra_unet_evals_per_frame": {
             str(w): round(per_frame[w] / unet_flops - 1, 6) for w in windows
         },
-        "motion_module_weight": round(weight, 6),
-        "motion_attention_weight": round(attention, 9),
+        "motion_module_weight": round(weights.motion_module_weight, 6),
+        "motion_attention_weight": round(weights.motion_attention_weight, 9),
     }
+
+
+# Generation sizes the presets use (draft, standard/high) and the naive plan's 1080p output.
+FLOP_SIZES = ((512, 512), (512, 288), (768, 432), (1920, 1080))
+
+
+def sd15_flop_ratios() -> dict:
+    """SD 1.5's calls in work units by FLOPs (the formulas the cost model predicts with; a test
+    checks them against torch's FLOP counter) against the linear rule used before: latent area
+    x the model's cost at 512x512 (for ControlNet, x its parameter ratio 0.4203, which the
+    rule used)."""
+    from deployments.diffusion import SD15_MODEL_WEIGHTS as weights
+
+    parameter_ratio = weights.controlnet_parameters / weights.unet_parameters
+    models = {
+        "unet": (weights.unet, 1.0),
+        "controlnet": (weights.controlnet, parameter_ratio),
+        "vae_decode": (weights.vae_decode, weights.vae_weight),
+        "vae_encode": (weights.vae_encode, weights.vae_encode_weight),
+    }
+    rows = []
+    for width, height in FLOP_SIZES:
+        area = (width // 8) * (height // 8) / 64**2
+        for name, (formula, linear_weight) in models.items():
+            flops_units = weights.units(formula, width, height)
+            rows.append(
+                {
+                    "size": f"{width}x{height}",
+                    "model": name,
+                    "gflops": round(formula.flops(height // 8, width // 8) / 1e9, 2),
+                    "units": round(flops_units, 4),
+                    "linear_units": round(area * linear_weight, 4),
+                    "x_linear": round(flops_units / (area * linear_weight), 4),
+                }
+            )
+    return {
+        "unit_gflops": round(weights.unit_flops / 1e9, 2),
+        "controlnet_parameter_ratio": round(parameter_ratio, 4),
+        "weights_at_512": {k: round(v, 6) for k, v in weights.reference_weights().items()},
+        "rows": rows,
+    }
+
+
+def print_flop_ratios(section: dict) -> None:
+    print(f"SD 1.5 calls, work units by FLOPs vs the linear area rule (1 unit = "
+          f"{section['unit_gflops']} GFLOPs):")  # fmt: skip
+    print(f"{'size':>10} {'model':>11} {'GFLOPs':>9} {'units':>8} {'linear':>8} {'x lin':>6}")
+    for row in section["rows"]:
+        print(
+            f"{row['size']:>10} {row['model']:>11} {row['gflops']:>9.1f} {row['units']:>8.4f} "
+            f"{row['linear_units']:>8.4f} {row['x_linear']:>6.3f}"
+        )
 
 
 def fastest_chunk(engine, settings, maps, repeats: int):
@@ -173,9 +232,10 @@ def run_motion(args: argparse.Namespace) -> dict:
         "machine": machine_summary(),
         "note": "SD 1.5 figures: FLOPs counted on meta copies (torch.utils.flop_counter); tiny "
         "figures: random-weight models on the CPU in fp32, 15 steps, CFG on",
-        "method": "motion model FLOPs per frame at 512x512 for windows of 8 and 16 frames; "
-        "weight = intercept, attention weight = slope of (FLOPs per frame - UNet FLOPs) / "
-        "UNet FLOPs against the window length (exactly affine; 24 frames checks it)",
+        "method": "motion model FLOPs per frame at 512x512 for windows of 8, 16 and 24 frames, "
+        "counted; the weights are SD 1.5's fitted motion formulas at 512x512 (flops.py: "
+        "intercept and slope of (FLOPs per frame - UNet FLOPs) against the window length, "
+        "linear in each level's tokens) / UNet FLOPs",
         "sd15": sd15_motion_flops(),
         "frames": args.frames,
         "size": args.size,
@@ -258,6 +318,7 @@ def run(args: argparse.Namespace) -> dict:
         "controlnet_weight": round(weights.controlnet_weight, 4),
         "vae_weight": round(weights.vae_weight, 4),
         "rows": rows,
+        "sd15_flops": sd15_flop_ratios(),
     }
 
 
@@ -265,7 +326,7 @@ def print_table(result: dict) -> None:
     print(
         f"tiny SD 1.5 + ControlNet, {result['frames']} frames of {result['size']}px, CPU fp32, "
         f"{result['threads']} thread(s); ControlNet weight {result['controlnet_weight']}, "
-        f"VAE weight {result['vae_weight']}"
+        f"VAE weight {result['vae_weight']} (at 512x512, by FLOPs)"
     )
     header = f"{'every':>5} {'steps':>5} {'cfg':>4} {'unet':>6} {'cnet':>6} {'units/fr':>9}"
     print(header + f" {'cpu s/fr':>9} {'s/unit':>8} {'=pred':>6}")
@@ -276,6 +337,7 @@ def print_table(result: dict) -> None:
             f"{row['cpu_s_per_frame']:>9.4f} {row['cpu_s_per_unit']:>8.4f} "
             f"{str(row['prediction_matches']):>6}"
         )
+    print_flop_ratios(result["sd15_flops"])
 
 
 def main(argv: list[str] | None = None) -> None:
