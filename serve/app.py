@@ -135,6 +135,9 @@ class MotionServer(StageServer):
     async def edit(self, keys, plan: Plan) -> StageRecord:
         return await self._work(stages.edit_motion, self.ctx, keys, plan)
 
+    async def schedule(self, keys, plan: Plan):
+        return await self._work(stages.keyframe_schedule, self.ctx, keys, plan)
+
     async def render(self, keys, plan: Plan, chunk: int, span: tuple[int, int],
                      anchor_key: str | None = None) -> Frames:  # fmt: skip
         return await self._work(stages.render_maps, self.ctx, keys, plan, chunk, span, anchor_key)
@@ -449,6 +452,9 @@ class ServeStages(CacheLookup):
 
     async def keyframe_png(self, key: str, result_key: str) -> StageRecord:
         return await _awaited(self.h["video"].keyframe_png.remote(key, result_key))
+
+    async def schedule(self, keys: JobKeys, plan: Plan):
+        return await _awaited(self.h["motion"].schedule.remote(keys, plan))
 
     def render(self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int],
                anchor_key: str | None = None):  # fmt: skip

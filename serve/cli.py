@@ -147,8 +147,15 @@ def _job_request(args: argparse.Namespace):
         seed=args.seed,
         output=OutputSpec(fps=args.fps, width=args.width, height=args.height),
         coherence=_coherence(args),
+        overrides=_density_override(args),
         frames="anchor" if getattr(args, "anchor_frame", None) else "motion",
     )
+
+
+def _density_override(args: argparse.Namespace) -> dict:
+    """--keyframe-density as a plan override; none when not given (the preset's)."""
+    mode = getattr(args, "keyframe_density", None)
+    return {"keyframe_density": mode} if mode else {}
 
 
 def _coherence(args: argparse.Namespace):
@@ -350,6 +357,7 @@ def _cmd_estimate(args: argparse.Namespace) -> None:
         preset=args.preset,
         output=OutputSpec(fps=fps, width=width, height=height),
         coherence=_coherence(args),
+        overrides=_density_override(args),
     )
     config = _app_args(args.config)
     result = estimate(config, request, info.duration_s, info.width, info.height)
@@ -533,6 +541,14 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="seamless chunks: job-level noise windows (and high's overlap frame) so chunks "
             "do not meet in a cut (default: the preset's; on for standard and high)",
+        )
+        command.add_argument(
+            "--keyframe-density",
+            choices=("motion", "fixed"),
+            default=None,
+            help="motion: chunks whose edited skeleton moves slowly generate at 6 fps, the "
+            "interpolator filling the rest; fixed: every chunk at the generation rate "
+            "(default: the preset's; motion for standard and turbo)",
         )
 
     edit = commands.add_parser("edit", help="edit a video in this process (no server)")

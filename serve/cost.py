@@ -346,17 +346,33 @@ def predict_generation_units(
     chunk_frames: int,
     weights: ModelWeights = SD15_MODEL_WEIGHTS,
     overlap: int = 0,
+    lengths: Sequence[int] | None = None,
 ) -> WorkUnits:
     """Work units of generating `frames` frames in chunks of `chunk_frames` (keyframes are per
     chunk: each chunk's last frame is one). With an `overlap` (seamless chunks) every chunk but
     the first also generates the previous chunk's last `overlap` frames: they are counted in
     both chunks, as both generate them (and keyframes are those of the longer chunk). With
     anchor attention the job's anchor keyframe (its frame 0 generated alone, once) comes first.
+    `lengths` (motion keyframe density, `scheduled_lengths`): the frames each chunk generates,
+    overlap included, instead of full chunks.
     """
     if frames <= 0:  # e.g. a naive side with no output frame: nothing to generate
         return WorkUnits()
     keyframe = predict_keyframe_units(settings, weights)
+    if lengths is not None:  # a motion density schedule: each chunk's own frame count
+        by_length = {n: predict_chunk_units(settings, n, weights) for n in set(lengths)}
+        return sum((by_length[n] for n in lengths), keyframe)
     return keyframe + _chunk_units(settings, frames, chunk_frames, weights, overlap)
+
+
+def scheduled_lengths(plan: Any) -> list[int] | None:
+    """Frames each chunk generates (its overlap included) under the plan's motion density
+    schedule (`Plan.schedule`); None without one (every chunk every grid frame)."""
+    schedule = getattr(plan, "schedule", None)
+    if schedule is None:
+        return None
+    overlap = getattr(plan, "chunk_overlap", 0)
+    return [len(schedule.with_overlap(c, overlap)) for c in range(len(schedule.strides))]
 
 
 def predict_keyframe_units(
@@ -393,13 +409,17 @@ def _times(units: WorkUnits, count: int) -> WorkUnits:
 
 
 def generated_frame_count(
-    frames: int, chunk_frames: int, overlap: int = 0, keyframe: bool = False
-) -> int:
+    frames: int, chunk_frames: int, overlap: int = 0, keyframe: bool = False,
+    lengths: Sequence[int] | None = None,
+) -> int:  # fmt: skip
     """Frames the diffusion model generates for `frames` frames in chunks: with an overlap,
     every chunk but the first generates `overlap` frames more; with anchor attention
-    (`keyframe`) the job's anchor keyframe is one more."""
+    (`keyframe`) the job's anchor keyframe is one more; `lengths`: each chunk's frames under a
+    motion density schedule."""
     if frames <= 0:
         return 0
+    if lengths is not None:
+        return sum(lengths) + int(keyframe)
     chunks = math.ceil(frames / max(1, chunk_frames))
     return frames + overlap * (chunks - 1) + int(keyframe)
 
@@ -587,9 +607,12 @@ def build_report(
     weights = weights or _measured_weights(records) or SD15_MODEL_WEIGHTS
     plan_stages = _stage_costs(records, price, prices)
     overlap = getattr(plan, "chunk_overlap", 0)
-    predicted = predict_generation_units(settings, frames, plan.chunk_frames, weights, overlap)
+    lengths = scheduled_lengths(plan)
+    predicted = predict_generation_units(
+        settings, frames, plan.chunk_frames, weights, overlap, lengths
+    )
     keyframe = settings.anchor != "off"
-    generated = generated_frame_count(frames, plan.chunk_frames, overlap, keyframe)
+    generated = generated_frame_count(frames, plan.chunk_frames, overlap, keyframe, lengths)
     plan_side = _side(generated, measured, predicted, plan_stages, estimated=False)
 
     naive_gen = naive_settings(settings, plan.output_width, plan.output_height, plan.output_fps)
@@ -707,7 +730,8 @@ def estimate_plan(
     _, price = prices.for_tier(tier)
     settings = plan.generation
     overlap = getattr(plan, "chunk_overlap", 0)
-    units = predict_generation_units(settings, frames, plan.chunk_frames, weights, overlap)
+    lengths = scheduled_lengths(plan)
+    units = predict_generation_units(settings, frames, plan.chunk_frames, weights, overlap, lengths)
     naive_gen = naive_settings(settings, plan.output_width, plan.output_height, plan.output_fps)
     naive_frames = naive_frame_count(frames, settings.fps, plan.output_fps)
     naive_units = predict_generation_units(naive_gen, naive_frames, naive_frames, weights)
@@ -724,7 +748,9 @@ def estimate_plan(
     return CostEstimate(
         tier=tier,
         plan=side(
-            generated_frame_count(frames, plan.chunk_frames, overlap, settings.anchor != "off"),
+            generated_frame_count(
+                frames, plan.chunk_frames, overlap, settings.anchor != "off", lengths
+            ),
             units,
             gpu_fraction,
         ),

@@ -61,6 +61,9 @@ class LocalStages(CacheLookup):
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord:
         return await stages.stoppable(stages.edit_motion, self.ctx, keys, plan)
 
+    async def schedule(self, keys: JobKeys, plan: Plan):
+        return await stages.stoppable(stages.keyframe_schedule, self.ctx, keys, plan)
+
     def render(self, keys: JobKeys, plan: Plan, chunk: int, span: tuple[int, int],
                anchor_key: str | None = None):  # fmt: skip
         return _task(stages.render_maps, self.ctx, keys, plan, chunk, span, anchor_key)

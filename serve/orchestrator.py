@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from deployments.density import DensitySchedule
 from serve import stages
 from serve.chunks import ChunkSpec
 from serve.cost import build_preview_report, build_report
@@ -76,6 +77,11 @@ class StageCalls(Protocol):
         ...
 
     async def motion(self, keys: JobKeys, plan: Plan) -> StageRecord: ...
+    async def schedule(self, keys: JobKeys, plan: Plan) -> DensitySchedule | None:
+        """The chunks' strides under motion keyframe density (stages.keyframe_schedule), from
+        the edited poses the motion stage cached; None for fixed density. CPU, milliseconds."""
+        ...
+
     async def preview(
         self, input_ref: str, keys: JobKeys, plan: Plan, result_key: str
     ) -> StageRecord:
@@ -135,8 +141,33 @@ def chunk_spans(frames: int, chunk_frames: int) -> list[tuple[int, int]]:
 
 def generation_spans(spans: list[tuple[int, int]], plan: Plan) -> list[tuple[int, int]]:
     """The frames each chunk generates: its span, and before it the plan's overlap (the
-    previous chunk's last frames) for every chunk but the first."""
+    previous chunk's last frames) for every chunk but the first. Under motion keyframe density
+    a chunk generates some of these grid frames only (`Plan.generated_indices`)."""
     return [(start - plan.overlap_before(i), stop) for i, (start, stop) in enumerate(spans)]
+
+
+def first_frames(spans: list[tuple[int, int]], plan: Plan) -> list[int]:
+    """Each chunk's first generated frame as an index in the job's generated frames (its
+    overlap included): the grid index without a density schedule."""
+    return [plan.first_generated(i, span) - plan.overlap_before(i) for i, span in enumerate(spans)]
+
+
+def own_generated(spans: list[tuple[int, int]], plan: Plan, chunk: int) -> tuple[int, int]:
+    """(first, count) of the chunk's own generated frames (no overlap) among the job's
+    generated frames: what the interpolation of its time span starts from."""
+    first, stop = spans[chunk]
+    if plan.schedule is None:
+        return first, stop - first
+    return plan.schedule.generated_before(chunk), len(plan.schedule.indices(chunk))
+
+
+def keyed_indices(plan: Plan, chunk: int, span: tuple[int, int]) -> list[int] | None:
+    """The grid frames a chunk generates when they are not its whole generated span (a
+    generation key's `indices`); None when they are (every chunk of a fixed-density plan)."""
+    indices = plan.generated_indices(chunk, plan.schedule.span(chunk)) if plan.schedule else None
+    if indices is None or indices == list(range(*span)):
+        return None
+    return indices
 
 
 def job_keys_of(manifest: JobManifest, plan: Plan) -> JobKeys:
@@ -165,6 +196,7 @@ class Orchestrator:
         plan = Plan.model_validate(manifest.plan)
         keys = job_keys_of(manifest, plan)
         motion_record = await self._poses(manifest, plan, keys, events)
+        plan = await self._scheduled(keys, plan)
         spans = chunk_spans(motion_record.frames, plan.chunk_frames)
         retries = RetryLog()
         segment_keys = await self._run_chunks(manifest, plan, keys, spans, events, retries)
@@ -184,11 +216,19 @@ class Orchestrator:
             logger.info("job %s: %d chunk call(s) retried after infrastructure failures",
                         manifest.job_id, retries.total)  # fmt: skip
         consistency = await self._consistency(manifest, result_key, plan)
+        density = {"keyframe_density": _density_section(plan)} if plan.schedule else {}
         return result_key, {
             **report.model_dump(mode="json"),
             "plan_explained": plan.explain(),
             "consistency": consistency,
+            **density,
         }
+
+    async def _scheduled(self, keys: JobKeys, plan: Plan) -> Plan:
+        """The plan with its motion density schedule (strides per chunk, from the edited
+        skeleton; before any GPU work, so the report's prediction is made with it)."""
+        schedule = await self.calls.schedule(keys, plan)
+        return plan if schedule is None else plan.model_copy(update={"schedule": schedule})
 
     async def _consistency(self, manifest: JobManifest, result_key: str, plan: Plan) -> dict:
         """Measured after the cost report is built, and never billed: a quality figure. The
@@ -224,12 +264,13 @@ class Orchestrator:
         plan = Plan.model_validate(manifest.plan)
         keys = job_keys_of(manifest, plan)
         motion_record = await self._poses(manifest, plan, keys, events)
+        plan = await self._scheduled(keys, plan)  # the estimate counts the slow chunks
         events.check_cancelled()
         result_key = self.result_key_for(manifest)
         events.record([await self.calls.preview(manifest.input_key, keys, plan, result_key)])
         events.progress("preview", 1, 1)
         if manifest.request.frames == "anchor":  # the one GPU frame, which the job reuses
-            chunk = _chunk_specs(manifest, plan, [(0, 1)])[0]  # chunk 0's fields
+            chunk = _chunk_specs(manifest, plan, [0])[0]  # chunk 0's fields
             key = stages.keyframe_key(keys, plan, chunk.key_fields())
             await self.keyframe(keys, plan, chunk, key, events)
             png = await self.calls.keyframe_png(key, anchor_image_key(result_key))
@@ -245,14 +286,15 @@ class Orchestrator:
     ) -> list[str]:  # fmt: skip
         """Run every chunk (records go to the job's ledger); returns the segment keys."""
         generated = generation_spans(spans, plan)
-        chunks = _chunk_specs(manifest, plan, generated)
+        chunks = _chunk_specs(manifest, plan, first_frames(spans, plan))
         anchor_key = None
         if plan.generation.anchor != "off":
             anchor_key = stages.keyframe_key(keys, plan, chunks[0].key_fields())
         gen_keys = [
-            stages.generation_key(keys, plan, span, chunk.key_fields(), anchor_key)
-            for span, chunk in zip(generated, chunks, strict=True)
-        ]
+            stages.generation_key(keys, plan, span, _key_fields(chunk, span, plan), anchor_key,
+                                  keyed_indices(plan, i, span))
+            for i, (span, chunk) in enumerate(zip(generated, chunks, strict=True))
+        ]  # fmt: skip
         identity = await self.calls.upscaler_identity()
         seg_keys = [
             stages.segment_key(plan, gen_keys[i], gen_keys[i + 1] if i + 1 < len(spans) else None,
@@ -375,7 +417,6 @@ class _ChunkRun:
         """The chunk's chained calls; returns its own calls after the generations (upscale,
         interpolate, encode: the last one's result is the chunk's) and the generation calls
         it uses (its own and its successor's, shared with the neighbouring chunks)."""
-        first, stop = self.spans[chunk]
         has_next = chunk + 1 < len(self.spans)
         generations = [self._generation(chunk, chunk)]
         if has_next:
@@ -384,8 +425,9 @@ class _ChunkRun:
             generations[0], generations[1] if has_next else None, self.plan, chunk,
         ))  # fmt: skip
         total = self.spans[-1][1]
+        first, count = own_generated(self.spans, self.plan, chunk)
         frames = self._made(
-            chunk, self.calls.interpolate(upscaled, first, stop - first, total, self.plan, chunk)
+            chunk, self.calls.interpolate(upscaled, first, count, total, self.plan, chunk)
         )
         self.generated.pop(chunk - 1, None)  # no later chunk needs it: free its object
         self.maps.pop(chunk - 1, None)
@@ -512,10 +554,9 @@ async def _awaited(call: Awaitable[Any]) -> Any:
     return await call
 
 
-def _chunk_specs(
-    manifest: JobManifest, plan: Plan, generated: list[tuple[int, int]]
-) -> list[ChunkSpec]:
-    """The job's chunks as the diffusion stage sees them (`generated`: their frame spans)."""
+def _chunk_specs(manifest: JobManifest, plan: Plan, firsts: list[int]) -> list[ChunkSpec]:
+    """The job's chunks as the diffusion stage sees them (`firsts`: each one's first frame in
+    the job's generated frames, `first_frames`)."""
     job = manifest.request
     return [
         ChunkSpec(job_id=manifest.job_id, chunk_index=index, prompt=job.prompt,
@@ -523,8 +564,28 @@ def _chunk_specs(
                   seed=job.seed if job.seed is not None else 0,
                   noise_sharing=plan.noise_sharing, noise=plan.noise,
                   noise_window=plan.noise_window, first_frame=first)
-        for index, (first, _stop) in enumerate(generated)
+        for index, first in enumerate(firsts)
     ]  # fmt: skip
+
+
+def _density_section(plan: Plan) -> dict[str, Any]:
+    """The report's `keyframe_density`: each chunk's stride, generated fps and joint speed."""
+    schedule = plan.schedule
+    return {
+        "settings": plan.keyframe_density.model_dump(mode="json"),
+        "chunk_fps": [plan.generation.fps / stride for stride in schedule.strides],
+        **schedule.model_dump(mode="json"),
+        "slow_fraction": schedule.slow_fraction(),
+    }
+
+
+def _key_fields(chunk: ChunkSpec, span: tuple[int, int], plan: Plan) -> dict[str, Any]:
+    """The chunk's generation-key fields; under a density schedule also its first frame in
+    the job's generated frames where that is not its grid index (its own noise reads it)."""
+    fields = chunk.key_fields()
+    if plan.schedule is not None and chunk.first_frame != span[0]:
+        fields["first_frame"] = chunk.first_frame
+    return fields
 
 
 def _keeps_timing(plan: Plan, manifest: JobManifest) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from deployments.density import DensitySchedule, KeyframeDensity
 from deployments.diffusion import GenerationSettings
 from deployments.diffusion.settings import MAX_NOISE_WINDOW, NoiseMode
 from deployments.diffusion.settings import MIN_SIDE as GENERATION_SIDE_MIN
@@ -85,6 +86,18 @@ class Plan(BaseModel):
     interpolation: InterpolationSettings = Field(
         default_factory=InterpolationSettings, description="Frame interpolation."
     )
+    keyframe_density: KeyframeDensity = Field(
+        default_factory=KeyframeDensity,
+        description="How many frames each chunk generates: every frame of the generation grid "
+        "('fixed'), or, by the edited skeleton's motion, fewer in slow chunks ('motion'; "
+        "deployments/density.py). An override may give just the mode: 'motion' or 'fixed'.",
+    )
+    schedule: DensitySchedule | None = Field(
+        default=None,
+        description="The chunks' strides under motion density, set by the orchestrator from "
+        "the edited skeleton before any GPU work (None: every chunk generates every grid "
+        "frame). Not part of a submitted plan.",
+    )
     batching: bool = Field(default=True, description="Micro-batch chunks across jobs.")
     cache: bool = Field(default=True, description="Reuse cached stage outputs.")
     output_crf: int = Field(default=18, ge=0, le=51, description="x264 quality of the result.")
@@ -94,6 +107,11 @@ class Plan(BaseModel):
     def _styles_parse(cls, styles: list[str]) -> list[str]:
         parse_styles(styles)  # raises InvalidSettingError naming the valid styles
         return styles
+
+    @field_validator("keyframe_density", mode="before")
+    @classmethod
+    def _density_mode(cls, value: Any) -> Any:
+        return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> Plan:
@@ -107,7 +125,24 @@ class Plan(BaseModel):
                 "chunk_overlap needs noise 'job_windows' (an overlap frame must get the same "
                 "noise in both chunks that generate it)"
             )
+        shortest = -(-self.chunk_frames // self.keyframe_density.max_stride(self.generation.fps))
+        if self.chunk_overlap and self.chunk_overlap >= shortest:
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be less than the frames a slow chunk "
+                f"generates under motion keyframe density ({shortest})"
+            )
         return self
+
+    def generated_indices(self, chunk: int, span: tuple[int, int]) -> list[int]:
+        """Grid frames chunk `chunk` generates (its overlap first); `span` is its own span."""
+        if self.schedule is None:
+            return list(range(span[0] - self.overlap_before(chunk), span[1]))
+        return self.schedule.with_overlap(chunk, self.overlap_before(chunk))
+
+    def first_generated(self, chunk: int, span: tuple[int, int]) -> int:
+        """Index in the job's generated frames of the chunk's first own frame (grid index
+        without a schedule)."""
+        return span[0] if self.schedule is None else self.schedule.generated_before(chunk)
 
     def overlap_before(self, chunk: int) -> int:
         """Frames chunk `chunk` generates before its span (the previous chunk's last ones)."""
@@ -137,17 +172,31 @@ class Plan(BaseModel):
             anchor += f", LoRA fused: {fused}"
         if not g.cfg:
             anchor += ", CFG off"
-        return [
-            f"preset {self.preset}",
-            f"generate {g.width}x{g.height} at {g.fps:g} fps, {g.steps} steps {g.scheduler}, "
-            f"{g.precision}, ControlNet on every {g.controlnet_every} frame(s){anchor}",
-            f"interpolate {g.fps:g} -> {self.output_fps:g} fps "
-            f"({self.interpolation.backend}, x{self.interpolation_factor:.2f})",
-            f"upscale {g.width}x{g.height} -> {self.output_width}x{self.output_height} "
-            f"(x{self.upscale_factor:.2f})",
-            f"micro-batching {'on' if self.batching else 'off'}, "
-            f"cache {'on' if self.cache else 'off'}",
-        ] + self._explain_seamless()
+        return (
+            [
+                f"preset {self.preset}",
+                f"generate {g.width}x{g.height} at {g.fps:g} fps, {g.steps} steps {g.scheduler}, "
+                f"{g.precision}, ControlNet on every {g.controlnet_every} frame(s){anchor}",
+                f"interpolate {g.fps:g} -> {self.output_fps:g} fps "
+                f"({self.interpolation.backend}, x{self.interpolation_factor:.2f})",
+                f"upscale {g.width}x{g.height} -> {self.output_width}x{self.output_height} "
+                f"(x{self.upscale_factor:.2f})",
+                f"micro-batching {'on' if self.batching else 'off'}, "
+                f"cache {'on' if self.cache else 'off'}",
+            ]
+            + self._explain_seamless()
+            + self._explain_density()
+        )
+
+    def _explain_density(self) -> list[str]:
+        if self.keyframe_density.mode == "fixed":
+            return []
+        if self.schedule is None:
+            return [
+                "keyframe density by motion: slow chunks generate fewer frames (decided from "
+                "the edited skeleton before the GPU runs; an estimate without it assumes none)"
+            ]
+        return [self.schedule.explain(self.generation.fps)]
 
     def _explain_seamless(self) -> list[str]:
         if self.noise == "per_chunk" and self.noise_sharing == 1.0 and not self.chunk_overlap:
@@ -232,6 +281,7 @@ def make_plan(
         "output_height": out_h,
         "batching": preset.batching,
         "cache": preset.cache,
+        "keyframe_density": {"mode": preset.keyframe_density},
     }
     if styles is not None:
         fields["styles"] = styles
@@ -331,9 +381,11 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {error['msg']}" if where else str(error["msg"])
 
 
-# Coherence is set through the request's switches or its own fields (`coherence_overrides`).
-_PRESET_FIELDS = set(Preset.model_fields) - {"coherence"}
-_PLAN_FIELDS = {"chunk_frames", "noise", "noise_sharing", "noise_window", "chunk_overlap"}
+# Coherence is set through the request's switches or its own fields (`coherence_overrides`);
+# keyframe density through the plan's field (a mode, or the whole settings object).
+_PRESET_FIELDS = set(Preset.model_fields) - {"coherence", "keyframe_density"}
+_PLAN_FIELDS = {"chunk_frames", "noise", "noise_sharing", "noise_window", "chunk_overlap",
+                "keyframe_density"}  # fmt: skip
 _GENERATION_FIELDS = {"control_guidance_start", "control_guidance_end",
                       "controlnet_conditioning_scale", "anchor", "anchor_pool",
                       "motion_module", "loras"}  # fmt: skip

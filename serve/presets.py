@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from deployments.density import DensityMode
 from deployments.diffusion.settings import MAX_ANCHOR_POOL, GenerationSettings
 
 PresetName = Literal["draft", "standard", "high", "turbo", "naive"]
@@ -99,6 +100,12 @@ class Preset(BaseModel):
         description="Anchor attention and seamless chunks by default (a request's `coherence` "
         "switches and field overrides change them).",
     )
+    keyframe_density: DensityMode = Field(
+        default="fixed",
+        description="'motion': slow chunks generate fewer frames, chosen from the edited "
+        "skeleton (deployments/density.py); 'fixed': every chunk every grid frame. The "
+        "override `keyframe_density` changes it.",
+    )
 
 
 PRESETS: dict[str, Preset] = {
@@ -114,10 +121,14 @@ PRESETS: dict[str, Preset] = {
     # little in 1/3 s; residuals are interpolated), upscaled to 1080p. Coherent: anchor
     # attention at pool 4 (its wider attention then costs 1/16 of a full-size anchor's) and job
     # noise windows (free): +7.7% work units on the 10 s 1080p25 clip (benchmarks/cost.py).
+    # Motion keyframe density: a chunk whose edited skeleton moves slowly generates at 6 fps
+    # (the interpolator carries it within the error budget of benchmarks/keyframe_density.py),
+    # fast ones at 12: the default plan is the one that should pay only for the motion there is.
     "standard": Preset(
         generation_long_side=None, generation_fps=12, steps=18, precision="fp16",
         controlnet_every=4, output_long_side=1920,
         coherence=PresetCoherence(anchor=True, anchor_pool=4, seamless=True, chunk_overlap=0),
+        keyframe_density="motion",
     ),
     # For fast motion: 768, 20 steps and ControlNet every 2nd frame; a finer anchor (pool 2)
     # and one overlap frame cross-faded at each chunk boundary; the AnimateDiff motion module
@@ -137,7 +148,11 @@ PRESETS: dict[str, Preset] = {
         generation_long_side=None, generation_fps=12, steps=6, scheduler="lcm", precision="fp16",
         guidance_scale=1.0, few_step=True, controlnet_every=4, output_long_side=1920,
         coherence=PresetCoherence(anchor=True, anchor_pool=4, seamless=True, chunk_overlap=0),
+        keyframe_density="motion",
     ),
+    # `draft` and `high` keep fixed density: draft's plans, keys and the demo's figures stay as
+    # they were (a request turns it on with the `keyframe_density` override), and high is the
+    # preset that pays for quality, every grid frame generated. Turbo takes standard's density.
     # The baseline: what a straightforward implementation would run for the same output.
     "naive": Preset(
         generation_long_side=1920, generation_fps=25, steps=30, precision="fp32",

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from deployments import (
     consistency,
+    density,
     diffusion,
     interpolate,
     motion,
@@ -195,21 +196,27 @@ def job_keys(
     return keys
 
 
-# The fields of `ChunkSpec.key_fields` that name a frame's own noise (mode and window).
-NOISE_KEY_FIELDS = ("noise", "noise_window")
+# The fields of `ChunkSpec.key_fields` that name a frame's own noise (mode and window; and,
+# under motion keyframe density, the chunk's first frame in the job's generated frames).
+NOISE_KEY_FIELDS = ("noise", "noise_window", "first_frame")
 
 
 def generation_key(keys: JobKeys, plan, span: tuple[int, int], request: dict,
-                   anchor_key: str | None = None) -> str:  # fmt: skip
+                   anchor_key: str | None = None,
+                   indices: list[int] | None = None) -> str:  # fmt: skip
     """Key of one chunk's generated frames: its poses, the diffusion settings and the prompt
     (and, when the anchor is a reference image, that image's bytes; with anchor attention, the
     key of the anchor keyframe it anchors on). The noise mode and window count only where a
-    frame's own noise acts."""
+    frame's own noise acts. `indices`: the grid frames the chunk generates, given only when
+    they are not every frame of `span` (motion keyframe density: the chunk's rate is part of
+    its key; a chunk that generates every frame keeps the key of a fixed-density plan)."""
     if not diffusion.own_noise_acts(plan.generation.scheduler, request.get("noise_sharing", 1.0)):
         # The noise mode and window cannot change these frames (`own_noise_acts`): left out,
         # so seamless noise alone keeps the keys (and the cache) of per-chunk noise.
         request = {k: v for k, v in request.items() if k not in NOISE_KEY_FIELDS}
     settings = {"generation": plan.generation, "request": request, "frames": list(span)}
+    if indices is not None:
+        settings["indices"] = list(indices)
     inputs = [keys.motion] + ([keys.reference] if keys.reference else [])
     inputs += [anchor_key] if anchor_key else []
     return content_key("diffusion", diffusion.DIFFUSION_CODE_VERSION, settings, inputs)
@@ -219,8 +226,9 @@ def keyframe_plan(plan):
     """The plan of a job's anchor keyframe: its generation settings (`keyframe_settings`), and
     the cache on even where the plan's is off: the chunks read the keyframe from it."""
     return plan.model_copy(
-        update={"generation": diffusion.keyframe_settings(plan.generation), "cache": True}
-    )
+        update={"generation": diffusion.keyframe_settings(plan.generation), "cache": True,
+                "schedule": None}
+    )  # fmt: skip
 
 
 def keyframe_key(keys: JobKeys, plan, request: dict) -> str:
@@ -367,6 +375,23 @@ def load_edited_poses(ctx: StageContext, keys: JobKeys) -> pose.PoseSequence:
     return pose.PoseSequence.from_bytes(_require(ctx.cache, keys.motion))
 
 
+def keyframe_schedule(
+    ctx: StageContext, keys: JobKeys, plan, should_stop: ShouldStop | None = None
+) -> density.DensitySchedule | None:
+    """The chunks' strides under motion keyframe density, from the edited poses in the cache
+    (`edit_motion` first); None for fixed density. Milliseconds of numpy, deterministic: a
+    resumed job gets the same strides, so the same chunk keys."""
+    if plan.keyframe_density.mode == "fixed":
+        return None
+    check_stop(should_stop, "keyframe density")
+    edited = load_edited_poses(ctx, keys)
+    g = plan.generation
+    return density.density_schedule(
+        edited.landmarks, edited.present, plan.chunk_frames, plan.keyframe_density, g.fps,
+        scale=g.width / edited.width,
+    )  # fmt: skip
+
+
 def preview_key(keys: JobKeys, plan) -> str:
     """Key of a motion preview: the decoded frames it draws on and the edited poses (whose key
     chains the original poses and the styles)."""
@@ -429,7 +454,10 @@ def render_maps(ctx: StageContext, keys: JobKeys, plan, chunk: int, span: tuple[
         check_stop(should_stop, "render")
         edited = load_edited_poses(ctx, keys)
         g = plan.generation
-        maps = pose_maps.render_pose_maps(edited, g.width, g.height, frames=slice(*span))
+        frames: slice | list[int] = slice(*span)
+        if plan.schedule is not None:  # motion keyframe density: the chunk's grid frames
+            frames = plan.generated_indices(chunk, plan.schedule.span(chunk))
+        maps = pose_maps.render_pose_maps(edited, g.width, g.height, frames=frames)
         anchor = None
         if g.anchor != "off" and anchor_key is not None:
             anchor = keyframe_image(ctx, anchor_key)
@@ -541,10 +569,13 @@ def cross_fade(frames: np.ndarray, incoming: np.ndarray) -> np.ndarray:
 
 
 def interpolation_positions(
-    first: int, count: int, total: int, in_fps: float, out_fps: float, pad_tail: bool
-) -> list[tuple[int, float]]:
-    """(source index, t) of the output frames that fall in source frames [first, first+count)."""
-    positions = interpolate.output_positions(total, in_fps, out_fps, pad_tail)
+    first: int, count: int, total: int, in_fps: float, out_fps: float, pad_tail: bool,
+    frames_at: list[int] | None = None,
+) -> list[tuple[int, float]]:  # fmt: skip
+    """(source index, t) of the output frames that fall in source frames [first, first+count).
+    With `frames_at` (the grid frames the job generated, motion keyframe density) indices are
+    positions in the job's generated frames (`interpolate.output_positions`)."""
+    positions = interpolate.output_positions(total, in_fps, out_fps, pad_tail, frames_at)
     return [(i, float(t)) for i, t in positions if first <= i < first + count]
 
 
@@ -559,7 +590,10 @@ def interpolate_chunk(
     should_stop: ShouldStop | None = None,
 ) -> Frames:
     """Output-rate frames for the chunk's time span; motion measured at generation size.
-    `should_stop` is asked before each pair of generated frames (one flow, its in-betweens)."""
+    `first`, `count`: the chunk's own generated frames, as positions in the job's generated
+    frames (grid frames unless the plan has a motion density schedule); `total`: the job's
+    grid frames. `should_stop` is asked before each pair of generated frames (one flow, its
+    in-betweens)."""
     record = StageRecord(stage="interpolate", chunk=chunk)
     with measured(record):
         span = _interpolate_span(backend, upscaled, first, count, total, plan, should_stop)
@@ -572,9 +606,11 @@ def interpolate_chunk(
 
 
 def _interpolate_span(backend, upscaled: Frames, first, count, total, plan, should_stop=None):
+    frames_at = plan.schedule.job_indices() if plan.schedule is not None else None
     positions = interpolation_positions(
-        first, count, total, plan.generation.fps, plan.output_fps, plan.interpolation.pad_tail
-    )
+        first, count, total, plan.generation.fps, plan.output_fps, plan.interpolation.pad_tail,
+        frames_at,
+    )  # fmt: skip
     large, small = upscaled.frames, upscaled.guides
     run: list[float] = []  # times between the same pair, interpolated together (one flow)
     run_pair = -1

@@ -204,8 +204,11 @@ def test_jobs_count_what_they_predict(
     short_clip, tmp_path, preset, coherence, with_reference, generated
 ):
     args = AppArgs(storage_uri=str(tmp_path / "store"), upscaler_model="lanczos")
+    # every grid frame, so the counts are the coherence's (standard's motion keyframe density
+    # counts what it predicts in tests/unit/test_keyframe_density.py)
     job = JobRequest(prompt="a robot dancing", preset=preset, seed=3, coherence=coherence,
-                     overrides={**FAST_OVERRIDES, "chunk_frames": 8})  # fmt: skip
+                     overrides={**FAST_OVERRIDES, "chunk_frames": 8,
+                                "keyframe_density": "fixed"})  # fmt: skip
     reference = reference_image(tmp_path / "ref.png") if with_reference else None
     report = asyncio.run(
         edit_video(short_clip, tmp_path / "out.mp4", job, args, reference=reference)
