@@ -46,6 +46,18 @@ output. What is measured and what is predicted:
   per-step work (it is merged into the UNet weights), so the LoRA itself is no lever in units.
   Predicted only here: the unit tests run turbo settings through the engine with a tiny
   few-step LoRA and check counted == predicted (tests/unit/test_turbo.py, test_lora.py).
+- Motion keyframe density (issue 18, item 4; `density`): `standard` (and `turbo`) generate a
+  chunk at 6 fps where the edited skeleton moves slowly (deployments/density.py, threshold from
+  benchmarks/keyframe_density.py). Its full-size rows take the schedule the service computes on
+  the clip at the plan's real generation size (decode at 12 fps and 768x432, MediaPipe pose,
+  `smooth`, `stages.keyframe_schedule`): work units with it, against the same plan at the full
+  rate, the ratio to naive (the issue asks >= 32x for `standard`) and the share of the clip
+  judged slow. A run at the run size (`standard_density`, the threshold scaled by run size /
+  full size, since the speeds are pixels at the generation size) checks that the loop counts
+  what the report predicts from its schedule. The other runs pin `keyframe_density: fixed`, so
+  their figures stay comparable with earlier results (the `standard` row is the standard plan
+  at the full rate, as an estimate without the skeleton predicts it). `--density-only`
+  computes this section alone and writes it into the existing result.
 - Levers: each alone on top of naive and cumulatively (micro-batching, 12 fps + interpolation,
   768 px + upscaling, 18 steps, fp16, keyframe ControlNet, cache), beside the figure each was
   expected to give. Work units are exact for the levers that change work; micro-batching's
@@ -54,6 +66,7 @@ output. What is measured and what is predicted:
   only where CUDA is available, else "not measured: no GPU".
 
     python -m benchmarks.cost [--quick] [--seconds 10] [--plans draft standard high]
+    python -m benchmarks.cost --density-only [--seconds 4]
 """
 
 from __future__ import annotations
@@ -99,6 +112,9 @@ COHERENCE_ROWS: dict[str, tuple[str, dict | None, dict]] = {
     "high (its coherence)": ("high", None, {}),
 }  # fmt: skip
 TURBO_ROW = "turbo"  # issue 18: few-step LoRA + CFG off, otherwise standard
+DENSITY_ROW = "standard_density"  # standard's motion keyframe density, run at the run size
+DENSITY_MIN_RATIO = 32.0  # issue 18: standard with motion density >= 32x fewer units than naive
+FIXED_DENSITY = {"keyframe_density": "fixed"}  # the runs compared with earlier results
 TURBO_MIN_RATIO = 120.0  # issue 18: turbo at least 120x fewer work units than naive
 RUN_LONG_SIDE = 128  # generation size of the runs (16:9 -> 128x72); full size is predicted
 PROMPT = "a robot dancing in a park"
@@ -159,6 +175,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batching-json",
         type=Path,
         help="results of benchmarks.batching, the micro-batching factor (default: results dir)",
+    )
+    parser.add_argument(
+        "--density-only",
+        action="store_true",
+        help="only the motion keyframe density section (full-size schedule and its run), "
+        "written into the existing result JSON",
     )
     parser.add_argument("--output", type=Path, help="JSON path (default: results dir)")
     parser.add_argument("--plot", type=Path, help="PNG path (default: results dir)")
@@ -500,6 +522,183 @@ def anchor_overhead(standard: dict[str, Any], anchored: dict[str, Any]) -> dict[
     }
 
 
+# --- motion keyframe density --------------------------------------------------------------------
+
+
+def full_size_schedule(clip: Path, plan):
+    """The clip's density schedule as a job of `plan` gets it: the service's own stages (decode
+    + pose, the motion edit, `stages.keyframe_schedule`) at the plan's generation fps and size,
+    in a scratch cache."""
+    from serve import stages
+    from serve.cache import hash_file
+    from serve.config import AppArgs
+    from serve.factory import stage_context
+
+    with tempfile.TemporaryDirectory(prefix="bench-cost-density-") as folder:
+        ctx = stage_context(AppArgs(storage_uri=folder))
+        keys = stages.job_keys(hash_file(clip), plan)
+        stages.extract_pose(ctx, str(clip.resolve()), keys, plan)
+        stages.edit_motion(ctx, keys, plan)
+        return stages.keyframe_schedule(ctx, keys, plan)
+
+
+def density_rows(clip: Path) -> dict[str, Any]:
+    """`standard` and `turbo` with the clip's motion density schedule against the same plans at
+    the full rate (full size, SD 1.5 weights, the 10 s clip)."""
+    from serve.cost import estimate_plan
+
+    standard = full_plan("standard")
+    schedule = full_size_schedule(clip, standard)
+    frames = generated_frames(standard)
+    if schedule.frames != frames:
+        raise RuntimeError(f"the clip decoded to {schedule.frames} frames, not {frames}")
+    rows = []
+    for preset in ("standard", TURBO_ROW):
+        plan = full_plan(preset)
+        scheduled = plan.model_copy(update={"schedule": schedule})
+        fixed, dense = (estimate_plan(p, frames, tier="scale") for p in (plan, scheduled))
+        rows.append(
+            {
+                "row": f"{preset} + motion density",
+                "preset": preset,
+                "fixed_generated_frames": fixed.plan.generated_frames,
+                "generated_frames": dense.plan.generated_frames,
+                "fixed_units": round(fixed.plan.work_units, 1),
+                "work_units": round(dense.plan.work_units, 1),
+                "saving_pct": _saving(dense.plan.work_units, fixed.plan.work_units),
+                "fixed_x_naive": _ratio(fixed.naive.work_units, fixed.plan.work_units),
+                "x_naive": _ratio(dense.naive.work_units, dense.plan.work_units),
+                "naive_units": round(dense.naive.work_units, 1),
+                "plan_explained": scheduled.explain(),
+            }
+        )
+    standard_row = rows[0]
+    needed = slow_fraction_needed(standard, frames, schedule)
+    return {
+        "schedule": {
+            "settings": standard.keyframe_density.model_dump(),
+            "strides": list(schedule.strides),
+            "chunk_fps": [standard.generation.fps / s for s in schedule.strides],
+            "speeds_px_per_frame": [_speed(v) for v in schedule.speeds],
+            "slow_fraction": round(schedule.slow_fraction(), 4),
+            "generation": f"{standard.generation.width}x{standard.generation.height}",
+        },
+        "rows": rows,
+        "if_slow": needed,
+        "target_x_naive": DENSITY_MIN_RATIO,
+        "meets_target": (standard_row["x_naive"] or 0) >= DENSITY_MIN_RATIO,
+        "lever": {
+            "lever": "motion keyframe density (slow chunks at 6 fps)",
+            "on": "standard",
+            "saving_pct": standard_row["saving_pct"],
+        },
+    }
+
+
+def slow_fraction_needed(plan, frames: int, schedule) -> list[dict[str, Any]]:
+    """What `plan` would cost on this clip if its first k chunks were slow (6 fps) and the
+    rest not, for every k: the share of a clip that must be slow for a ratio to naive."""
+    from deployments.density import DensitySchedule
+    from serve.cost import estimate_plan
+
+    chunks = len(schedule.strides)
+    rows = []
+    for slow in range(chunks + 1):
+        strides = tuple(2 if c < slow else 1 for c in range(chunks))
+        what_if = DensitySchedule(frames=frames, chunk_frames=plan.chunk_frames,
+                                  strides=strides, speeds=(0.0,) * chunks)  # fmt: skip
+        estimate = estimate_plan(plan.model_copy(update={"schedule": what_if}), frames)
+        rows.append(
+            {
+                "slow_chunks": slow,
+                "slow_fraction": round(what_if.slow_fraction(), 3),
+                "work_units": round(estimate.plan.work_units, 1),
+                "x_naive": _ratio(estimate.naive.work_units, estimate.plan.work_units),
+            }
+        )
+    return rows
+
+
+def density_run(clip: Path, args, app_args) -> dict[str, Any]:
+    """`standard` with motion density at the run size (threshold scaled to it): counted work
+    against the report's prediction from its own schedule."""
+    from benchmarks.fixtures import warm_models
+    from deployments.density import CALIBRATED_MAX_GAP_PX
+    from serve.config import AppArgs
+
+    full_long_side = max(_size_of(full_plan("standard")))
+    density = {
+        "mode": "motion",
+        "max_gap_px": CALIBRATED_MAX_GAP_PX * args.long_side / full_long_side,
+    }
+    excerpt = clip_excerpt(clip, args.seconds)
+    with warm_models(app_args), tempfile.TemporaryDirectory(prefix="bench-cost-") as folder:
+        plan_args = AppArgs(**{**app_args.model_dump(), "storage_uri": folder})
+        request = bench_request("standard", args.long_side, overrides={"keyframe_density": density})
+        result = run_plan(excerpt, request, plan_args, args.seconds, "standard, motion density")
+    result["keyframe_density"] = density
+    return result
+
+
+def format_density(section: dict[str, Any]) -> str:
+    schedule = section["schedule"]
+    lines = [
+        f"motion keyframe density, 10 s clip ({schedule['generation']}; "
+        f"{schedule['slow_fraction']:.0%} of the clip judged slow; strides {schedule['strides']})",
+        f"{'row':30} {'frames':>11} {'work units':>17} {'saving':>7} {'x naive':>13}",
+    ]
+    for row in section["rows"]:
+        lines.append(
+            f"{row['row']:30} {row['fixed_generated_frames']:>4} -> {row['generated_frames']:<4} "
+            f"{row['fixed_units']:>7,.0f} -> {row['work_units']:<7,.0f} "
+            f"{row['saving_pct']:>6.1f}% {row['fixed_x_naive']:>5} -> {row['x_naive']:<5}"
+        )
+    lines.append(f">= {section['target_x_naive']:g}x for standard: {section['meets_target']}")
+    if "if_slow" in section:
+        cells = ", ".join(
+            f"{row['slow_fraction']:.0%}: {row['x_naive']}x" for row in section["if_slow"]
+        )
+        lines.append(f"standard if this share of the clip were slow: {cells}")
+    run = section.get("run")
+    if run:
+        lines.append(
+            f"run at the run size: {run['generated_frames']} frames generated, counted == "
+            f"predicted: {run['counted_equals_predicted']}"
+        )
+    return "\n".join(lines)
+
+
+def density_only(args) -> dict[str, Any]:
+    """The density section alone, merged into the existing result at `args.output`."""
+    from benchmarks.common import pin_threads
+    from benchmarks.fixtures import make_1080p_clip, quiet_progress_bars
+    from serve.config import AppArgs, Settings
+
+    pin_threads(args.threads)
+    quiet_progress_bars()
+    started = time.perf_counter()
+    clip = make_1080p_clip(Settings().cache_dir)
+    app_args = AppArgs(
+        max_chunks_in_flight=1, **({"upscaler_model": args.upscaler} if args.upscaler else {})
+    )
+    section = density_rows(clip)
+    section["run"] = density_run(clip, args, app_args)
+    section["when"] = datetime.now(UTC).isoformat(timespec="seconds")
+    section["run_s"] = round(time.perf_counter() - started, 1)
+    result = json.loads(args.output.read_text()) if args.output.exists() else {}
+    result["density"] = section
+    result.setdefault("checks", {}).setdefault("counted_equals_predicted", {})[DENSITY_ROW] = (
+        section["run"]["counted_equals_predicted"]
+    )
+    return result
+
+
+def _speed(value: float) -> float | str:
+    """A chunk speed for JSON: 'inf' where a person appears or vanishes (strict JSON has no
+    infinity)."""
+    return round(value, 2) if math.isfinite(value) else "inf"
+
+
 # --- runs ---------------------------------------------------------------------------------------
 
 
@@ -520,7 +719,7 @@ def bench_request(
         preset=preset,
         seed=seed,
         output=OutputSpec(width=width, height=height, fps=fps, keep_audio=False),
-        overrides={"generation_long_side": long_side, **(overrides or {})},
+        overrides={"generation_long_side": long_side, **FIXED_DENSITY, **(overrides or {})},
         coherence=coherence,
     )
 
@@ -1071,6 +1270,9 @@ def run(args) -> dict[str, Any]:
         "cpu_side_seconds": cpu_side_seconds("standard", repeat, None),
     }
     price_plans(plans)
+    density = density_rows(clip)
+    density["run"] = density_run(clip, args, app_args)
+    runs[DENSITY_ROW] = density["run"]
     fp16 = fp16_part(args)
     batching = batching_factor(args.batching_json)
     return {
@@ -1111,6 +1313,7 @@ def run(args) -> dict[str, Any]:
         "coherence": coherence_rows(),
         "motion_module": motion_module_rows(),
         "turbo": turbo_levers(),
+        "density": density,
         "fp16": fp16,
         "batching": batching,
         "checks": checks(runs, plans),
@@ -1186,6 +1389,8 @@ def print_report(result: dict[str, Any]) -> None:
         print("\n" + format_motion_module(result["motion_module"]))
     if "turbo" in result:
         print("\n" + format_turbo(result["turbo"]))
+    if "density" in result:
+        print("\n" + format_density(result["density"]))
     c = result["checks"]
     print(
         f"\nchecks: counted == predicted {c['counted_equals_predicted']}; repeat ran no "
@@ -1374,6 +1579,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny models only; never a hub
     args = parse_args(argv)
+    if args.density_only:
+        result = density_only(args)
+        print(format_density(result["density"]))
+        write_json(args.output, result)
+        print(f"\nwrote the density section into {args.output} ({result['density']['run_s']} s)")
+        if not result["density"]["run"]["counted_equals_predicted"]:
+            raise SystemExit("checks failed: counted != predicted with motion density")
+        return result
     result = run(args)
     print_report(result)
     write_json(args.output, result)

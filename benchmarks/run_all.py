@@ -22,6 +22,7 @@ BENCHMARKS = [
     ("pose_speed", ["--frames", "120"], []),
     ("diffusion_units", ["--repeats", "1"], []),
     ("interpolation", ["--quick"], []),
+    ("keyframe_density", ["--quick"], []),
     ("upscale", ["--repeats", "1", "--skip-rrdb"], []),
     ("batching", ["--quick"], []),
     ("overhead", ["--quick"], []),

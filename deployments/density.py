@@ -10,9 +10,11 @@ Decisions (the why):
   work) and these settings alone, so the plan's prediction, made before the GPU runs, equals
   what the diffusion loop counts, and a resumed or repeated job finds the same strides (and
   with them the same chunk keys).
-- The motion measure is the chunk's joint speed: every landmark's displacement from one grid
-  frame to the next, in pixels at the generation size (where the interpolator measures its
-  flow), pooled over the chunk's intervals (including the one into the next chunk's first
+- The motion measure is the chunk's joint speed: the displacement of every joint of the
+  skeleton the ControlNet maps are drawn from (the 18 OpenPose keypoints, so not MediaPipe's
+  finger and mouth points, which jitter and draw nothing) from one grid frame to the next, in
+  pixels at the generation size (where the interpolator measures its flow), pooled over the
+  chunk's intervals (including the one into the next chunk's first
   frame, which its last generated frame must bridge) and summarised by a high percentile
   (95th: a few fast joints decide, a single jittery one does not). A stride s is allowed when
   s x that speed stays within `max_gap_px`, the displacement across one generated gap that
@@ -35,12 +37,14 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.pose_maps import openpose18_keypoints
+
 DensityMode = Literal["fixed", "motion"]
 
 # From the calibration (benchmarks/keyframe_density.py): the displacement across one generated
 # gap, p95 over joints at generation size, up to which the default interpolator's in-between
 # frames stay within the error budget stated there.
-CALIBRATED_MAX_GAP_PX = 8.0
+CALIBRATED_MAX_GAP_PX = 12.0
 DEFAULT_MIN_FPS = 6.0
 
 
@@ -170,9 +174,10 @@ def grid_indices(span: tuple[int, int], stride: int, total: int) -> list[int]:
 def joint_speeds(
     landmarks: np.ndarray, present: np.ndarray, scale: float = 1.0
 ) -> list[np.ndarray]:
-    """Per grid interval t -> t + 1: the displacement of every joint visible in both frames,
-    in pixels x `scale`; an interval where the person appears or vanishes is [inf]."""
-    points = np.asarray(landmarks, dtype=np.float64)[..., :2] * scale
+    """Per grid interval t -> t + 1: the displacement of every OpenPose keypoint (of MediaPipe
+    `landmarks`, (frames, 33, >=2)) found in both frames, in pixels x `scale`; an interval
+    where the person appears or vanishes is [inf]."""
+    points = openpose18_keypoints(_with_visibility(landmarks)) * scale
     speeds = []
     for t in range(len(points) - 1):
         if bool(present[t]) != bool(present[t + 1]):
@@ -181,6 +186,15 @@ def joint_speeds(
         step = np.linalg.norm(points[t + 1] - points[t], axis=-1)
         speeds.append(step[np.isfinite(step)])
     return speeds
+
+
+def _with_visibility(landmarks: np.ndarray) -> np.ndarray:
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    if landmarks.shape[-1] >= 4:
+        return landmarks
+    padded = np.ones((*landmarks.shape[:-1], 4))
+    padded[..., : landmarks.shape[-1]] = landmarks
+    return padded
 
 
 def chunk_speed(speeds: Sequence[np.ndarray], span: tuple[int, int], percentile: float) -> float:

@@ -157,3 +157,24 @@ def test_turbo_levers_stack_to_the_turbo_plan_and_cost_no_lora_work():
     assert turbo["work_units"]["unet_evals"] * 6 == standard["work_units"]["unet_evals"]
     assert turbo["naive"] == standard["naive"]  # the baseline is the same plain SD 1.5
     assert section["ratio_vs_naive"] > 100 and section["fused_lora_extra_units"] == 0.0
+
+
+def test_density_rows_follow_the_clip_schedule(monkeypatch):
+    from deployments.density import DensitySchedule
+
+    # 120 frames in 8 chunks: half of them slow (6 fps)
+    schedule = DensitySchedule(frames=120, chunk_frames=16, strides=(2, 1) * 4, speeds=(0,) * 8)
+    monkeypatch.setattr(cost, "full_size_schedule", lambda clip, plan: schedule)
+    section = cost.density_rows(None)
+    standard, turbo = section["rows"]
+    assert standard["generated_frames"] == 8 * 4 + 16 * 3 + 8 + 1  # + the anchor keyframe
+    assert standard["fixed_generated_frames"] == 121
+    assert standard["work_units"] < standard["fixed_units"] and standard["saving_pct"] > 20
+    assert standard["x_naive"] > standard["fixed_x_naive"]
+    assert turbo["work_units"] < standard["work_units"]
+    assert section["schedule"]["slow_fraction"] == pytest.approx(64 / 120, abs=1e-3)
+    what_if = section["if_slow"]
+    assert [row["slow_chunks"] for row in what_if] == list(range(9))
+    assert what_if[0]["work_units"] == standard["fixed_units"]  # no chunk slow: the full rate
+    units = [row["work_units"] for row in what_if]
+    assert units == sorted(units, reverse=True) and len(set(units)) == len(units)

@@ -5,8 +5,10 @@ counted for the plans that use it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +210,10 @@ def test_a_job_generates_the_chosen_rates_with_exact_output(short_clip, tmp_path
     # the preview's estimate (CPU only) already knows the slow chunks: the job's frames
     preview = asyncio.run(preview_video(short_clip, tmp_path / "preview.mp4", job, args))
     assert preview["estimate"]["plan"]["generated_frames"] == plan["generated_frames"]
+
+
+def test_the_default_threshold_is_the_committed_calibration():
+    results = Path(__file__).parents[2] / "benchmarks" / "results" / "keyframe_density.json"
+    calibration = json.loads(results.read_text())
+    assert KeyframeDensity().max_gap_px == calibration["max_gap_px"]
+    assert calibration["service_max_gap_px"] == calibration["max_gap_px"]
