@@ -227,6 +227,8 @@ class Orchestrator:
     async def _scheduled(self, keys: JobKeys, plan: Plan) -> Plan:
         """The plan with its motion density schedule (strides per chunk, from the edited
         skeleton; before any GPU work, so the report's prediction is made with it)."""
+        if plan.keyframe_density.mode == "fixed":  # no call: fixed plans run as before
+            return plan
         schedule = await self.calls.schedule(keys, plan)
         return plan if schedule is None else plan.model_copy(update={"schedule": schedule})
 
