@@ -21,24 +21,26 @@ from tests.conftest import FAST_OVERRIDES
 TERMINAL = {"done", "failed", "cancelled"}
 
 
-def job_request(seed: int = 5, **overrides) -> str:
+def job_request(seed: int = 5, preset: str = "draft", **overrides) -> str:
     return json.dumps(
         {
             "prompt": "a robot dancing",
             "styles": ["smooth", "exaggerate=1.2"],
-            "preset": "draft",
+            "preset": preset,
             "seed": seed,
             "overrides": {**FAST_OVERRIDES, **overrides},
         }
     )
 
 
-def submit(client: httpx.Client, video, seed: int = 5, **overrides) -> httpx.Response:
+def submit(
+    client: httpx.Client, video, seed: int = 5, preset: str = "draft", **overrides
+) -> httpx.Response:
     with open(video, "rb") as handle:
         return client.post(
             "/v1/jobs",
             files={"video": ("clip.mp4", handle, "video/mp4")},
-            data={"request": job_request(seed, **overrides)},
+            data={"request": job_request(seed, preset, **overrides)},
         )
 
 
@@ -98,6 +100,26 @@ def test_edit_over_http_then_repeat_from_cache(server, short_clip, tmp_path):
         repeat = client.get(f"/v1/jobs/{again['job_id']}/result").content
         assert repeat == out.read_bytes()
         assert again["report"]["consistency"]["cache_hit"]
+
+
+def test_standard_asks_the_motion_deployment_for_its_chunk_rates(server, short_clip, tmp_path):
+    """Motion keyframe density through Serve: the strides come from the Motion deployment
+    before any diffusion, and the job counts what its report predicts from them."""
+    with server.client() as client:
+        accepted = submit(client, short_clip, preset="standard", steps=2, chunk_frames=8)
+        assert accepted.status_code == 202, accepted.text
+        status = wait(client, accepted.json()["job_id"])
+        assert status["state"] == "done", status
+        report = status["report"]
+        strides = report["keyframe_density"]["strides"]
+        assert len(strides) == 3 and set(strides) <= {1, 2}
+        generated = sum(len(range(0, 8, s)) + (s > 1 and c == 2) for c, s in enumerate(strides))
+        assert report["plan"]["generated_frames"] == generated + 1  # + the anchor keyframe
+        assert report["plan"]["work_units"] == report["plan"]["predicted_work_units"]
+        out = tmp_path / "standard.mp4"
+        out.write_bytes(client.get(f"/v1/jobs/{status['job_id']}/result").content)
+        video = next(s for s in ffprobe(out)["streams"] if s["codec_type"] == "video")
+        assert (video["r_frame_rate"], int(video["nb_read_frames"])) == ("25/1", 50)
 
 
 def test_tenants_are_isolated(server, short_clip):
