@@ -32,7 +32,7 @@ def diffusion_runs(status: dict) -> Counter:
 def test_jobs_run_once_while_both_replicas_scan_for_orphans(two_ingress, short_clip):
     with two_ingress.client() as client:
         # Long enough for several orphan scans by both replicas (every job_lease_s / 2 = 1.5 s).
-        ids = [submit(client, short_clip, seed=300 + i, chunk_frames=2, steps=8).json()["job_id"]
+        ids = [submit(client, short_clip, seed=300 + i, chunk_frames=2).json()["job_id"]
                for i in range(2)]  # fmt: skip
         finished = [wait(client, job_id) for job_id in ids]
     for status in finished:
@@ -44,7 +44,7 @@ def test_jobs_run_once_while_both_replicas_scan_for_orphans(two_ingress, short_c
 
 def test_after_a_crash_one_replica_resumes_the_job_once(two_ingress, short_clip):
     with two_ingress.client() as client:
-        job_id = submit(client, short_clip, seed=377, chunk_frames=2, steps=12).json()["job_id"]
+        job_id = submit(client, short_clip, seed=377, chunk_frames=2, steps=6).json()["job_id"]
         before = wait(client, job_id, until=lambda s: len(s["checkpointed_chunks"]) >= 2
                       or s["state"] in TERMINAL)  # fmt: skip
     assert before["state"] == "running", "the job finished before it could be interrupted"

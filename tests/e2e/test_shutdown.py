@@ -63,8 +63,8 @@ def server(moto_s3, tmp_path_factory):
 def start_job_and_wait_mid_way(server, short_clip, seed: int, checkpoints: int = 1
                                ) -> tuple[str, dict]:  # fmt: skip
     with server.client() as client:
-        # Many small chunks and more steps: long enough to be caught mid-way.
-        job_id = submit(client, short_clip, seed=seed, chunk_frames=2, steps=12).json()["job_id"]
+        # Many small chunks (12): long enough to be caught mid-way.
+        job_id = submit(client, short_clip, seed=seed, chunk_frames=2, steps=6).json()["job_id"]
         status = wait(client, job_id, until=lambda s: len(s["checkpointed_chunks"]) >= checkpoints
                       or s["state"] in TERMINAL)  # fmt: skip
     assert status["state"] == "running", "the job finished before it could be interrupted"
