@@ -144,8 +144,7 @@ class Scenario:
         self.timeline = Timeline()
         self.port = free_port()
         self.client = Client(f"http://127.0.0.1:{self.port}", timeout_s=30)
-        self.clip = write_clip(root / "clip.mp4")  # 6 chunks: a fault finds work in flight
-        self.short_clip = write_clip(root / "clip-1s.mp4", seconds=1.0)  # 3 chunks
+        self.clip = write_clip(root / "clip.mp4")
         self.jobs_running = 0
         self._seed = 0
         self._stop = threading.Event()
@@ -240,16 +239,14 @@ class Scenario:
 
     # ------------------------------------------------------------------ jobs
 
-    def submit(self, count: int, short: bool = False) -> list[str]:
-        """`count` jobs on the 2 s clip (the 1 s one if `short`)."""
-        clip = self.short_clip if short else self.clip
+    def submit(self, count: int) -> list[str]:
         ids = []
         for _ in range(count):
             self._seed += 1
             request = JobRequest(
                 prompt="a dancer", preset="draft", seed=self._seed, overrides=JOB_OVERRIDES
             )
-            ids.append(self.client.submit(clip, request)["job_id"])
+            ids.append(self.client.submit(self.clip, request)["job_id"])
         self.jobs_running += len(ids)
         return ids
 
@@ -305,11 +302,11 @@ class Scenario:
 
     # ------------------------------------------------------------------ phases
 
-    def burst(self, jobs: int = 6, short: bool = False) -> dict[str, Any]:
+    def burst(self, jobs: int = 6) -> dict[str, Any]:
         """(a) From zero GPU nodes, a burst of jobs: the spot group scales up, all complete."""
         assert self.gpu_nodes() == {"gpu-spot": 0, "gpu-ondemand": 0}, self.state()
         start = self.timeline.event("burst submitted", jobs=jobs)
-        ids = self.submit(jobs, short)
+        ids = self.submit(jobs)
         self.wait(lambda: self.gpu_nodes()["gpu-spot"] > 0, SCALE_UP_TIMEOUT_S, "a spot node")
         first_node = self.timeline.event("first GPU node")
         self.wait(lambda: self.diffusion_replicas() > 0, SCALE_UP_TIMEOUT_S, "a Diffusion replica")
@@ -382,12 +379,12 @@ class Scenario:
                 self.timeline.event("drained node reclaimed", node=victim[-5:])
         return {"jobs": final, "node": victim}
 
-    def fallback(self, jobs: int = 2, short: bool = False) -> dict[str, Any]:
+    def fallback(self, jobs: int = 2) -> dict[str, Any]:
         """(e) The spot group without capacity (max 0): the on-demand group takes the work."""
         self.cluster.set_max_workers("gpu-spot", 0)
         self.timeline.event("spot capacity gone (max 0)")
         start = self.timeline.now()
-        ids = self.submit(jobs, short)
+        ids = self.submit(jobs)
         self.wait(lambda: self.gpu_nodes()["gpu-ondemand"] > 0, SCALE_UP_TIMEOUT_S,
                   "an on-demand node")  # fmt: skip
         self.timeline.event("on-demand node up")

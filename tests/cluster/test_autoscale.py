@@ -12,15 +12,24 @@ wait fails with what it waited for and the nodes it saw):
 (b) after the last job, Diffusion replicas and GPU nodes are back at 0 within idle_timeout + 30 s;
 (e) the spot group without capacity: the on-demand group takes the work.
 
-Part of `make test`, so its jobs are small: the burst and the fallback run jobs of 1 s of video
-(3 chunks), the faults jobs of 2 s (6 chunks, 4 in flight per job: the victim node has work).
+Opt-in: MOTIONSERVE_CLUSTER_TEST=1 (see the skip reason below).
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from serve.autoscale_scenario import Scenario, job_summary
+
+# On the shared 2-core machine (load average 40+ from other work) one pass took ~9 minutes and
+# node starts took up to a minute, so the module does not run in the default collection yet.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MOTIONSERVE_CLUSTER_TEST") != "1",
+    reason="cluster test (fake multi-node autoscaler, several minutes on 2 cores): set "
+    "MOTIONSERVE_CLUSTER_TEST=1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,7 @@ def results() -> dict:
 
 
 def test_a_burst_scales_the_spot_group_up_from_zero(scenario, results):
-    burst = scenario.burst(jobs=3, short=True)
+    burst = scenario.burst(jobs=3)
     summary = job_summary(burst["jobs"])
     assert summary["lost"] == 0, summary
     assert burst["peak_spot_nodes"] >= 1
@@ -54,7 +63,7 @@ def test_a_burst_scales_the_spot_group_up_from_zero(scenario, results):
 
 
 def test_a_hard_killed_spot_node_loses_no_job(scenario):
-    fault = scenario.fault("kill", jobs=2)
+    fault = scenario.fault("kill", jobs=3)
     summary = job_summary(fault["jobs"])
     assert summary["lost"] == 0, summary
     assert summary["max_attempts"] == 1, summary  # the same attempt: no resume
@@ -76,7 +85,7 @@ def test_idle_gpu_nodes_go_back_to_zero(scenario):
 
 
 def test_without_spot_capacity_on_demand_takes_the_work(scenario):
-    fallback = scenario.fallback(jobs=1, short=True)
+    fallback = scenario.fallback(jobs=1)
     summary = job_summary(fallback["jobs"])
     assert summary["lost"] == 0, summary
     assert fallback["spot_nodes_during"] == 0
