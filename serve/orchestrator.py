@@ -449,6 +449,11 @@ class _ChunkRun:
             logger.info("job %s: stopped; cancelled %d stage call(s) in flight",
                         self.manifest.job_id, cancelled)  # fmt: skip
             raise
+        finally:
+            # The last chunks' generation calls: a result held here pins its frames in a GPU
+            # node's object store (the node is never idle) for as long as this run is alive.
+            self.generated.clear()
+            self.maps.clear()
 
     async def _all(self, events: JobEvents, window: int, pending: dict) -> None:
         total = len(self.spans)
@@ -523,6 +528,7 @@ class _ChunkRun:
             except BaseException as error:  # a cancellation is never retried
                 delay = self._retry_delay_s(chunk, error) if isinstance(error, Exception) else None
                 if delay is not None:
+                    _drop_tracebacks(error)
                     pending[self._start(chunk, delay)] = chunk
                     continue
                 raise  # all() cancels the other chunks' calls
@@ -554,6 +560,20 @@ class _ChunkRun:
 
 async def _awaited(call: Awaitable[Any]) -> Any:
     return await call
+
+
+def _drop_tracebacks(error: BaseException) -> None:
+    """Forget the frames a retried chunk's error passed through. Its traceback is a reference
+    cycle (a frame on it holds the watcher task that holds the error), so without this those
+    frames, and the stage calls in their locals, live until Python's cycle collector runs: a
+    neighbour's generation that succeeded stays referenced by this process, its result pinned
+    in a GPU node's object store, and the idle node is never scaled down. The error itself is
+    logged by message."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
 
 
 def _chunk_specs(manifest: JobManifest, plan: Plan, firsts: list[int]) -> list[ChunkSpec]:

@@ -1,5 +1,5 @@
-"""The order of modules within tests/e2e, so that the package's shared server starts once and
-never shares the machine with another server.
+"""The order of modules within tests/e2e (and tests/serve), so that the package's shared server
+(Ray cluster) starts once and never shares the machine with another server.
 
 `server` (tests/e2e/conftest.py) is one `motionserve serve` for every e2e module that takes it
 (a start is a Ray cluster and the whole app: tens of seconds). It is package-scoped: started by
@@ -7,7 +7,9 @@ the first test that asks, stopped after the package's last test. So the package'
 (servers of their own: test_shutdown.py, test_ingress_replicas.py, test_demo.py) run first, each
 stopping its server at its end; then the modules on the shared server run, in
 `PREFERRED_ORDER` where it names them. (SHARED maps a package to its shared fixture, so another
-package can join by adding itself.)
+package can join by adding itself: tests/serve's `ray_cluster`, one local Ray for the modules
+that deploy onto it, after test_ingress_shutdown.py, which starts a Ray of its own in this
+process.)
 
 Each module on the shared e2e server uses inputs (seeds, clips) no other module uses, so what
 one module computes is never another's cache hit; the order only keeps the test that counts the
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).parent
-SHARED = {TESTS / "e2e": "server"}
+SHARED = {TESTS / "e2e": "server", TESTS / "serve": "ray_cluster"}
 PREFERRED_ORDER = {
     "server": (
         "test_admission_bounds",  # counts every job in flight: first, on an unused server

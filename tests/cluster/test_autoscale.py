@@ -23,12 +23,13 @@ import pytest
 
 from serve.autoscale_scenario import Scenario, job_summary
 
-# On the shared 2-core machine (load average 40+ from other work) one pass took ~9 minutes and
-# node starts took up to a minute, so the module does not run in the default collection yet.
+# Not in the default collection yet: (b) missed its bound in 2 of about 8 runs (a spot node kept
+# a 118 KB object in its store after the last job; README, the autoscale section), and a flaky
+# test cannot gate `make test`. 161 s here at load 15 (2 Dec), well within the suite's budget.
 pytestmark = pytest.mark.skipif(
     os.environ.get("MOTIONSERVE_CLUSTER_TEST") != "1",
-    reason="cluster test (fake multi-node autoscaler, several minutes on 2 cores): set "
-    "MOTIONSERVE_CLUSTER_TEST=1",
+    reason="cluster test (fake multi-node autoscaler): its scale-to-zero phase is not yet "
+    "reliable (a spot node kept an object after the last job); set MOTIONSERVE_CLUSTER_TEST=1",
 )
 
 

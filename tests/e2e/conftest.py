@@ -135,3 +135,19 @@ def make_server(moto_s3, folder: Path, ingress_replicas: int = 1) -> Server:
     path = folder / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     return Server(path, f"http://127.0.0.1:{port}", folder / "server.log", free_port())
+
+
+def assert_resumed_without_recomputing(before: dict, after: dict) -> None:
+    """A job interrupted with `before["checkpointed_chunks"]` done, then resumed to `after`
+    (attempt 2): no checkpointed chunk was computed again, and their first attempt's cost is
+    still in the ledger and the report."""
+    assert after["state"] == "done" and after["attempts"] == 2, after["error"]
+    checkpointed = set(before["checkpointed_chunks"])
+    redone = {
+        r["chunk"] for r in after["ledger"]
+        if r["attempt"] == 2 and r["chunk"] in checkpointed and not r["cache_hit"]
+    }  # fmt: skip
+    assert not redone, f"checkpointed chunks {sorted(redone)} were computed again"
+    first = {r["chunk"] for r in after["ledger"] if r["attempt"] == 1 and r["chunk"] is not None}
+    assert checkpointed <= first  # their cost is still in the ledger and the report
+    assert after["report"]["attempts"] == 2

@@ -1,8 +1,8 @@
 """Stopping `motionserve serve`: SIGTERM hands running jobs back and leaves no Ray process
-within the bound; a kill -9 leaves none either, and an immediate restart resumes the jobs; a
-server killed whole (its Ray too) resumes its job without recomputing what was checkpointed.
-These tests stop and start their own server (the shared one of tests/e2e/conftest.py must stay
-up for the other modules)."""
+within the bound; a kill -9 leaves none either, and an immediate restart resumes the job
+without recomputing what was checkpointed (a server killed whole, its Ray too, resumes the same
+way: tests/e2e/test_ingress_replicas.py). These tests stop and start their own server (the
+shared one of tests/e2e/conftest.py must stay up for the other modules)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from serve.jobs import JobStore
 from serve.leases import JobLeases
 from serve.process_group import STOP_BOUND_S
 from serve.storage import open_store
-from tests.e2e.conftest import REPO, make_server
+from tests.e2e.conftest import REPO, assert_resumed_without_recomputing, make_server
 from tests.e2e.test_http_jobs import TERMINAL, submit, wait
 
 
@@ -60,10 +60,12 @@ def server(moto_s3, tmp_path_factory):
     instance.kill()
 
 
-def start_job_and_wait_mid_way(server, short_clip, seed: int) -> tuple[str, dict]:
+def start_job_and_wait_mid_way(server, short_clip, seed: int, checkpoints: int = 1
+                               ) -> tuple[str, dict]:  # fmt: skip
     with server.client() as client:
-        job_id = submit(client, short_clip, seed=seed, chunk_frames=2, steps=12).json()["job_id"]
-        status = wait(client, job_id, until=lambda s: len(s["checkpointed_chunks"]) >= 1
+        # Many small chunks (12): long enough to be caught mid-way.
+        job_id = submit(client, short_clip, seed=seed, chunk_frames=2, steps=6).json()["job_id"]
+        status = wait(client, job_id, until=lambda s: len(s["checkpointed_chunks"]) >= checkpoints
                       or s["state"] in TERMINAL)  # fmt: skip
     assert status["state"] == "running", "the job finished before it could be interrupted"
     return job_id, status
@@ -94,8 +96,8 @@ def test_sigterm_hands_jobs_back_and_leaves_no_ray_process(server, short_clip):
     assert status["state"] == "done" and status["attempts"] == 2, status["error"]
 
 
-def test_kill_9_then_immediate_restart_resumes(server, short_clip):
-    job_id, _ = start_job_and_wait_mid_way(server, short_clip, seed=42)
+def test_kill_9_then_immediate_restart_resumes_without_recomputing(server, short_clip):
+    job_id, before = start_job_and_wait_mid_way(server, short_clip, seed=42, checkpoints=2)
     set_lease(server, 3)  # the next start adopts the killed server's (unreleased) job soon
     session = server.process.pid
     os.kill(server.process.pid, signal.SIGKILL)  # the supervisor only, as a user would
@@ -105,31 +107,7 @@ def test_kill_9_then_immediate_restart_resumes(server, short_clip):
     server.start()  # same HTTP and metrics ports
     with server.client() as client:
         status = wait(client, job_id)
-    assert status["state"] == "done" and status["attempts"] == 2, status["error"]
-
-
-def test_restart_mid_job_resumes_without_recomputing(server, short_clip):
-    with server.client() as client:
-        # Many small chunks and more steps: long enough to be caught mid-way.
-        job_id = submit(client, short_clip, seed=77, chunk_frames=2, steps=12).json()["job_id"]
-        before = wait(client, job_id, until=lambda s: len(s["checkpointed_chunks"]) >= 2
-                      or s["state"] in TERMINAL)  # fmt: skip
-    assert before["state"] == "running", "the job finished before it could be interrupted"
-    set_lease(server, 3)  # the next start adopts the dead app's (unreleased) job soon
-    server.kill()  # the app and its Ray cluster at once, as a lost node
-    server.start()
-    with server.client() as client:
-        status = wait(client, job_id)
-    assert status["state"] == "done" and status["attempts"] == 2
-    checkpointed = set(before["checkpointed_chunks"])
-    redone = {
-        r["chunk"] for r in status["ledger"]
-        if r["attempt"] == 2 and r["chunk"] in checkpointed and not r["cache_hit"]
-    }  # fmt: skip
-    assert not redone, f"checkpointed chunks {sorted(redone)} were computed again"
-    first = {r["chunk"] for r in status["ledger"] if r["attempt"] == 1 and r["chunk"] is not None}
-    assert checkpointed <= first  # their cost is still in the ledger and the report
-    assert status["report"]["attempts"] == 2
+    assert_resumed_without_recomputing(before, status)
 
 
 def test_a_port_in_use_fails_with_one_line(server):

@@ -61,7 +61,8 @@ def test_cancelled_calls_leave_the_queue_and_the_running_batch(ray_cluster, tmp_
     for batch in batches:
         for row in batch.get("dropped", []):
             assert row["frames"] == 0 and row["notes"], row
-            assert row["after_cancel_s"] <= batch["longest_step_s"], (row, batch)
+            # No step timed (None): the rows left at the batch's first step, before any ran.
+            assert row["after_cancel_s"] <= (batch["longest_step_s"] or 0.0), (row, batch)
     assert len(batches) <= 2  # the warm-up and the batch that ran: the queued ones never ran
     assert emptied_s < alone_s  # it did not wait for the 40-step batch to end
     again = call(20).result()  # the replica serves on

@@ -4,6 +4,8 @@ chunk spans, and bad input that leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import av
 import numpy as np
@@ -275,3 +277,38 @@ def test_a_failed_consistency_metric_is_reported_and_the_job_completes(tmp_path,
     assert report["consistency"] == {"error": "RuntimeError: decoder gave up"}
     assert report["plan"]["work_units"] == report["plan"]["predicted_work_units"]
     assert (tmp_path / "out.mp4").stat().st_size > 0
+
+
+class TrackedStages(FlakyStages):
+    """FlakyStages that keep a weak reference to every generation call they return."""
+
+    made: list[weakref.ref] = []
+
+    def generate(self, maps, request, key, plan):
+        call = super().generate(maps, request, key, plan)
+        TrackedStages.made.append(weakref.ref(call))
+        return call
+
+
+def test_a_retried_job_holds_no_generation_call_once_it_ends(tmp_path, monkeypatch):
+    """On Serve a generation call held by the ingress pins its frames in a GPU node's object
+    store, and a node holding objects is never idle (it was not scaled down). A retried
+    chunk's error traceback is a reference cycle through the orchestrator's frames: with the
+    cycle collector off, as between its runs, nothing may outlive the job but garbage."""
+    TrackedStages.made = []
+    gc.collect()
+    gc.disable()
+    try:
+        monkeypatch.setattr(local_run, "LocalStages", TrackedStages)
+        monkeypatch.setattr(orchestrator, "RETRY_BACKOFF_S", 0.0)
+        FlakyStages.failures, FlakyStages.error, FlakyStages.calls = 1, ReplicaDied, []
+        args = AppArgs(storage_uri=str(tmp_path / "store"), upscaler_model="lanczos")
+        job = JobRequest(prompt="a dancer", preset="draft", seed=1,
+                         overrides={**FAST_OVERRIDES, "chunk_frames": 4})  # fmt: skip
+        report = asyncio.run(edit_video(request_clip(tmp_path), tmp_path / "out.mp4", job, args))
+        alive = [call() for call in TrackedStages.made if call() is not None]
+    finally:
+        gc.enable()
+    assert report["chunk_retries"] >= 1  # the path under test ran
+    assert len(TrackedStages.made) > len(chunk_spans(12, 4))  # a generation was made again
+    assert not alive, alive
