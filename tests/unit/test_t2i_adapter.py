@@ -362,6 +362,11 @@ def test_plan_takes_the_conditioner_override_and_refuses_it_without_an_adapter()
     both = AppArgs(t2i_adapter="tiny", motion_module="tiny")
     generation = Plan.model_validate(plan_for(both, high, _Info())).generation
     assert generation.conditioner == "t2i_adapter" and not generation.motion_module
+    asked_both = JobRequest(
+        prompt="a dancer", overrides={"conditioner": "t2i_adapter", "motion_module": True}
+    )
+    with pytest.raises(InvalidSettingError, match="cannot run with the motion module"):
+        plan_for(both, asked_both, _Info())
 
 
 def test_adapter_plan_estimate_and_report_count_what_they_predict():
