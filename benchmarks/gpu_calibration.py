@@ -51,6 +51,7 @@ import numpy as np
 
 from benchmarks.common import device_slug, pin_threads
 from benchmarks.sd15_random import build_t2i_adapter, parameter_count, sd15_components
+from deployments.diffusion.t2i_adapter import measure_adapter_formula
 
 SCHEMA = "motionserve-gpu-calibration/1"
 RESULT_NAME = "gpu_calibration.json"
@@ -444,26 +445,18 @@ def timed(run_once: Callable[[], Any], device: str, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def flop_ratio(adapter: Any, unet: Any, side: int) -> float:
-    """Adapter FLOPs per image / UNet FLOPs per evaluation at `side` pixels (meta copies)."""
+def adapter_flops_per_unet_eval(adapter: Any, unet: Any, side: int) -> float:
+    """Adapter FLOPs per pose map / UNet FLOPs per evaluation at `side` pixels: the engine's
+    fitted adapter formula over a FLOP count of the UNet (meta copies)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
-    def flops(run_once: Callable[[], Any]) -> int:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            run_once()
-        return counter.get_total_flops()
+    from deployments.diffusion.flops import count_flops, unet_call
 
+    latent = side // 8
     with torch.device("meta"):
         unet_meta = type(unet).from_config(unet.config)
-        adapter_meta = type(adapter).from_config(adapter.config)
-        latents = torch.zeros(1, unet.config.in_channels, side // 8, side // 8)
-        text = torch.zeros(1, 77, unet.config.cross_attention_dim)
-        image = torch.zeros(1, 3, side, side)
-        unet_flops = flops(lambda: unet_meta(latents, 10, encoder_hidden_states=text))
-        adapter_flops = flops(lambda: adapter_meta(image))
-    return adapter_flops / unet_flops
+        unet_flops = count_flops(unet_call(unet_meta, latent, latent))
+    return measure_adapter_formula(adapter, unet).flops(latent, latent) / unet_flops
 
 
 def run_conditioners(
@@ -543,7 +536,7 @@ def run_conditioners(
                 phase["forward_seconds"] = dict(seconds)
                 run.save()
         phase["peak_vram_bytes"] = peak["peak_bytes"]
-    phase["adapter_flops_per_unet_eval"] = flop_ratio(adapter, unet, side)
+    phase["adapter_flops_per_unet_eval"] = adapter_flops_per_unet_eval(adapter, unet, side)
     needed = (
         "unet",
         "controlnet",
@@ -576,6 +569,8 @@ def conditioner_summary(
     if weights:
         summary["formula_controlnet_weight"] = weights["controlnet_weight"]
         summary["formula_vae_weight"] = weights["vae_weight"]
+        if "adapter_weight" in weights:
+            summary["formula_adapter_weight"] = weights["adapter_weight"]
     return summary
 
 

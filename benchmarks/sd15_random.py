@@ -67,7 +67,10 @@ def t2i_adapter_config(unet: Any, *, tiny: bool) -> dict[str, Any]:
     """A full_adapter config whose feature widths match the UNet's down blocks."""
     if not tiny:
         return dict(SD15_ADAPTER)
-    return {**SD15_ADAPTER, "channels": tuple(unet.config.block_out_channels), "num_res_blocks": 1}
+    from deployments.tiny_models import TINY_T2I_RES_BLOCKS
+
+    channels = tuple(unet.config.block_out_channels)
+    return {**SD15_ADAPTER, "channels": channels, "num_res_blocks": TINY_T2I_RES_BLOCKS}
 
 
 def build_t2i_adapter(unet: Any, *, tiny: bool, device: Any) -> Any:

@@ -343,6 +343,66 @@ def load_motion_adapter(
     there (missing, not a checkpoint, unreadable, or another model's weights)."""
     from diffusers import MotionAdapter
 
+    def load(kind: SourceKind, location: str) -> Any:
+        if kind == "single_file":
+            options: dict[str, Any] = {"dtype": dtype}
+            if source.config is not None:
+                options["config"] = source.config
+            return MotionAdapter.from_single_file(location, **options)
+        return MotionAdapter.from_pretrained(location, subfolder=source.subfolder, dtype=dtype)
+
+    return _load_extra_model(
+        source, "motion module", "AnimateDiff motion adapter", load,
+        cache_dir=cache_dir, s3_client=s3_client, s3_endpoint_url=s3_endpoint_url,
+    )  # fmt: skip
+
+
+def load_t2i_adapter(
+    source: ModelSource,
+    *,
+    dtype: Any,
+    cache_dir: str | Path,
+    s3_client: Any = None,
+    s3_endpoint_url: str | None = None,
+) -> Any:
+    """Load a T2I-Adapter (diffusers `T2IAdapter`, e.g. TencentARC's openpose adapter) from
+    its source, on CPU in `dtype`: a diffusers directory (config.json + weights), an s3://
+    prefix of one, or a hub id. diffusers reads T2I-Adapters only in its own format, so a
+    single checkpoint file is refused (convert it with diffusers' conversion script first).
+
+    Raises InvalidWeightsError, one line naming the source, when there is no T2I-Adapter there
+    (missing, a single file, unreadable, or another model's weights)."""
+    from diffusers import T2IAdapter
+
+    def load(kind: SourceKind, location: str) -> Any:
+        if kind == "single_file":
+            raise ValueError("a single checkpoint file; give a diffusers directory")
+        # diffusers would build a randomly initialised adapter from another model's folder
+        # (it ignores the config keys it does not know and only warns about the weights)
+        found = T2IAdapter.load_config(location, subfolder=source.subfolder).get("_class_name")
+        if found != "T2IAdapter":
+            raise ValueError(f"its config.json describes a {found}, not a T2IAdapter")
+        return T2IAdapter.from_pretrained(location, subfolder=source.subfolder, dtype=dtype)
+
+    return _load_extra_model(
+        source, "T2I-Adapter", "T2I-Adapter", load,
+        cache_dir=cache_dir, s3_client=s3_client, s3_endpoint_url=s3_endpoint_url,
+    )  # fmt: skip
+
+
+def _load_extra_model(
+    source: ModelSource,
+    name: str,
+    family: str,
+    load: Callable[[SourceKind, str], Any],
+    *,
+    cache_dir: str | Path,
+    s3_client: Any,
+    s3_endpoint_url: str | None,
+) -> Any:
+    """Resolve `source` and `load(kind, location)` it, in eval mode without gradients; every
+    failure is one InvalidWeightsError line naming the source (`name`: what the app calls the
+    model; `family`: what the weights should be)."""
     from deployments.errors import InvalidWeightsError
 
     try:
@@ -350,24 +410,16 @@ def load_motion_adapter(
             source, cache_dir, s3_client=s3_client, s3_endpoint_url=s3_endpoint_url
         )
     except (FileNotFoundError, ValueError) as exc:
-        raise InvalidWeightsError(f"motion module {source.uri}: {exc}") from None
+        raise InvalidWeightsError(f"{name} {source.uri}: {exc}") from None
     try:
-        if kind == "single_file":
-            options: dict[str, Any] = {"dtype": dtype}
-            if source.config is not None:
-                options["config"] = source.config
-            adapter = MotionAdapter.from_single_file(location, **options)
-        else:
-            adapter = MotionAdapter.from_pretrained(
-                location, subfolder=source.subfolder, dtype=dtype
-            )
+        model = load(kind, location)
     except Exception as exc:  # diffusers, safetensors, json and torch raise many kinds here
         text = str(exc).strip()
         first = text.splitlines()[0][:200] if text else type(exc).__name__
         raise InvalidWeightsError(
-            f"motion module {source.uri} is not a loadable AnimateDiff motion adapter: {first}"
+            f"{name} {source.uri} is not a loadable {family}: {first}"
         ) from exc
-    return adapter.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 def tiny_sd_controlnet_sources(directory: str | Path) -> tuple[ModelSource, ModelSource]:

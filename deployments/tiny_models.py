@@ -8,6 +8,8 @@ Sections:
 - Stable Diffusion 1.5 family + ControlNet (`build_tiny_sd_controlnet`): a diffusers directory.
 - AnimateDiff motion adapter for that tiny UNet (`build_tiny_motion_adapter`): a diffusers
   directory (config.json + one .safetensors, which is also the single-file form).
+- T2I-Adapter (openpose layout) for that tiny UNet (`build_tiny_t2i_adapter`): a diffusers
+  directory.
 - Real-ESRGAN upscalers: added by the upscale stage.
 """
 
@@ -30,6 +32,8 @@ from pathlib import Path
 # four UNet blocks (three cross-attention down blocks, one plain), cross-attention width equal
 # to the text encoder's hidden size, 77-token prompts, the SD 1.5 scheduler config. Widths and
 # depths are tiny (about 2.8 M parameters in all, 11 MB).
+
+TINY_UNET_CHANNELS = (32, 32, 64, 64)  # the UNet's block widths (the adapters match them)
 
 TINY_SD_TEXT_WIDTH = 32
 TINY_SD_MAX_TOKENS = 77  # CLIP's context length, which SD prompts are padded to
@@ -117,7 +121,7 @@ def _tiny_sd_modules(seed: int, vocab_size: int, eos_token_id: int, bos_token_id
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(32, 32, 64, 64),
+        block_out_channels=TINY_UNET_CHANNELS,
         layers_per_block=1,
         cross_attention_dim=TINY_SD_TEXT_WIDTH,
         attention_head_dim=8,
@@ -229,7 +233,7 @@ def build_tiny_motion_adapter(directory: str | Path, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed + 10)
     adapter = MotionAdapter(
-        block_out_channels=(32, 32, 64, 64),
+        block_out_channels=TINY_UNET_CHANNELS,
         motion_layers_per_block=1,
         motion_mid_block_layers_per_block=1,
         use_motion_mid_block=True,
@@ -242,6 +246,39 @@ def build_tiny_motion_adapter(directory: str | Path, seed: int = 0) -> Path:
         for name, parameter in adapter.named_parameters():
             if name.endswith("proj_out.weight"):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    adapter.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# T2I-Adapter (diffusers T2IAdapter) for the tiny UNet
+# ---------------------------------------------------------------------------------------------
+#
+# The openpose adapters' layout (TencentARC's SD 1.x ones): `full_adapter`, 3 input channels
+# (the RGB pose map), pixel-unshuffle by 8, one feature map per UNet down block with the
+# block's width (added inside the block: `down_intrablock_additional_residuals`). One res block
+# per level instead of two. Its weights are random (no zero initialisation in T2I-Adapters), so
+# the features visibly change the frames and follow the pose maps.
+
+TINY_T2I_RES_BLOCKS = 1
+
+
+def build_tiny_t2i_adapter(directory: str | Path, seed: int = 0) -> Path:
+    """Build the tiny random-weight T2I-Adapter into `directory` (diffusers format:
+    config.json and diffusion_pytorch_model.safetensors). Deterministic for a seed."""
+    import torch
+    from diffusers import T2IAdapter
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed + 20)
+    adapter = T2IAdapter(
+        in_channels=3,
+        channels=TINY_UNET_CHANNELS,
+        num_res_blocks=TINY_T2I_RES_BLOCKS,
+        downscale_factor=8,
+        adapter_type="full_adapter",
+    )
     adapter.save_pretrained(directory, safe_serialization=True)
     return directory
 

@@ -147,7 +147,7 @@ def _job_request(args: argparse.Namespace):
         seed=args.seed,
         output=OutputSpec(fps=args.fps, width=args.width, height=args.height),
         coherence=_coherence(args),
-        overrides=_density_override(args),
+        overrides={**_density_override(args), **_conditioner_overrides(args)},
         frames="anchor" if getattr(args, "anchor_frame", None) else "motion",
     )
 
@@ -156,6 +156,12 @@ def _density_override(args: argparse.Namespace) -> dict:
     """--keyframe-density as a plan override; none when not given (the preset's)."""
     mode = getattr(args, "keyframe_density", None)
     return {"keyframe_density": mode} if mode else {}
+
+
+def _conditioner_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """--conditioner as the request's override; none when not given (the preset's)."""
+    conditioner = getattr(args, "conditioner", None)
+    return {"conditioner": conditioner} if conditioner else {}
 
 
 def _coherence(args: argparse.Namespace):
@@ -196,6 +202,8 @@ def _cmd_edit(args: argparse.Namespace) -> None:
     app_args, request = _app_args(args.config), _job_request(args)
     if args.motion_module:  # checked (loaded once) before anything runs or is written
         app_args, request = _with_motion_module(app_args, request, args.motion_module)
+    if args.t2i_adapter:  # the same: checked before anything runs
+        app_args, request = _with_t2i_adapter(app_args, request, args.t2i_adapter)
     report = asyncio.run(
         edit_video(
             Path(args.video), Path(args.output), request, app_args, show,
@@ -226,6 +234,27 @@ def _with_motion_module(app_args, request, weights: str):
         s3_endpoint_url=app_args.s3_endpoint_url or Settings().s3_endpoint_url,
     )
     overrides = {**request.overrides, "motion_module": True}
+    return app_args, request.model_copy(update={"overrides": overrides})
+
+
+def _with_t2i_adapter(app_args, request, weights: str):
+    """App args with the T2I-Adapter configured (it must load as a T2I-Adapter, else
+    InvalidWeightsError, exit 2, before anything runs) and, unless --conditioner says
+    otherwise, the request conditioned by it."""
+    import torch
+
+    from deployments.model_loading import load_t2i_adapter
+    from serve.config import Settings
+    from serve.factory import t2i_adapter_source
+
+    app_args = app_args.model_copy(update={"t2i_adapter": weights})
+    load_t2i_adapter(
+        t2i_adapter_source(app_args),
+        dtype=torch.float32,
+        cache_dir=Settings().cache_dir / "models",
+        s3_endpoint_url=app_args.s3_endpoint_url or Settings().s3_endpoint_url,
+    )
+    overrides = {"conditioner": "t2i_adapter", **request.overrides}
     return app_args, request.model_copy(update={"overrides": overrides})
 
 
@@ -357,7 +386,7 @@ def _cmd_estimate(args: argparse.Namespace) -> None:
         preset=args.preset,
         output=OutputSpec(fps=fps, width=width, height=height),
         coherence=_coherence(args),
-        overrides=_density_override(args),
+        overrides={**_density_override(args), **_conditioner_overrides(args)},
     )
     config = _app_args(args.config)
     result = estimate(config, request, info.duration_s, info.width, info.height)
@@ -454,12 +483,17 @@ def _cmd_weights(args: argparse.Namespace) -> None:
 
 
 def _cmd_make_tiny_models(args: argparse.Namespace) -> None:
-    from deployments.tiny_models import build_tiny_motion_adapter, build_tiny_sd_controlnet
+    from deployments.tiny_models import (
+        build_tiny_motion_adapter,
+        build_tiny_sd_controlnet,
+        build_tiny_t2i_adapter,
+    )
 
     directory = build_tiny_sd_controlnet(Path(args.directory), seed=args.seed)
     print(directory)
-    # The motion adapter beside it (the SD pipeline loader ignores the extra folder).
+    # The adapters beside it (the SD pipeline loader ignores the extra folders).
     print(build_tiny_motion_adapter(directory / "motion_adapter", seed=args.seed))
+    print(build_tiny_t2i_adapter(directory / "t2i_adapter", seed=args.seed))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -525,6 +559,17 @@ def build_parser() -> argparse.ArgumentParser:
             "attention on with it as the anchor",
         )
         add_coherence_options(command)
+        add_conditioner_option(command)
+
+    def add_conditioner_option(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--conditioner",
+            choices=("controlnet", "t2i_adapter"),
+            default=None,
+            help="what conditions the frames on the pose maps: ControlNet (every keyframe at "
+            "every step) or a T2I-Adapter (once per keyframe per chunk: nearly free, looser "
+            "pose; needs the app's t2i_adapter) (default: the preset's, controlnet)",
+        )
 
     def add_coherence_options(command: argparse.ArgumentParser) -> None:
         command.add_argument(
@@ -562,6 +607,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="AnimateDiff motion adapter (directory, .safetensors, s3://, hub id, or 'tiny'): "
         "runs the UNet as UNetMotionModel, each chunk one context window",
+    )
+    edit.add_argument(
+        "--t2i-adapter",
+        metavar="WEIGHTS",
+        default=None,
+        help="T2I-Adapter (openpose, diffusers directory, s3://, hub id, or 'tiny'): "
+        "conditions the frames with it instead of ControlNet (unless --conditioner "
+        "controlnet)",
     )
     add_request_options(edit)
     edit.set_defaults(handler=_cmd_edit)
@@ -616,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--config", help="Serve config whose app args (tier) to use")
     estimate.add_argument("--json", action="store_true", help="print JSON")
     add_coherence_options(estimate)
+    add_conditioner_option(estimate)
     estimate.set_defaults(handler=_cmd_estimate)
 
     cons = commands.add_parser(

@@ -133,6 +133,13 @@ class AppArgs(BaseModel):
         "a hub id, or 'tiny' for the built-in random-weight adapter. Unset: no motion module "
         "(such jobs are refused with 422).",
     )
+    t2i_adapter: str | None = Field(
+        default=None,
+        description="T2I-Adapter (diffusers T2IAdapter, openpose, made for the base model) for "
+        'jobs with `conditioner: "t2i_adapter"`: a diffusers directory, an s3:// prefix of one, '
+        "a hub id (e.g. TencentARC/t2iadapter_openpose_sd14v1), or 'tiny' for the built-in "
+        "random-weight adapter. Unset: no adapter (such jobs are refused with 422).",
+    )
     base_model_few_step: bool = Field(
         default=False,
         description="The base model is itself a few-step model (an LCM, TCD or Hyper-SD "

@@ -453,6 +453,8 @@ def naive_settings(settings: GenerationSettings, output_width: int, output_heigh
             "anchor": "off",
             # Nor a motion module (the same reason).
             "motion_module": False,
+            # ControlNet on every frame at every step, whatever conditions the plan.
+            "conditioner": "controlnet",
         }
     )
 

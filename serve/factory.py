@@ -57,6 +57,31 @@ def ensure_tiny_motion_adapter(cache_dir: Path) -> Path:
     return target
 
 
+def ensure_tiny_t2i_adapter(cache_dir: Path) -> Path:
+    """Build the tiny random-weight T2I-Adapter once per machine (replicas share it)."""
+    target = cache_dir / "tiny-models" / "t2i-adapter"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            tiny_models.build_tiny_t2i_adapter(partial)
+            partial.rename(target)
+    return target
+
+
+def t2i_adapter_source(args: AppArgs) -> model_loading.ModelSource | None:
+    """The app's T2I-Adapter source (None when not configured); 'tiny' is built once."""
+    if args.t2i_adapter is None:
+        return None
+    if args.t2i_adapter == "tiny":
+        return model_loading.ModelSource(uri=str(ensure_tiny_t2i_adapter(Settings().cache_dir)))
+    return model_loading.ModelSource(uri=args.t2i_adapter)
+
+
 def motion_module_source(args: AppArgs) -> model_loading.ModelSource | None:
     """The app's motion adapter source (None when not configured); 'tiny' is built once."""
     if args.motion_module is None:
@@ -82,6 +107,7 @@ def engine_config(args: AppArgs, model_id: str) -> diffusion.EngineConfig:
         base=base,
         controlnet=control,
         motion_module=motion_module_source(args),
+        t2i_adapter=t2i_adapter_source(args),
         loras=lora_sources(args),
         cache_dir=settings.cache_dir / "models",
         s3_endpoint_url=args.s3_endpoint_url or settings.s3_endpoint_url,

@@ -172,11 +172,14 @@ class Plan(BaseModel):
             anchor += f", LoRA fused: {fused}"
         if not g.cfg:
             anchor += ", CFG off"
+        conditioner = "ControlNet"
+        if g.conditioner == "t2i_adapter":
+            conditioner = "T2I-Adapter (once per keyframe per chunk)"
         return (
             [
                 f"preset {self.preset}",
                 f"generate {g.width}x{g.height} at {g.fps:g} fps, {g.steps} steps {g.scheduler}, "
-                f"{g.precision}, ControlNet on every {g.controlnet_every} frame(s){anchor}",
+                f"{g.precision}, {conditioner} on every {g.controlnet_every} frame(s){anchor}",
                 f"interpolate {g.fps:g} -> {self.output_fps:g} fps "
                 f"({self.interpolation.backend}, x{self.interpolation_factor:.2f})",
                 f"upscale {g.width}x{g.height} -> {self.output_width}x{self.output_height} "
@@ -316,7 +319,7 @@ def coherence_overrides(
        anchor (`anchor: "reference"`); it never overrides 1 or 2 (an explicit other anchor, or
        the anchor switched off, leaves it without effect);
     4. the preset's default (`Preset.coherence`; its motion module only where the app has one,
-       `motion_module_available`).
+       `motion_module_available`, and not under a T2I-Adapter, which it cannot run with).
 
     When the anchor is on by 2 or 4 and the job has a reference, the reference is the anchor.
     `anchor: "reference"` without a reference image (`reference` False) is refused."""
@@ -345,8 +348,9 @@ def coherence_overrides(
     resolved.setdefault("chunk_overlap", preset_coherence.chunk_overlap if seamless else 0)
     if "motion_module" not in resolved:
         module = switches.motion_module
-        if module is None:
-            module = preset_coherence.motion_module and motion_module_available
+        if module is None:  # the preset's module yields to a T2I-Adapter (they cannot combine)
+            adapter = resolved.get("conditioner", preset.conditioner) == "t2i_adapter"
+            module = preset_coherence.motion_module and motion_module_available and not adapter
         resolved["motion_module"] = module
     return resolved
 
@@ -411,6 +415,7 @@ def _generation(preset: Preset, model_id: str, width: int, height: int, override
             precision=preset.precision,
             fps=preset.generation_fps,
             controlnet_every=preset.controlnet_every,
+            conditioner=preset.conditioner,
             guidance_scale=preset.guidance_scale,
             **extra,
         )

@@ -45,6 +45,11 @@ def plan_for(args: AppArgs, request, info, reference: bool | None = None) -> dic
             "motion_module needs a motion module, and this server has none configured (the "
             "app's motion_module setting); leave it out or set it to false"
         )
+    if plan.generation.conditioner == "t2i_adapter" and args.t2i_adapter is None:
+        raise InvalidSettingError(
+            'conditioner "t2i_adapter" needs a T2I-Adapter, and this server has none '
+            'configured (the app\'s t2i_adapter setting); use "controlnet"'
+        )
     return plan.model_dump(mode="json")
 
 

@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from deployments.density import DensityMode
-from deployments.diffusion.settings import MAX_ANCHOR_POOL, GenerationSettings
+from deployments.diffusion.settings import MAX_ANCHOR_POOL, Conditioner, GenerationSettings
 
 PresetName = Literal["draft", "standard", "high", "turbo", "naive"]
 MAX_CHUNK_OVERLAP = 8  # the plan's bound on seamless chunks' overlap frames
@@ -91,7 +91,17 @@ class Preset(BaseModel):
         description="Needs a few-step model: refused unless the app's base model is flagged "
         "few-step or a few-step LoRA is configured (the plan then fuses it).",
     )
-    controlnet_every: int = Field(description="ControlNet on every K-th frame.")
+    controlnet_every: int = Field(
+        description="ControlNet (or the T2I-Adapter) on every K-th frame."
+    )
+    conditioner: Conditioner = Field(
+        default="controlnet",
+        description='What turns the pose maps into conditioning: "controlnet" (every '
+        'keyframe at every step in the control window) or "t2i_adapter" (a T2I-Adapter once per '
+        "keyframe per chunk, its features reused at every step: nearly free conditioning, "
+        "looser pose adherence; needs the app's t2i_adapter, else 422). A request sets it with "
+        '`overrides: {"conditioner": "t2i_adapter"}`.',
+    )
     output_long_side: int = Field(description="Long side of the delivered video, pixels.")
     output_fps: float = Field(default=25.0, description="Delivered frame rate.")
     batching: bool = Field(default=True, description="Micro-batch chunks across jobs.")

@@ -8,6 +8,7 @@ public API (`from deployments import diffusion; diffusion.X`) and re-exports the
 - `noise`: seeds, initial noise and schedulers;
 - `lora`: LoRA sources, their checks, and fusing a batch's set into the UNet;
 - `anchor`: anchor attention (the processor, the anchors' keys/values, the first-keyframe anchor);
+- `t2i_adapter`: T2I-Adapter conditioning (features once per keyframe per chunk), its weight;
 - `engine`: `DiffusionEngine`, the denoising loop (the loader lives in `model_loading`).
 Importing the package loads no torch; the engine imports it when it runs.
 """
@@ -38,6 +39,7 @@ from deployments.diffusion.settings import (
     AnchorMode,
     ChunkRequest,
     ChunkResult,
+    Conditioner,
     EngineConfig,
     GenerationSettings,
     NoiseMode,
@@ -48,6 +50,7 @@ from deployments.diffusion.settings import (
 )
 from deployments.diffusion.work_units import (
     REFERENCE_LATENT_AREA,
+    SD15_ADAPTER_FLOPS,
     SD15_MODEL_WEIGHTS,
     VAE_FACTOR,
     FlopFormula,
@@ -75,6 +78,7 @@ __all__ = [
     "MIN_SIDE",
     "MIN_STEPS",
     "REFERENCE_LATENT_AREA",
+    "SD15_ADAPTER_FLOPS",
     "SD15_MODEL_WEIGHTS",
     "VAE_FACTOR",
     "AnchorInput",
@@ -82,6 +86,7 @@ __all__ = [
     "BatchLayout",
     "ChunkRequest",
     "ChunkResult",
+    "Conditioner",
     "DiffusionEngine",
     "EngineConfig",
     "GenerationSettings",

@@ -15,6 +15,10 @@ Decisions (the why):
 - LoRAs (settings.loras): see `lora.py`; the batch's set is fused into the UNet weights before
   the loop (read, hashed and checked against the UNet on first use, on the CPU side of the
   batch), so the loop runs a plain UNet and counts the same work units.
+- T2I-Adapter (settings.conditioner 't2i_adapter'): see `t2i_adapter.py`; the keyframes'
+  features are computed once, at the first step in the control window, and interpolated into
+  every frame's UNet forward like ControlNet's residuals. With ControlNet the loop runs exactly
+  as it did before the adapter existed.
 """
 
 from __future__ import annotations
@@ -59,6 +63,12 @@ from deployments.diffusion.settings import (
     GenerationSettings,
     Precision,
 )
+from deployments.diffusion.t2i_adapter import (
+    AdapterFeatures,
+    check_adapter_fits,
+    keyframe_features,
+    measure_adapter_formula,
+)
 from deployments.diffusion.work_units import (
     ModelWeights,
     controlnet_active_steps,
@@ -72,6 +82,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import torch
+
+
+ADAPTER_COLUMN = 7  # of the per-request counts: T2I-Adapter evaluations
 
 
 def measure_model_weights(
@@ -128,6 +141,7 @@ class DiffusionEngine:
         self._dtype: Any = None
         self._weights: ModelWeights | None = None
         self._motion: Any = None  # UNetMotionModel sharing the UNet's weights, when configured
+        self._adapter: Any = None  # the T2I-Adapter, when configured
         self._loras: UNetLoras | None = None  # the UNet's adapters while loaded
         self.last_load_seconds = 0.0
 
@@ -151,7 +165,11 @@ class DiffusionEngine:
 
     def load(self) -> float:
         """Load the models onto the device; returns the seconds it took (0 when loaded)."""
-        from deployments.model_loading import load_motion_adapter, load_sd_components
+        from deployments.model_loading import (
+            load_motion_adapter,
+            load_sd_components,
+            load_t2i_adapter,
+        )
 
         with self._lock:
             if self.is_loaded:
@@ -181,6 +199,17 @@ class DiffusionEngine:
                     s3_client=self._s3_client,
                     s3_endpoint_url=self.config.s3_endpoint_url,
                 )
+            t2i_adapter = None
+            if self.config.t2i_adapter is not None:
+                t2i_adapter = load_t2i_adapter(
+                    self.config.t2i_adapter,
+                    dtype=dtype,
+                    cache_dir=self.config.cache_dir,
+                    s3_client=self._s3_client,
+                    s3_endpoint_url=self.config.s3_endpoint_url,
+                )
+                check_adapter_fits(t2i_adapter, modules.unet)
+                t2i_adapter.to(device)
             for name in ("unet", "controlnet", "vae", "text_encoder"):
                 getattr(modules, name).to(device)
             if self._components is not None:  # built in their own dtype: cast at generate
@@ -196,7 +225,13 @@ class DiffusionEngine:
                 weights = weights.model_copy(
                     update={"motion_module": motion, "motion_attention": attention}
                 )
+            if t2i_adapter is not None:
+                if t2i_adapter.dtype != dtype:  # given components, in their own dtype
+                    t2i_adapter.to(dtype=dtype)
+                formula = measure_adapter_formula(t2i_adapter, modules.unet, self.config.cache_dir)
+                weights = weights.model_copy(update={"adapter": formula})
             self._weights = weights
+            self._adapter = t2i_adapter
             self._modules, self._device, self._dtype = modules, device, dtype
             self._loras = UNetLoras(modules.unet, self.config.max_loaded_loras)
             self.last_load_seconds = time.perf_counter() - started
@@ -208,7 +243,7 @@ class DiffusionEngine:
             if not self.is_loaded:
                 return
             was_cuda = self._device.type == "cuda"
-            self._modules = self._motion = self._loras = None
+            self._modules = self._motion = self._loras = self._adapter = None
             gc.collect()
             if was_cuda:
                 import torch
@@ -232,6 +267,8 @@ class DiffusionEngine:
             getattr(self._modules, name).to(dtype=dtype)
         if self._motion is not None:  # the UNet's parameters are cast already (shared)
             self._motion.to(dtype=dtype)
+        if self._adapter is not None:
+            self._adapter.to(dtype=dtype)
         self._dtype = dtype
 
     # - LoRAs -
@@ -297,6 +334,11 @@ class DiffusionEngine:
             raise InvalidSettingError(
                 "the motion module was asked for but this engine has none configured "
                 "(EngineConfig.motion_module / the app's motion_module)"
+            )
+        if settings.conditioner == "t2i_adapter" and self.config.t2i_adapter is None:
+            raise InvalidSettingError(
+                "the T2I-Adapter conditioner was asked for but this engine has none configured "
+                "(EngineConfig.t2i_adapter / the app's t2i_adapter)"
             )
         if settings.width * settings.height > self.config.max_pixels:
             raise InvalidSettingError(
@@ -388,8 +430,8 @@ class DiffusionEngine:
             self.apply_loras(settings.loras)
             truncations = [self.truncation_notes(r) for r in requests]  # needs the tokenizer
             # unet, controlnet, vae, anchor attention, vae encodes, motion module, motion
-            # attention (evaluations x window frames)
-            counts = np.zeros((len(requests), 7), dtype=np.int64)
+            # attention (evaluations x window frames), T2I-Adapter
+            counts = np.zeros((len(requests), 8), dtype=np.int64)
             dropped: dict[int, int] = {}  # request index -> step it was dropped before
             with torch.inference_mode():
                 self._synchronize()
@@ -507,6 +549,7 @@ class DiffusionEngine:
             len(timesteps), settings.control_guidance_start, settings.control_guidance_end
         )
         rows = LiveRows(requests, settings.controlnet_every)
+        features: AdapterFeatures | None = None  # the T2I-Adapter's, once per batch
         for index, timestep in enumerate(timesteps):
             keep = rows.drop(cancelled(index), index, dropped)
             if keep is not None:
@@ -523,7 +566,14 @@ class DiffusionEngine:
                 self._anchor_pass(anchors, bank, timestep, counts, settings.motion_module)
             model_input = scheduler.scale_model_input(latents, timestep)
             residuals = None
-            if active[index]:
+            if active[index] and settings.conditioner == "t2i_adapter":
+                if features is None:
+                    features = keyframe_features(
+                        self._adapter, control, layout, settings.controlnet_conditioning_scale,
+                        self._forward_slices, counts, ADAPTER_COLUMN,
+                    )  # fmt: skip
+                residuals = features.halves(layout, uncond is not None)
+            elif active[index]:
                 residuals = self._keyframe_residuals(
                     model_input, timestep, cond, uncond, control, layout, settings, counts
                 )
@@ -738,10 +788,13 @@ class DiffusionEngine:
             extra = {}
             if residuals is not None:
                 blended = self._interpolated_residuals(residuals, layout, part)
-                extra = {
-                    "down_block_additional_residuals": blended[:-1],
-                    "mid_block_additional_residual": blended[-1],
-                }
+                if settings.conditioner == "t2i_adapter":  # a fresh list: the UNet pops it
+                    extra = {"down_intrablock_additional_residuals": blended}
+                else:
+                    extra = {
+                        "down_block_additional_residuals": blended[:-1],
+                        "mid_block_additional_residual": blended[-1],
+                    }
             out = self._modules.unet(
                 x, timestep, encoder_hidden_states=text, return_dict=False, **extra
             )[0]
@@ -848,8 +901,9 @@ class DiffusionEngine:
                 vae_encodes=int(encodes),
                 motion_module_evals=int(motion),
                 motion_attention_evals=int(motion_attention),
+                adapter_evals=int(adapter),
             )
-            for unet, control, vae, anchor, encodes, motion, motion_attention in counts
+            for unet, control, vae, anchor, encodes, motion, motion_attention, adapter in counts
         ]
         total = sum(u.total for u in units) or 1.0
         results, start = [], 0

@@ -44,6 +44,14 @@ Decisions (the why):
   temporal QK^T and AV), both linear in each level's tokens (the temporal attention runs per
   token, along the frames; no quadratic term). Counted as `motion_module_evals` (evaluations)
   and `motion_attention_evals` (evaluations x F).
+- The T2I-Adapter (settings.conditioner 't2i_adapter', see t2i_adapter.py) replaces ControlNet:
+  its features depend on the pose map only (no latents, no timestep, no text), so it runs once
+  per keyframe per chunk, not per step, and not twice with CFG (both halves add the same
+  features, as in diffusers' adapter pipeline); frames between keyframes get interpolated
+  features. `adapter_evals` counts those forwards (pose maps), each weighed by the adapter's
+  FLOPs at the chunk's size like every other call (`ModelWeights.adapter`: convolutions only,
+  linear in each level's tokens). None when no step of the chunk applies conditioning
+  (control_guidance_start/end).
 """
 
 from __future__ import annotations
@@ -107,6 +115,14 @@ class WorkUnits(BaseModel):
         description="Motion-module evaluations x frames in their context window (the temporal "
         "attention of a frame grows with the window).",
     )
+    adapter_evals: int = Field(
+        default=0,
+        description="T2I-Adapter evaluations: pose maps through the adapter (one per keyframe "
+        "per chunk, not per step; CFG reuses them).",
+    )
+    adapter_units: float = Field(
+        default=0.0, description="Those evaluations x the adapter's FLOPs / unit FLOPs."
+    )
     motion_attention_units: float = Field(
         default=0.0,
         description="Those frame-evaluations x the temporal attention's FLOPs per window frame / "
@@ -122,6 +138,7 @@ class WorkUnits(BaseModel):
         "anchor_attention_units",
         "motion_module_units",
         "motion_attention_units",
+        "adapter_units",
     )
     @classmethod
     def _rounded(cls, units: float) -> float:
@@ -137,6 +154,7 @@ class WorkUnits(BaseModel):
             + self.anchor_attention_units
             + self.motion_module_units
             + self.motion_attention_units
+            + self.adapter_units
         )
 
     def __add__(self, other: WorkUnits) -> WorkUnits:
@@ -223,6 +241,13 @@ SD15_MOTION_MODULE_FLOPS = FlopFormula(
 SD15_MOTION_ATTENTION_FLOPS = FlopFormula(
     constant=-32_000, linear=(12800, 25600, 51200, 61440), quadratic=(0, 0, 0, 0)
 )
+# TencentARC's SD 1.x openpose T2I-Adapter (full_adapter, channels 320/640/1280/1280, 2 res
+# blocks, 77,369,280 parameters) on a pose map at 8x the latent size: convolutions only, linear
+# in each level's tokens (59.89 GFLOPs at 512x512: 0.0746 units). Fitted with `flops.py`; a test
+# rebuilds the architecture on the meta device and checks it.
+SD15_ADAPTER_FLOPS = FlopFormula(
+    constant=0, linear=(5_201_920, 16_793_600, 67_174_400, 65_536_000), quadratic=(0, 0, 0, 0)
+)
 
 
 class ModelWeights(BaseModel):
@@ -260,6 +285,10 @@ class ModelWeights(BaseModel):
         default=SD15_MOTION_ATTENTION_FLOPS,
         description="FLOPs the motion module's temporal attention adds to one frame "
         "evaluation per frame of its window.",
+    )
+    adapter: FlopFormula = Field(
+        default=SD15_ADAPTER_FLOPS,
+        description="One T2I-Adapter evaluation (its pose map at 8x the latent size).",
     )
     unet_parameters: int = Field(default=0, ge=0, description="UNet parameter count.")
     controlnet_parameters: int = Field(default=0, ge=0, description="ControlNet parameter count.")
@@ -303,12 +332,16 @@ class ModelWeights(BaseModel):
     def motion_attention_weight(self) -> float:
         return self.units(self.motion_attention, 512, 512)
 
+    @property
+    def adapter_weight(self) -> float:
+        return self.units(self.adapter, 512, 512)
+
     def reference_weights(self) -> dict[str, float]:
         """Each model's cost at 512x512 in work units (the weights the linear rule used)."""
         names = ("controlnet", "vae", "vae_encode", "anchor_attention", "motion_module")
         return {
             f"{name}_weight": getattr(self, f"{name}_weight")
-            for name in (*names, "motion_attention")
+            for name in (*names, "motion_attention", "adapter")
         }
 
 
@@ -347,6 +380,7 @@ def weigh_work(
     vae_encodes: int = 0,
     motion_module_evals: int = 0,
     motion_attention_evals: int = 0,
+    adapter_evals: int = 0,
 ) -> WorkUnits:
     """Counted evaluations weighed by each model's FLOPs at this size (`ModelWeights`)."""
 
@@ -369,6 +403,8 @@ def weigh_work(
         motion_module_units=motion_module_evals * units(weights.motion_module),
         motion_attention_evals=motion_attention_evals,
         motion_attention_units=motion_attention_evals * units(weights.motion_attention),
+        adapter_evals=adapter_evals,
+        adapter_units=adapter_evals * units(weights.adapter),
     )
 
 
@@ -386,6 +422,7 @@ def predict_work_units(
     anchor: bool = False,
     anchor_pool: int = 1,
     motion_module: bool = False,
+    conditioner: str = "controlnet",
 ) -> WorkUnits:
     """Work units of one chunk of `frames` frames, before running it.
 
@@ -394,11 +431,16 @@ def predict_work_units(
     UNet row per step (the anchor's pass) and every frame evaluation's wider attention.
     `motion_module`: every UNet row also runs the motion module, the frames as one window of
     `frames`, the anchor as a window of one.
+    `conditioner` 't2i_adapter': no ControlNet; the adapter once per keyframe (when any step
+    applies conditioning).
     `DiffusionEngine.generate` counts exactly this.
     """
     passes = 2 if cfg_enabled(guidance_scale) else 1
     active = sum(controlnet_active_steps(steps, control_guidance_start, control_guidance_end))
     keyframes = len(keyframe_indices(frames, controlnet_every))
+    adapter_evals = 0
+    if conditioner == "t2i_adapter":
+        keyframes, adapter_evals = 0, keyframes if active else 0
     rows = frames + (1 if anchor else 0)
     window_frames = frames * frames + (1 if anchor else 0)  # sum of each row's window length
     return weigh_work(
@@ -413,6 +455,7 @@ def predict_work_units(
         vae_encodes=1 if anchor else 0,
         motion_module_evals=rows * steps * passes if motion_module else 0,
         motion_attention_evals=window_frames * steps * passes if motion_module else 0,
+        adapter_evals=adapter_evals,
     )
 
 
@@ -433,4 +476,5 @@ def predict_chunk_units(
         anchor=settings.anchor != "off",
         anchor_pool=settings.anchor_pool,
         motion_module=settings.motion_module,
+        conditioner=settings.conditioner,
     )

@@ -426,7 +426,8 @@ def test_make_tiny_models_writes_the_motion_adapter(tmp_path, capsys):
 
     assert main(["make-tiny-models", str(tmp_path / "tiny")]) in (0, None)
     printed = capsys.readouterr().out.split()
-    assert printed == [str(tmp_path / "tiny"), str(tmp_path / "tiny" / "motion_adapter")]
+    tiny = tmp_path / "tiny"
+    assert printed == [str(tiny), str(tiny / "motion_adapter"), str(tiny / "t2i_adapter")]
     loaded = load_motion_adapter(
         ModelSource(uri=printed[1]), dtype=torch.float32, cache_dir=tmp_path
     )
