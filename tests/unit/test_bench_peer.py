@@ -124,3 +124,22 @@ def test_plan_chunks_follow_the_orchestrators_spans():
     assert runs == [(1, 1), (16, 1), (17, 6), (9, 1)]  # one overlap frame after chunk 0
     assert peer.upscaled_frames(standard, 120) == 120 + 7
     assert sum(f * c for f, c in runs[1:]) == 120 + 7  # each overlap frame generated twice
+
+
+def test_cost_report_carries_the_latest_peer_ratios(tmp_path):
+    import json
+
+    assert peer.summary(tmp_path / "absent.json") is None
+    row = {"diffusion_only": 3.9, "with_upscale_gpu_tiers_gpu": 3.5}
+    result = {
+        "when": "2026-12-02T16:00:00+00:00",
+        "label": "FLOP counts, not GPU-measured seconds",
+        "peer": {"what": "the pipeline", "size": "912x512", "steps": 20, "guidance_scale": 7.5},
+        "comparison": {"standard": row},
+    }
+    path = tmp_path / "peer.json"
+    path.write_text(json.dumps(result))
+    section = peer.summary(path)
+    assert section["peer_over_ours"] == {"standard": row}
+    text = peer.format_summary(section)
+    assert "FLOP counts" in text and "3.90x" in text and "3.50x" in text
