@@ -85,6 +85,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_label, results_dir, write_json
+from benchmarks.peer import format_summary as format_peer
+from benchmarks.peer import summary as peer_summary
 from deployments.diffusion.work_units import WorkUnits
 from serve.cost import savings_ratio
 from serve.presets import NAIVE_SKIPS
@@ -1317,6 +1319,7 @@ def run(args) -> dict[str, Any]:
         "motion_module": motion_module_rows(),
         "turbo": turbo_levers(),
         "density": density,
+        "peer": peer_summary(),  # benchmarks/peer.py's latest ratios (FLOP counts)
         "fp16": fp16,
         "batching": batching,
         "checks": checks(runs, plans),
@@ -1394,6 +1397,8 @@ def print_report(result: dict[str, Any]) -> None:
         print("\n" + format_turbo(result["turbo"]))
     if "density" in result:
         print("\n" + format_density(result["density"]))
+    if result.get("peer"):
+        print("\n" + format_peer(result["peer"]))
     c = result["checks"]
     print(
         f"\nchecks: counted == predicted {c['counted_equals_predicted']}; repeat ran no "

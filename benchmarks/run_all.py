@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("upscale", ["--repeats", "1", "--skip-rrdb"], []),
     ("batching", ["--quick"], []),
     ("overhead", ["--quick"], []),
+    ("peer", ["--frames", "1"], []),  # before cost, which reports its latest ratios
     ("cost", ["--quick"], []),
     ("load", ["--quick"], []),
     ("cancel", ["--quick"], []),
