@@ -46,6 +46,12 @@ output. What is measured and what is predicted:
   per-step work (it is merged into the UNet weights), so the LoRA itself is no lever in units.
   Predicted only here: the unit tests run turbo settings through the engine with a tiny
   few-step LoRA and check counted == predicted (tests/unit/test_turbo.py, test_lora.py).
+- T2I-Adapter (issue 18, item 3; `conditioner`): every preset with `conditioner: t2i_adapter`
+  beside its ControlNet self: full-size work units by the same formula (SD 1.5 openpose
+  adapter, 0.0746 of a UNet evaluation per keyframe per chunk, from FLOP counts), saving and
+  ratio to naive (naive keeps ControlNet on every frame), and the levers stacked on standard
+  (`+ T2I-Adapter`, then turbo's steps and CFG). Predicted only here: the unit tests run the
+  adapter through the engine and check counted == predicted (tests/unit/test_t2i_adapter.py).
 - Motion keyframe density (issue 18, item 4; `density`): `standard` (and `turbo`) generate a
   chunk at 6 fps where the edited skeleton moves slowly (deployments/density.py, threshold from
   benchmarks/keyframe_density.py). Its full-size rows take the schedule the service computes on
@@ -447,6 +453,65 @@ def motion_module_rows() -> dict[str, Any]:
     }
 
 
+def conditioner_rows() -> dict[str, Any]:
+    """Each preset with the T2I-Adapter instead of ControlNet, and standard's levers stacked:
+    the adapter, then turbo's (its plan with the adapter: 6 LCM steps, CFG off)."""
+    adapter = {"conditioner": "t2i_adapter"}
+    rows = []
+    for preset in ("draft", "standard", "high", TURBO_ROW):
+        # high's motion module steps aside for the adapter: compare like with like
+        plain = full_size_prediction(preset, FIXED_DENSITY)
+        predicted = full_size_prediction(preset, {**FIXED_DENSITY, **adapter})
+        base, units = plain["work_units"]["total"], predicted["work_units"]["total"]
+        naive = predicted["naive"]["work_units"]["total"]
+        rows.append(
+            {
+                "row": f"{preset} + T2I-Adapter",
+                "preset": preset,
+                "preset_units": base,
+                "preset_x_naive": _ratio(naive, base),
+                "work_units": predicted["work_units"],
+                "saving_pct": round(100.0 * (1.0 - units / base), 2),
+                "x_naive": _ratio(naive, units),
+            }
+        )
+    by_preset = {row["preset"]: row for row in rows}
+    standard, turbo = by_preset["standard"], by_preset[TURBO_ROW]
+    naive = full_size_prediction("standard", FIXED_DENSITY)["naive"]["work_units"]["total"]
+    stack = [
+        ("standard (ControlNet)", standard["preset_units"]),
+        ("+ T2I-Adapter", standard["work_units"]["total"]),
+        ("+ 6 LCM steps, CFG off (turbo + T2I-Adapter)", turbo["work_units"]["total"]),
+    ]
+    return {
+        "rows": rows,
+        "cumulative": [
+            {"step": step, "work_units": units, "x_naive": _ratio(naive, units)}
+            for step, units in stack
+        ],
+        "note": "features computed once per keyframe per chunk (not per step, not per CFG "
+        "half), interpolated between keyframes; the SD 1.5 openpose adapter costs 0.0746 of a "
+        "UNet evaluation at 512x512 against ControlNet's 0.3527 per step (x2 with CFG). Fixed "
+        "keyframe density in every row (motion density judged none of this clip slow)",
+    }
+
+
+def format_conditioner(section: dict[str, Any]) -> str:
+    lines = [
+        "T2I-Adapter instead of ControlNet, 10 s clip",
+        f"{'row':26} {'work units':>10} {'saving':>8} {'x naive':>7} {'preset x naive':>14}",
+    ]
+    for row in section["rows"]:
+        lines.append(
+            f"{row['row']:26} {row['work_units']['total']:>10,.0f} {row['saving_pct']:>7.2f}% "
+            f"{row['x_naive']:>7} {row['preset_x_naive']:>14}"
+        )
+    lines.append("levers stacked on standard:")
+    for step in section["cumulative"]:
+        lines.append(f"  {step['step']:46} {step['work_units']:>10,.0f} {step['x_naive']:>7}x")
+    return "\n".join(lines)
+
+
 def format_motion_module(section: dict[str, Any]) -> str:
     lines = [
         "motion module (AnimateDiff) beside its preset, 10 s clip",
@@ -488,6 +553,8 @@ def _units(units) -> dict[str, float]:
         "vae_encode_units": round(units.vae_encode_units, 2),
         "motion_module_evals": units.motion_module_evals,
         "motion_module_units": round(units.motion_module_units + units.motion_attention_units, 2),
+        "adapter_evals": units.adapter_evals,
+        "adapter_units": round(units.adapter_units, 2),
         "total": round(units.total, 2),
     }
 
@@ -1317,6 +1384,7 @@ def run(args) -> dict[str, Any]:
         "levers": lever_table(fp16, batching, args.tier),
         "coherence": coherence_rows(),
         "motion_module": motion_module_rows(),
+        "conditioner": conditioner_rows(),
         "turbo": turbo_levers(),
         "density": density,
         "peer": peer_summary(),  # benchmarks/peer.py's latest ratios (FLOP counts)
@@ -1393,6 +1461,8 @@ def print_report(result: dict[str, Any]) -> None:
     print("\n" + format_coherence(result["coherence"]))
     if "motion_module" in result:
         print("\n" + format_motion_module(result["motion_module"]))
+    if "conditioner" in result:
+        print("\n" + format_conditioner(result["conditioner"]))
     if "turbo" in result:
         print("\n" + format_turbo(result["turbo"]))
     if "density" in result:

@@ -159,6 +159,26 @@ def test_turbo_levers_stack_to_the_turbo_plan_and_cost_no_lora_work():
     assert section["ratio_vs_naive"] > 100 and section["fused_lora_extra_units"] == 0.0
 
 
+def test_t2i_adapter_rows_trade_controlnet_passes_for_one_adapter_pass_per_keyframe():
+    from benchmarks.cost import conditioner_rows
+
+    section = conditioner_rows()
+    rows = {row["preset"]: row for row in section["rows"]}
+    for row in rows.values():
+        units = row["work_units"]
+        assert units["controlnet_evals"] == 0 and units["adapter_evals"] > 0
+        assert 0 < row["saving_pct"] < 20  # only ControlNet's share of each step goes
+        assert row["x_naive"] > row["preset_x_naive"]
+    # once per keyframe per chunk, not per step: turbo's 6 steps and standard's 18 pay the same
+    assert (
+        rows["turbo"]["work_units"]["adapter_evals"]
+        == (rows["standard"]["work_units"]["adapter_evals"])
+    )
+    stacked = [step["work_units"] for step in section["cumulative"]]
+    assert stacked == sorted(stacked, reverse=True)
+    assert stacked[-1] == rows["turbo"]["work_units"]["total"]
+
+
 def test_density_rows_follow_the_clip_schedule(monkeypatch):
     from deployments.density import DensitySchedule
 
