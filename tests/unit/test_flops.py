@@ -121,5 +121,11 @@ def test_measurements_are_cached_per_architecture(engine, monkeypatch):
     monkeypatch.setattr(flops, "_CACHE", {})  # a new process: read back from the model cache
     reread = d.measure_model_weights(modules.unet, modules.controlnet, modules.vae, cache_dir)
     assert reread == engine.model_weights
+    # the same architecture loaded from another folder (a copy, a download) is the same fit
+    copies = [m.config.__class__(**{**m.config, "_name_or_path": "/elsewhere"})
+              for m in (modules.unet, modules.controlnet, modules.vae)]  # fmt: skip
+    assert [flops.architecture(c) for c in copies] == [
+        flops.architecture(m.config) for m in (modules.unet, modules.controlnet, modules.vae)
+    ]
     assert again.unet != d.SD15_MODEL_WEIGHTS.unet and len(again.unet.linear) == 4
     assert again.units(again.unet, 512, 512) == pytest.approx(1.0, rel=1e-12)
