@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from deployments import diffusion, model_loading, tiny_models, upscale
@@ -25,70 +26,59 @@ def stage_context(args: AppArgs) -> StageContext:
     return StageContext(ArtifactCache(store), args.input_limits(), s3_endpoint_url=endpoint)
 
 
-def ensure_tiny_models(cache_dir: Path) -> Path:
-    """Build the tiny random-weight SD + ControlNet once per machine (replicas share it)."""
-    target = cache_dir / "tiny-models" / "sd15-controlnet"
-    if (target / "model_index.json").exists():
+def _ensure_built(target: Path, marker: str, build: Callable[[Path], object]) -> Path:
+    """`build(folder)` into `target` once per machine: replicas share it (one builds under a
+    file lock, the others wait and reuse it); `marker` is the file a finished build has."""
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one replica builds, the others wait and reuse it
-        if not (target / "model_index.json").exists():
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / marker).exists():
             partial = target.with_name(target.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            tiny_models.build_tiny_sd_controlnet(partial)
-            partial.rename(target)
+            build(partial)
+            partial.rename(target)  # whole or absent: a reader never sees half a model
     return target
+
+
+def ensure_tiny_models(cache_dir: Path) -> Path:
+    """The tiny random-weight SD + ControlNet, built once per machine."""
+    target = cache_dir / "tiny-models" / "sd15-controlnet"
+    return _ensure_built(target, "model_index.json", tiny_models.build_tiny_sd_controlnet)
 
 
 def ensure_tiny_motion_adapter(cache_dir: Path) -> Path:
-    """Build the tiny random-weight motion adapter once per machine (replicas share it)."""
+    """The tiny random-weight motion adapter, built once per machine."""
     target = cache_dir / "tiny-models" / "motion-adapter"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            partial = target.with_name(target.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            tiny_models.build_tiny_motion_adapter(partial)
-            partial.rename(target)
-    return target
+    return _ensure_built(target, "config.json", tiny_models.build_tiny_motion_adapter)
 
 
 def ensure_tiny_t2i_adapter(cache_dir: Path) -> Path:
-    """Build the tiny random-weight T2I-Adapter once per machine (replicas share it)."""
+    """The tiny random-weight T2I-Adapter, built once per machine."""
     target = cache_dir / "tiny-models" / "t2i-adapter"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            partial = target.with_name(target.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            tiny_models.build_tiny_t2i_adapter(partial)
-            partial.rename(target)
-    return target
+    return _ensure_built(target, "config.json", tiny_models.build_tiny_t2i_adapter)
+
+
+def _adapter_source(
+    configured: str | None, ensure_tiny: Callable[[Path], Path]
+) -> model_loading.ModelSource | None:
+    """An app adapter setting as a source (None when not configured); 'tiny' is built once."""
+    if configured is None:
+        return None
+    if configured == "tiny":
+        return model_loading.ModelSource(uri=str(ensure_tiny(Settings().cache_dir)))
+    return model_loading.ModelSource(uri=configured)
 
 
 def t2i_adapter_source(args: AppArgs) -> model_loading.ModelSource | None:
-    """The app's T2I-Adapter source (None when not configured); 'tiny' is built once."""
-    if args.t2i_adapter is None:
-        return None
-    if args.t2i_adapter == "tiny":
-        return model_loading.ModelSource(uri=str(ensure_tiny_t2i_adapter(Settings().cache_dir)))
-    return model_loading.ModelSource(uri=args.t2i_adapter)
+    """The app's T2I-Adapter source."""
+    return _adapter_source(args.t2i_adapter, ensure_tiny_t2i_adapter)
 
 
 def motion_module_source(args: AppArgs) -> model_loading.ModelSource | None:
-    """The app's motion adapter source (None when not configured); 'tiny' is built once."""
-    if args.motion_module is None:
-        return None
-    if args.motion_module == "tiny":
-        return model_loading.ModelSource(uri=str(ensure_tiny_motion_adapter(Settings().cache_dir)))
-    return model_loading.ModelSource(uri=args.motion_module)
+    """The app's motion adapter source."""
+    return _adapter_source(args.motion_module, ensure_tiny_motion_adapter)
 
 
 def engine_config(args: AppArgs, model_id: str) -> diffusion.EngineConfig:
