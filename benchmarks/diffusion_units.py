@@ -90,20 +90,12 @@ def sd15_motion_flops(windows: tuple[int, ...] = (8, 16, 24)) -> dict:
     import torch
     from diffusers import MotionAdapter
 
-    from benchmarks.sd15_random import SD15_UNET
+    from benchmarks.sd15_random import SD15_MOTION_ADAPTER, SD15_UNET
     from deployments.diffusion import SD15_MODEL_WEIGHTS as weights
     from deployments.diffusion.flops import build_motion_meta, motion_flops_per_frame
 
     with torch.device("meta"):
-        adapter = MotionAdapter(
-            block_out_channels=(320, 640, 1280, 1280),
-            motion_layers_per_block=2,
-            motion_mid_block_layers_per_block=1,
-            use_motion_mid_block=True,
-            motion_num_attention_heads=8,
-            motion_norm_num_groups=32,
-            motion_max_seq_length=32,
-        )
+        adapter = MotionAdapter(**SD15_MOTION_ADAPTER)
     motion = build_motion_meta(SD15_UNET, adapter.config)
     with torch.device("meta"):
         per_frame = {w: motion_flops_per_frame(motion, 64, 64, w) for w in windows}

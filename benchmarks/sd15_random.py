@@ -33,6 +33,16 @@ SD15_UNET = {
     "act_fn": "silu",
 }
 SD15_CONTROLNET_EMBEDDING = (16, 32, 96, 256)
+# AnimateDiff's SD 1.5 motion adapter, v1-5-2 architecture (453,209,280 parameters).
+SD15_MOTION_ADAPTER = {
+    "block_out_channels": (320, 640, 1280, 1280),
+    "motion_layers_per_block": 2,
+    "motion_mid_block_layers_per_block": 1,
+    "use_motion_mid_block": True,
+    "motion_num_attention_heads": 8,
+    "motion_norm_num_groups": 32,
+    "motion_max_seq_length": 32,
+}
 SD15_VAE = {
     "in_channels": 3,
     "out_channels": 3,

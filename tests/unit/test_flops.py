@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.sd15_random import SD15_CONTROLNET_EMBEDDING, SD15_UNET, SD15_VAE
+from benchmarks.sd15_random import (
+    SD15_CONTROLNET_EMBEDDING,
+    SD15_MOTION_ADAPTER,
+    SD15_UNET,
+    SD15_VAE,
+)
 from deployments import diffusion as d
 from deployments.diffusion import flops
 from deployments.diffusion.work_units import FlopFormula, level_tokens, pooled_tokens
@@ -85,14 +90,7 @@ def test_sd15_motion_formulas_match_the_flop_counter_at_a_held_out_shape():
     from diffusers import MotionAdapter
 
     with torch.device("meta"):
-        adapter = MotionAdapter(
-            block_out_channels=(320, 640, 1280, 1280),
-            motion_layers_per_block=2,
-            motion_mid_block_layers_per_block=1,
-            use_motion_mid_block=True,
-            motion_num_attention_heads=8,
-            motion_max_seq_length=32,
-        )
+        adapter = MotionAdapter(**SD15_MOTION_ADAPTER)
     assert sum(p.numel() for p in adapter.parameters()) == 453_209_280
     weights = d.SD15_MODEL_WEIGHTS
     motion = flops.build_motion_meta(SD15_UNET, adapter.config)
