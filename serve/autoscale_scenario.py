@@ -339,7 +339,10 @@ class Scenario:
         except TimeoutError:  # say what keeps a node busy, then see how late it goes
             held = self.objects_held()
             self.timeline.event("GPU node overdue", state=self.state())
-            self.wait(no_gpu_node, 60, "no GPU node")
+            try:
+                self.wait(no_gpu_node, 60, "no GPU node")
+            except TimeoutError as error:
+                raise TimeoutError(f"{error}\nobjects held when overdue:\n{held}") from None
         nodes_gone = self.timeline.event("last GPU node gone")
         return {
             "replicas_to_zero_s": round(replicas_gone - last_job, 2),
@@ -351,11 +354,21 @@ class Scenario:
         """Ray's `ray memory` table of the cluster: every object ref, which process holds it,
         why, and where it was made (a node holding an object in its store is not idle)."""
         from ray._private.internal_api import memory_summary
+        from ray.autoscaler.v2.sdk import get_cluster_status
 
-        try:
-            return memory_summary(self.cluster.address, line_wrap=False, num_entries=20)
+        try:  # the autoscaler's own words for why a node is not idle
+            status = get_cluster_status(self.cluster.address)
+            activity = "\n".join(
+                f"{node.ray_node_type_name} {node.node_id}: {node.node_activity}"
+                for node in status.active_nodes
+            )
         except Exception as error:  # a diagnosis only: never the failure itself
-            return f"(memory summary unavailable: {error})"
+            activity = f"(cluster status unavailable: {error})"
+        try:
+            table = memory_summary(self.cluster.address, line_wrap=False, num_entries=20)
+        except Exception as error:
+            table = f"(memory summary unavailable: {error})"
+        return f"node activity:\n{activity}\n{table}"
 
     def fault(self, kind: str, jobs: int = 4, drain_deadline_s: float = 60.0) -> dict[str, Any]:
         """(c) kind="kill": a spot node hard-killed mid-job; (d) kind="drain": a spot node
